@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Pillow-SIMD is only fast when built for the CPU's vector units.
+SIMD_CC := cc $(shell grep -q avx2 /proc/cpuinfo 2>/dev/null && echo -mavx2)
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# torchvision pulls in plain Pillow; Pillow-SIMD replaces it (same PIL package).
+	$(BIN)/pip uninstall --quiet -y pillow
+	CC="$(SIMD_CC)" $(BIN)/pip install --quiet --no-deps --force-reinstall pillow-simd==12.1.1.post0
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/imgpipe score samples
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline workers tests benchmarks
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_score.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

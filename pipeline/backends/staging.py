@@ -1,0 +1,47 @@
+"""A fixed ring of host buffers that feeds the inference device.
+
+Buffers are allocated once. On a GPU they are pinned, copies are
+non-blocking, and a slot is reused only after a CUDA event says the copy out
+of it finished. On the CPU the same code runs without pinning or copies.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class StagingRing:
+    """`slots` uint8 buffers of shape (max_batch_size, *sample_shape)."""
+
+    def __init__(self, slots: int, max_batch_size: int,
+                 sample_shape: tuple[int, ...], device: torch.device) -> None:
+        if slots < 2:
+            raise ValueError("a staging ring needs at least 2 slots")
+        self.device = device
+        self.on_gpu = device.type == "cuda"
+        shape = (max_batch_size, *sample_shape)
+        self.buffers = [torch.empty(shape, dtype=torch.uint8, pin_memory=self.on_gpu)
+                        for _ in range(slots)]
+        self.events = [torch.cuda.Event() if self.on_gpu else None for _ in range(slots)]
+        self.next_slot = 0
+
+    def stage(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
+        """Copy samples into the next free slot; return them on the device."""
+        if not samples or len(samples) > self.buffers[0].shape[0]:
+            raise ValueError(f"batch of {len(samples)} does not fit the ring")
+        slot = self.next_slot
+        self.next_slot = (slot + 1) % len(self.buffers)
+        event = self.events[slot]
+        if event is not None:
+            event.synchronize()  # the previous copy out of this slot is done
+        host = self.buffers[slot][: len(samples)]
+        np.stack(samples, out=host.numpy())
+        if not self.on_gpu:
+            return host
+        on_device = host.to(self.device, non_blocking=True)
+        assert event is not None
+        event.record()
+        return on_device

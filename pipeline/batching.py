@@ -1,0 +1,63 @@
+"""Dynamic batching: fill up to max_batch_size, wait at most max_delay_ms."""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Generic, Optional, TypeVar
+
+T = TypeVar("T")
+
+END = object()  # put on the queue once, after the last item
+
+
+class Batcher(Generic[T]):
+    """Pulls items from a bounded queue and groups them into batches.
+
+    The delay starts when a batch's first item arrives (a monotonic
+    deadline), so an idle pipeline adds no latency and a busy one fills
+    batches immediately.
+    """
+
+    def __init__(self, source: "queue.Queue[object]", max_batch_size: int,
+                 max_delay_ms: float) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        self.source = source
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_ms / 1000.0
+        self.ended = False
+
+    def next_batch(self, timeout_s: Optional[float] = None) -> Optional[list[T]]:
+        """The next batch; [] if nothing came within timeout_s; None at the end."""
+        if self.ended:
+            return None
+        try:
+            first = self.source.get(timeout=timeout_s)
+        except queue.Empty:
+            return []
+        if first is END:
+            self.ended = True
+            return None
+        batch: list[T] = [first]  # type: ignore[list-item]
+        deadline = time.monotonic() + self.max_delay_s
+        while len(batch) < self.max_batch_size:
+            item = self._get_until(deadline)
+            if item is None:
+                break
+            if item is END:
+                self.ended = True
+                break
+            batch.append(item)  # type: ignore[arg-type]
+        return batch
+
+    def _get_until(self, deadline: float) -> object:
+        remaining = deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                return self.source.get_nowait()
+            return self.source.get(timeout=remaining)
+        except queue.Empty:
+            return None

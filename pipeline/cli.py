@@ -1,0 +1,161 @@
+"""The `imgpipe` command: thin wrappers over the engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+from pipeline import __version__
+from pipeline.errors import ConfigError, ImgpipeError
+
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        return int(args.handler(args, stderr))
+    except ConfigError as exc:
+        stderr.print(f"imgpipe: error: {exc}", markup=False)
+        return 2
+    except ImgpipeError as exc:
+        stderr.print(f"imgpipe: error: {exc}", markup=False)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgpipe", description=(
+        "Fast image preprocessing and batched inference."))
+    parser.add_argument("--version", action="version", version=f"imgpipe {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    score = commands.add_parser("score", help="score every image in a directory")
+    score.add_argument("directory", type=Path)
+    score.add_argument("--out", help="results file: .jsonl or .csv (resumable); - for "
+                       "JSONL on stdout; default: a top-1 table on stdout")
+    score.add_argument("--config", type=Path, help="TOML settings file")
+    score.add_argument("--model", dest="model.name", help="model name or TorchScript file")
+    score.add_argument("--weights", dest="model.weights", type=Path,
+                       help="state_dict file for torchvision architectures")
+    score.add_argument("--labels", dest="model.labels", type=Path,
+                       help="labels file, one class name per line")
+    score.add_argument("--topk", dest="model.topk", type=int)
+    score.add_argument("--device", dest="model.device", help="auto, cpu, cuda or cuda:N")
+    score.add_argument("--batch-size", dest="batching.max_batch_size", type=int)
+    score.add_argument("--max-delay-ms", dest="batching.max_delay_ms", type=float)
+    score.add_argument("--workers", dest="preprocess.workers", type=int,
+                       help="preprocessing processes (default: one per core)")
+    score.add_argument("--backend", dest="preprocess.backend",
+                       choices=["auto", "pillow", "dali"])
+    score.add_argument("--recursive", action="store_true", help="descend into subdirectories")
+    score.set_defaults(handler=_score)
+    return parser
+
+
+def _score(args: argparse.Namespace, stderr: Console) -> int:
+    from pipeline.config import load_settings
+    from pipeline.engine import Engine
+    from pipeline.sinks.results import JsonlStream, TerminalTable, open_result_file
+    from pipeline.sources import directory
+
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    settings = load_settings(args.config, overrides=overrides)
+    if not args.directory.is_dir():
+        raise ConfigError(f"{args.directory} is not a directory")
+    stdout = Console(highlight=False, soft_wrap=True)
+    done: set[str] = set()
+    if args.out is None:
+        sink: Any = TerminalTable(lambda line: stdout.print(line, markup=False))
+    elif args.out == "-":
+        sink = JsonlStream()
+    else:
+        sink, done = open_result_file(Path(args.out))
+    skip = _skipper(done, args.out)
+    root = str(args.directory)
+    engine = Engine(settings)
+    try:
+        with stderr.status("loading model and starting workers"):
+            engine.setup()
+        total = directory.count(root, args.recursive, skip) if stderr.is_terminal else None
+        jobs = directory.walk(root, args.recursive, skip)
+        with _progress(stderr, total) as advance:
+            def write(records: list[dict[str, Any]]) -> None:
+                sink.write(records)
+                advance(len(records))
+            summary = engine.run(jobs, write)
+    finally:
+        sink.close()
+        engine.close()
+    _print_summary(stderr, summary, len(done), engine, args.out)
+    return EXIT_INTERRUPTED if summary.interrupted else 0
+
+
+def _skipper(done: set[str], out: Optional[str]) -> Any:
+    out_real = os.path.realpath(out) if out and out != "-" else None
+
+    def skip(path: str) -> bool:
+        return path in done or (out_real is not None and os.path.realpath(path) == out_real)
+
+    return skip
+
+
+class _progress:
+    """A rich progress bar on a terminal; nothing otherwise."""
+
+    def __init__(self, console: Console, total: Optional[int]) -> None:
+        self.bar: Optional[Progress] = None
+        if console.is_terminal:
+            self.bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"),
+                                TimeElapsedColumn(), TextColumn("ETA"),
+                                TimeRemainingColumn(), console=console, transient=True)
+            self.task = self.bar.add_task("score", total=total, rate="")
+
+    def __enter__(self) -> Any:
+        if self.bar is None:
+            return lambda n: None
+        self.bar.start()
+        return self._advance
+
+    def _advance(self, n: int) -> None:
+        assert self.bar is not None
+        self.bar.advance(self.task, n)
+        speed = self.bar.tasks[0].speed
+        self.bar.update(self.task, rate=f"{speed:.1f} img/s" if speed else "")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _print_summary(console: Console, summary: Any, skipped: int, engine: Any,
+                   out: Optional[str]) -> None:
+    from pipeline.preprocess.select import pillow_implementation
+
+    errors = sum(summary.errors.values())
+    state = "interrupted after" if summary.interrupted else "done:"
+    console.print(f"{state} {summary.scored} scored, {errors} errors, "
+                  f"{summary.elapsed_s:.1f} s, {summary.images_per_s:.1f} images/s", markup=False)
+    if summary.errors:
+        kinds = ", ".join(f"{code}={n}" for code, n in summary.errors.most_common())
+        console.print(f"errors by kind: {kinds}", markup=False)
+    if skipped:
+        console.print(f"skipped {skipped} files already in {out}", markup=False)
+    pillow = pillow_implementation()
+    console.print(f"model {engine.model.name} on {engine.device}; preprocessing "
+                  f"{engine.preprocess_backend} ({pillow})", markup=False)
+    if summary.interrupted and out not in (None, "-"):
+        console.print(f"re-run the same command to resume; {out} is complete up to here",
+                      markup=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

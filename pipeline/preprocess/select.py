@@ -1,0 +1,32 @@
+"""Choosing a preprocessing backend for the hardware, and what is installed."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+
+from pipeline.errors import ConfigError
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+def pillow_implementation() -> str:
+    """"pillow-simd" or "pillow": whichever distribution provides PIL now."""
+    owners = importlib.metadata.packages_distributions().get("PIL", [])
+    return "pillow-simd" if any(o.lower() == "pillow-simd" for o in owners) else "pillow"
+
+
+def resolve_backend(requested: str, device_type: str) -> str:
+    """"auto" is DALI (nvJPEG) on a GPU and Pillow-SIMD on the CPU.
+
+    On the CPU Pillow wins: its JPEG draft mode decodes large photos at a
+    reduced DCT scale, which DALI's CPU decoder cannot (benchmarks/README.md).
+    """
+    if requested == "auto":
+        return "dali" if device_type == "cuda" and dali_available() else "pillow"
+    if requested == "dali" and not dali_available():
+        raise ConfigError("preprocess.backend = 'dali' but nvidia-dali-cuda120 is not "
+                          "installed; install it or choose 'pillow' or 'auto'")
+    return requested

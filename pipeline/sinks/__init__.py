@@ -1,0 +1,1 @@
+"""Where records go: result files (JSONL/CSV) and the terminal."""

@@ -1,0 +1,1 @@
+"""Where jobs come from: a directory walk (more sources in later versions)."""

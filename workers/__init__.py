@@ -1,0 +1,1 @@
+"""Long-running processes and threads: the preprocessing pool, the inference loop."""
