@@ -19,7 +19,7 @@ class Batcher(Generic[T]):
     batches immediately.
     """
 
-    def __init__(self, source: "queue.Queue[object]", max_batch_size: int,
+    def __init__(self, source: queue.Queue[object], max_batch_size: int,
                  max_delay_ms: float) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -50,7 +51,7 @@ class PreprocessSettings(Section):
     chunk_size: int = Field(8, ge=1, le=1024)
 
     @model_validator(mode="after")
-    def _crop_fits(self) -> "PreprocessSettings":
+    def _crop_fits(self) -> PreprocessSettings:
         if self.crop > self.resize_shorter:
             raise ValueError(f"crop ({self.crop}) must not exceed resize_shorter "
                              f"({self.resize_shorter})")

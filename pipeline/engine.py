@@ -11,8 +11,9 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 from pipeline.backends import TorchBackend, resolve_device
 from pipeline.batching import END, Batcher
@@ -69,9 +70,12 @@ class Engine:
                                       pre_cfg.spec().output_shape, model_cfg.threads)
         self.inference.setup()
         self.worker = InferenceWorker(self.inference, model_cfg.topk)
+        workers, threads = pre_cfg.workers or self.cores, 1
+        if self.preprocess_backend == "dali" and self.device.type == "cuda":
+            # One process owns the GPU decoder; DALI's own threads use the cores.
+            workers, threads = 1, pre_cfg.workers or self.cores
         self.pool = PreprocessPool(self.preprocess_backend, pre_cfg.spec(), pre_cfg.limits(),
-                                   pre_cfg.workers or self.cores, pre_cfg.chunk_size,
-                                   str(self.device))
+                                   workers, pre_cfg.chunk_size, str(self.device), threads)
         self.pool.start()
 
     def run(self, jobs: Iterable[Job], sink: Sink) -> RunSummary:
@@ -113,7 +117,7 @@ class _Feeder(threading.Thread):
     """Moves preprocessed items into the bounded queue; stops when told."""
 
     def __init__(self, pool: PreprocessPool, jobs: Iterable[Job],
-                 out: "queue.Queue[object]", stop: threading.Event) -> None:
+                 out: queue.Queue[object], stop: threading.Event) -> None:
         super().__init__(name="imgpipe-feeder", daemon=True)
         self.pool, self.jobs, self.out, self.stop = pool, jobs, out, stop
         self.error: Optional[BaseException] = None

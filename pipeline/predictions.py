@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -15,9 +16,10 @@ def top_k(logits: torch.Tensor, k: int, labels: Sequence[str]) -> list[list[dict
     """Softmax top-k per row: [{"label", "index", "score"}, ...] best first."""
     probs = torch.softmax(logits.float(), dim=1)
     scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+    rows = zip(scores.cpu().tolist(), indices.cpu().tolist(), strict=True)
     return [[{"label": labels[i], "index": i, "score": round(s, 6)}
-             for s, i in zip(row_scores, row_indices)]
-            for row_scores, row_indices in zip(scores.cpu().tolist(), indices.cpu().tolist())]
+             for s, i in zip(row_scores, row_indices, strict=True)]
+            for row_scores, row_indices in rows]
 
 
 def ok_record(item: Prepared, model: str, predictions: list[dict[str, Any]]) -> Record:

@@ -7,7 +7,7 @@ fails its neighbours. The loop owns no I/O: records go to a sink callback.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from pipeline.backends import TorchBackend
 from pipeline.batching import Batcher
@@ -32,7 +32,7 @@ class InferenceWorker:
             logits = self.backend.predict([item.pixels for item in ready])  # type: ignore[misc]
             predictions = top_k(logits, self.topk, self.backend.model.labels)
             per_item_ms = (time.perf_counter() - started) * 1000 / len(ready)
-            for item, top in zip(ready, predictions):
+            for item, top in zip(ready, predictions, strict=True):
                 item.timings_ms["inference"] = per_item_ms
                 records[id(item)] = ok_record(item, self.backend.model.name, top)
             self.batches += 1

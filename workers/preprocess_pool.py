@@ -11,10 +11,11 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
-from typing import Iterable, Iterator, Optional
+from typing import Optional
 
 from pipeline.errors import InputError
 from pipeline.items import Job, Prepared
@@ -26,11 +27,12 @@ _backend: Optional[PreprocessBackend] = None
 _limits = InputLimits()
 
 
-def _init_worker(backend: str, spec: PreprocessSpec, limits: InputLimits, device: str) -> None:
+def _init_worker(backend: str, spec: PreprocessSpec, limits: InputLimits, device: str,
+                 threads: int) -> None:
     global _backend, _limits
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _limits = limits
-    _backend = create_backend(backend, spec, limits, device)
+    _backend = create_backend(backend, spec, limits, device, threads)
     _backend.setup()
 
 
@@ -48,7 +50,7 @@ def preprocess_chunk(jobs: list[Job]) -> list[Prepared]:
                 readable.append(item)
             except InputError as exc:
                 item.error = exc
-    for item, outcome in zip(readable, _backend.run(payloads)):
+    for item, outcome in zip(readable, _backend.run(payloads), strict=True):
         if isinstance(outcome, InputError):
             item.error = outcome
         else:
@@ -63,8 +65,9 @@ class PreprocessPool:
     """Preprocess jobs in `workers` processes; results in completion order."""
 
     def __init__(self, backend: str, spec: PreprocessSpec, limits: InputLimits,
-                 workers: int, chunk_size: int = 8, device: str = "cpu") -> None:
-        self.init_args = (backend, spec, limits, device)
+                 workers: int, chunk_size: int = 8, device: str = "cpu",
+                 threads_per_worker: int = 1) -> None:
+        self.init_args = (backend, spec, limits, device, threads_per_worker)
         self.workers = workers
         self.chunk_size = chunk_size
         self.max_chunks_in_flight = workers * 2

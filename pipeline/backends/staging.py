@@ -7,7 +7,7 @@ of it finished. On the CPU the same code runs without pinning or copies.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

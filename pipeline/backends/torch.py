@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class TorchBackend:
             torch.set_num_threads(self.threads or os.cpu_count() or 1)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.module = self.model.module.to(self.device, memory_format=torch.channels_last)
+        self.module = self.model.module.to(self.device).to(memory_format=torch.channels_last)
         shape = (1, 3, 1, 1)
         self.scale = (1.0 / torch.tensor(self.model.std)).reshape(shape).to(self.device)
         self.shift = (-torch.tensor(self.model.mean) * self.scale.cpu().flatten()

@@ -7,7 +7,8 @@ backend imports torch: they run in lightweight worker processes.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, Union
+from collections.abc import Sequence
+from typing import Protocol, Union
 
 import numpy as np
 
@@ -30,8 +31,8 @@ class PreprocessBackend(Protocol):
     def close(self) -> None: ...
 
 
-def create_backend(name: str, spec: "PreprocessSpec", limits: "InputLimits",
-                   device: str = "cpu") -> PreprocessBackend:
+def create_backend(name: str, spec: PreprocessSpec, limits: InputLimits,
+                   device: str = "cpu", threads: int = 1) -> PreprocessBackend:
     """Build a backend by its resolved name ("pillow" or "dali")."""
     if name == "pillow":
         from pipeline.preprocess.pillow import PillowBackend
@@ -40,7 +41,7 @@ def create_backend(name: str, spec: "PreprocessSpec", limits: "InputLimits",
     if name == "dali":
         from pipeline.preprocess.dali import DaliBackend
 
-        return DaliBackend(spec, limits, device=device)
+        return DaliBackend(spec, limits, device=device, num_threads=threads)
     raise ValueError(f"unknown preprocessing backend {name!r}; choose one of {BACKENDS}")
 
 

@@ -13,8 +13,9 @@ import io
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable, Protocol
+from typing import IO, Protocol
 
 from pipeline.predictions import Record
 
@@ -32,7 +33,8 @@ def open_result_file(path: Path) -> tuple[ResultSink, set[str]]:
     """A sink appending to `path` (.csv or JSONL) and the paths already in it."""
     fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
     done = _recover(path, fmt) if path.exists() else set()
-    handle = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="")
+    # The sink owns the handle and closes it.
+    handle = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="")  # noqa: SIM115
     if fmt == "csv":
         return CsvFile(handle, write_header=not done and handle.tell() == 0), done
     return JsonlFile(handle), done
@@ -58,7 +60,7 @@ class CsvFile:
     def __init__(self, handle: IO[str], write_header: bool) -> None:
         self.handle = handle
         if write_header:
-            self.handle.write(_csv_lines([dict(zip(CSV_COLUMNS, CSV_COLUMNS))]))
+            self.handle.write(_csv_lines([{c: c for c in CSV_COLUMNS}]))
 
     def write(self, records: list[Record]) -> None:
         self.handle.write(_csv_lines([_csv_row(r) for r in records]))

@@ -14,6 +14,7 @@ from PIL import Image
 
 from tests.integration.conftest import read_jsonl
 
+
 def _png_header_claiming(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         crc = zlib.crc32(kind + data) & 0xFFFFFFFF
