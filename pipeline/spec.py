@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 # Bumped whenever a backend changes what it produces for the same spec.
 SPEC_VERSION = 1
@@ -27,6 +28,9 @@ class PreprocessSpec:
     interpolation: Interpolation = "bilinear"
 
     def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, "
+                             f"got {self.interpolation!r}")
         if self.crop < 1 or self.resize_shorter < self.crop:
             raise ValueError(
                 f"need 1 <= crop <= resize_shorter, got crop={self.crop}, "
@@ -50,9 +54,11 @@ class PreprocessSpec:
         Matches torchvision's Resize(resize_shorter) + CenterCrop(crop), so the
         crop can be resampled straight from the source in one step.
         """
-        scale = self.resize_shorter / min(width, height)
-        resized_w = self.resize_shorter if width <= height else int(width * scale)
-        resized_h = self.resize_shorter if height <= width else int(height * scale)
+        shorter = min(width, height)
+        resized_w = self.resize_shorter if width <= height else int(
+            self.resize_shorter * width / shorter)
+        resized_h = self.resize_shorter if height <= width else int(
+            self.resize_shorter * height / shorter)
         scale_x, scale_y = resized_w / width, resized_h / height
         left = int(round((resized_w - self.crop) / 2.0))
         top = int(round((resized_h - self.crop) / 2.0))

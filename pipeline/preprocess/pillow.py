@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import InputError
 from pipeline.preprocess import Outcome
@@ -22,6 +22,17 @@ RESAMPLE = {
 }
 WHITE = (255, 255, 255)
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that shows the image upright.
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 # We enforce our own pixel cap before decoding (InputLimits.max_image_pixels).
 Image.MAX_IMAGE_PIXELS = None
@@ -36,7 +47,8 @@ def open_image(data: bytes, limits: InputLimits) -> Image.Image:
     except UnidentifiedImageError as exc:
         raise InputError("not_an_image", "not a recognised image format") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError("decode_failed", f"unreadable image header: {exc}") from exc
+        code = "truncated" if "truncated" in str(exc).lower() else "decode_failed"
+        raise InputError(code, f"unreadable image header: {exc}") from exc
     width, height = image.size
     if width < 1 or height < 1:
         raise InputError("decode_failed", f"image has no pixels ({width}x{height})")
@@ -84,7 +96,7 @@ def load_pixels(image: Image.Image, spec: PreprocessSpec) -> Decoded:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
-            rotated = ImageOps.exif_transpose(image) or image
+            rotated = upright(image)
     except OSError as exc:
         if "truncated" in str(exc):
             raise InputError("truncated", f"image data is truncated: {exc}") from exc
@@ -93,6 +105,17 @@ def load_pixels(image: Image.Image, spec: PreprocessSpec) -> Decoded:
         raise InputError("decode_failed", f"cannot decode image: {exc}") from exc
     swapped = rotated.size != image.size
     return Decoded(rotated, (height, width) if swapped else (width, height), scale)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """Apply EXIF orientation without rewriting the metadata, which a single
+    mistyped tag would make fail (the pixels are still good)."""
+    try:
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # malformed EXIF: show the pixels as stored
+        orientation = 1
+    method = UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return image if method is None else image.transpose(method)
 
 
 def to_rgb_or_l(image: Image.Image) -> Image.Image:
@@ -148,6 +171,8 @@ class PillowBackend:
             return preprocess(data, self.spec, self.limits)
         except InputError as exc:
             return exc
+        except Exception as exc:  # Pillow's plugins raise many types on hostile files
+            return InputError("decode_failed", f"cannot decode image: {type(exc).__name__}: {exc}")
 
     def close(self) -> None:
         pass

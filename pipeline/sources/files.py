@@ -31,11 +31,15 @@ def read_file(path: str, max_bytes: int) -> bytes:
             raise InputError("file_too_large",
                              f"file is {info.st_size:,} bytes; the limit is {max_bytes:,}")
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            return handle.read(max_bytes + 1)
+            data = handle.read(max_bytes + 1)
     except OSError as exc:
         raise _translate(exc) from exc
     finally:
         os.close(fd)
+    # The size from fstat may be 0 (procfs) or stale (a growing file).
+    if len(data) > max_bytes:
+        raise InputError("file_too_large", f"file is larger than the limit of {max_bytes:,} bytes")
+    return data
 
 
 def _translate(exc: OSError) -> InputError:
