@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ EXIT_INTERRUPTED = 130
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(format="imgpipe: %(levelname)s: %(message)s", level=logging.WARNING)
     stderr = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         return int(args.handler(args, stderr))
@@ -63,8 +65,24 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--backend", dest="preprocess.backend",
                        choices=["auto", "pillow", "dali"])
     score.add_argument("--recursive", action="store_true", help="descend into subdirectories")
+    _cache_flags(score)
+    score.add_argument("--cache", dest="cache.enabled", action=argparse.BooleanOptionalAction,
+                       default=None, help="use the tensor and result cache (default: on)")
     score.set_defaults(handler=_score)
+
+    cache = commands.add_parser("cache", help="inspect or empty the cache")
+    cache.add_argument("action", choices=["stats", "clear", "verify"])
+    cache.add_argument("--config", type=Path, help="TOML settings file")
+    _cache_flags(cache)
+    cache.set_defaults(handler=_cache)
     return parser
+
+
+def _cache_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", dest="cache.dir", type=Path,
+                        help="local cache directory (default: ~/.cache/imgpipe)")
+    parser.add_argument("--redis-url", dest="cache.redis_url",
+                        help="shared cache tier, e.g. redis://host:6379/0")
 
 
 def _score(args: argparse.Namespace, stderr: Console) -> int:
@@ -156,12 +174,40 @@ def _print_summary(console: Console, summary: Any, skipped: int, engine: Any,
         console.print(f"errors by kind: {kinds}", markup=False)
     if skipped:
         console.print(f"skipped {skipped} files already in {out}", markup=False)
+    if summary.cache:
+        levels = ", ".join(f"{level}={n}" for level, n in sorted(summary.cache.items()))
+        console.print(f"cache: {levels}", markup=False)
     pillow = pillow_implementation()
     console.print(f"model {engine.model.name} on {engine.device}; preprocessing "
                   f"{engine.preprocess_backend} ({pillow})", markup=False)
     if summary.interrupted and out not in (None, "-"):
         console.print(f"re-run the same command to resume; {out} is complete up to here",
                       markup=False)
+
+
+def _cache(args: argparse.Namespace, stderr: Console) -> int:
+    from pipeline.cache.lookup import open_tiers
+    from pipeline.cache.tiered import verify_tier
+    from pipeline.config import load_settings
+
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    settings = load_settings(args.config, overrides=overrides)
+    stdout = Console(highlight=False, soft_wrap=True)
+    for tier in open_tiers(settings.cache):
+        if not tier.setup():
+            stdout.print(f"{tier.name}: unavailable", markup=False)
+            continue
+        if args.action == "stats":
+            stdout.print(f"{tier.name}: {tier.entry_count()} entries, "
+                         f"{tier.volume_bytes() / 2**20:.1f} MiB", markup=False)
+        elif args.action == "clear":
+            stdout.print(f"{tier.name}: removed {tier.clear()} entries", markup=False)
+        else:
+            report = verify_tier(tier)
+            stdout.print(f"{tier.name}: checked {report.checked}, removed {report.corrupt} "
+                         f"corrupt entries", markup=False)
+        tier.close()
+    return 0
 
 
 if __name__ == "__main__":

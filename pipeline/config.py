@@ -70,10 +70,37 @@ class BatchingSettings(Section):
     queue_batches: int = Field(4, ge=1, le=1024)
 
 
+class CacheSettings(Section):
+    enabled: bool = True
+    results: bool = True
+    dir: Optional[Path] = None
+    max_bytes: int = Field(4 * 1024**3, ge=1)
+    prefix: str = Field("imgpipe", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    redis_url: Optional[str] = Field(None, pattern=r"^(redis|rediss|unix)://")
+    redis_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    redis_max_entry_bytes: int = Field(1024 * 1024, ge=1)
+    redis_timeout_s: float = Field(0.5, gt=0, le=60)
+    redis_retry_interval_s: float = Field(5.0, ge=0)
+    write_queue_items: int = Field(256, ge=1, le=100_000)
+
+    @field_validator("dir", "redis_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    def directory(self) -> Path:
+        """The local tier's directory: `dir`, else $XDG_CACHE_HOME/imgpipe."""
+        if self.dir is not None:
+            return self.dir
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        return Path(base) / "imgpipe"
+
+
 class Settings(Section):
     model: ModelSettings = ModelSettings()
     preprocess: PreprocessSettings = PreprocessSettings()
     batching: BatchingSettings = BatchingSettings()
+    cache: CacheSettings = CacheSettings()
 
 
 def load_settings(config_file: Optional[Path] = None,

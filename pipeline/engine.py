@@ -13,17 +13,18 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from pipeline.backends import TorchBackend, resolve_device
 from pipeline.batching import END, Batcher
+from pipeline.cache.lookup import CacheLookup, ResultScope
 from pipeline.config import Settings
 from pipeline.items import Job, Prepared
 from pipeline.models import load_model
 from pipeline.predictions import Record
 from pipeline.preprocess.select import resolve_backend
 from workers.inference_worker import InferenceWorker
-from workers.preprocess_pool import PreprocessPool
+from workers.preprocess_pool import PreprocessPool, WorkerPlan
 
 Sink = Callable[[list[Record]], None]
 
@@ -34,6 +35,7 @@ class RunSummary:
 
     scored: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    cache: Counter[str] = field(default_factory=Counter)  # "result:local", "miss", ...
     elapsed_s: float = 0.0
     interrupted: bool = False
 
@@ -49,6 +51,8 @@ class RunSummary:
         for record in records:
             if record["status"] == "ok":
                 self.scored += 1
+                if "cache" in record:
+                    self.cache[record["cache"]] += 1
             else:
                 self.errors[record["error"]["code"]] += 1
 
@@ -69,14 +73,40 @@ class Engine:
                                       self.settings.batching.max_batch_size,
                                       pre_cfg.spec().output_shape, model_cfg.threads)
         self.inference.setup()
-        self.worker = InferenceWorker(self.inference, model_cfg.topk)
+        self.cache = self._open_cache()
+        remember = None if self.cache is None else self._remember
+        self.worker = InferenceWorker(self.inference, model_cfg.topk, remember)
+        self.pool = self._start_pool()
+
+    def _result_scope(self) -> ResultScope:
+        return ResultScope(self.model.name, self.model.weights_digest,
+                           self.settings.model.topk,
+                           ResultScope.labels_digest_of(self.model.labels))
+
+    def _open_cache(self) -> Optional[CacheLookup]:
+        cfg = self.settings.cache
+        if not cfg.enabled:
+            return None
+        cache = CacheLookup(cfg, self.settings.preprocess.spec().digest(), self._result_scope())
+        cache.setup()
+        return cache
+
+    def _remember(self, item: Prepared, predictions: list[dict[str, Any]]) -> None:
+        if self.cache is not None and item.digest is not None:
+            self.cache.store_predictions(item.digest, predictions)
+
+    def _start_pool(self) -> PreprocessPool:
+        pre_cfg = self.settings.preprocess
         workers, threads = pre_cfg.workers or self.cores, 1
         if self.preprocess_backend == "dali" and self.device.type == "cuda":
             # One process owns the GPU decoder; DALI's own threads use the cores.
             workers, threads = 1, pre_cfg.workers or self.cores
-        self.pool = PreprocessPool(self.preprocess_backend, pre_cfg.spec(), pre_cfg.limits(),
-                                   workers, pre_cfg.chunk_size, str(self.device), threads)
-        self.pool.start()
+        cache_cfg = self.settings.cache if self.settings.cache.enabled else None
+        plan = WorkerPlan(self.preprocess_backend, pre_cfg.spec(), pre_cfg.limits(),
+                          str(self.device), threads, cache_cfg, self._result_scope())
+        pool = PreprocessPool(plan, workers, pre_cfg.chunk_size)
+        pool.start()
+        return pool
 
     def run(self, jobs: Iterable[Job], sink: Sink) -> RunSummary:
         """Score every job; Ctrl-C stops cleanly with what was written kept."""
@@ -109,6 +139,9 @@ class Engine:
     def close(self) -> None:
         if hasattr(self, "pool"):
             self.pool.close()
+        cache: Optional[CacheLookup] = getattr(self, "cache", None)
+        if cache is not None:
+            cache.close()
         if hasattr(self, "inference"):
             self.inference.close()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -20,9 +20,16 @@ class Job:
 
 @dataclass
 class Prepared:
-    """A job after preprocessing: pixels (uint8 CHW) or the error that stopped it."""
+    """A job after preprocessing: pixels (uint8 CHW) or the error that stopped it.
+
+    `predictions` is set when the result cache already knew the answer; `cache`
+    says which cache level answered ("result:local", "tensor:redis", "miss").
+    """
 
     job: Job
     pixels: Optional[np.ndarray] = None
     error: Optional[InputError] = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    digest: Optional[str] = None
+    cache: Optional[str] = None
+    predictions: Optional[list[dict[str, Any]]] = None

@@ -23,8 +23,11 @@ def top_k(logits: torch.Tensor, k: int, labels: Sequence[str]) -> list[list[dict
 
 
 def ok_record(item: Prepared, model: str, predictions: list[dict[str, Any]]) -> Record:
-    return {"path": item.job.path, "status": "ok", "model": model,
-            "predictions": predictions, "timings_ms": _rounded(item.timings_ms)}
+    record = {"path": item.job.path, "status": "ok", "model": model,
+              "predictions": predictions, "timings_ms": _rounded(item.timings_ms)}
+    if item.cache is not None:
+        record["cache"] = item.cache
+    return record
 
 
 def error_record(item: Prepared) -> Record:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.redis_server import redis_server, redis_server_factory  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
@@ -13,6 +18,15 @@ SAMPLES = ROOT / "samples"
 @pytest.fixture(scope="session")
 def samples_dir() -> Path:
     return SAMPLES
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep the test suite's cache out of the user's ~/.cache (subprocesses inherit it)."""
+    os.environ["IMGPIPE_CACHE__DIR"] = tempfile.mkdtemp(prefix="imgpipe-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.pop("IMGPIPE_CACHE__DIR", ""), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,42 +1,54 @@
 """The inference loop: batches in, one record per input out.
 
 Errors travel with the batch and become error records; one bad image never
-fails its neighbours. The loop owns no I/O: records go to a sink callback.
+fails its neighbours. Items the result cache answered skip the model. The
+loop owns no I/O: records go to a sink callback.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 from pipeline.backends import TorchBackend
 from pipeline.batching import Batcher
 from pipeline.items import Prepared
 from pipeline.predictions import Record, error_record, ok_record, top_k
 
+Remember = Callable[[Prepared, list[dict[str, Any]]], None]
+
 
 class InferenceWorker:
     """Scores batches of Prepared items with one inference backend."""
 
-    def __init__(self, backend: TorchBackend, topk: int) -> None:
+    def __init__(self, backend: TorchBackend, topk: int,
+                 remember: Optional[Remember] = None) -> None:
         self.backend = backend
         self.topk = topk
+        self.remember = remember
         self.batches = 0
 
     def score(self, batch: Sequence[Prepared]) -> list[Record]:
         """One record per item, in the order given."""
-        ready = [item for item in batch if item.error is None]
-        records: dict[int, Record] = {}
+        ready = [item for item in batch if item.error is None and item.predictions is None]
         if ready:
-            started = time.perf_counter()
-            logits = self.backend.predict([item.pixels for item in ready])  # type: ignore[misc]
-            predictions = top_k(logits, self.topk, self.backend.model.labels)
-            per_item_ms = (time.perf_counter() - started) * 1000 / len(ready)
-            for item, top in zip(ready, predictions, strict=True):
-                item.timings_ms["inference"] = per_item_ms
-                records[id(item)] = ok_record(item, self.backend.model.name, top)
-            self.batches += 1
-        return [records.get(id(item)) or error_record(item) for item in batch]
+            self._infer(ready)
+        model = self.backend.model.name
+        return [error_record(item) if item.error is not None
+                else ok_record(item, model, item.predictions or []) for item in batch]
+
+    def _infer(self, ready: list[Prepared]) -> None:
+        started = time.perf_counter()
+        logits = self.backend.predict([item.pixels for item in ready])  # type: ignore[misc]
+        predictions = top_k(logits, self.topk, self.backend.model.labels)
+        per_item_ms = (time.perf_counter() - started) * 1000 / len(ready)
+        for item, top in zip(ready, predictions, strict=True):
+            item.timings_ms["inference"] = per_item_ms
+            item.predictions = top
+            if self.remember is not None:
+                self.remember(item, top)
+        self.batches += 1
 
     def drain(self, batcher: Batcher[Prepared], sink: Callable[[list[Record]], None]) -> None:
         """Score batches until the batcher reports the end of its input."""

@@ -1,9 +1,10 @@
 """A pool of preprocessing processes with a bounded window of work in flight.
 
-Workers read files and decode them with one preprocessing backend each. They
-never import torch, ignore SIGINT (the parent decides how to stop), and
-return uint8 arrays. At most `max_chunks_in_flight` chunks are outstanding, so
-a huge directory never turns into a huge backlog of futures.
+Workers read files, consult the cache, and decode what it does not know with
+one preprocessing backend each. They never import torch, ignore SIGINT (the
+parent decides how to stop), and return uint8 arrays. At most
+`max_chunks_in_flight` chunks are outstanding, so a huge directory never turns
+into a huge backlog of futures.
 """
 
 from __future__ import annotations
@@ -14,60 +15,106 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from itertools import islice
 from typing import Optional
 
+from pipeline.cache.lookup import CacheLookup, ResultScope
+from pipeline.config import CacheSettings
 from pipeline.errors import InputError
 from pipeline.items import Job, Prepared
 from pipeline.preprocess import PreprocessBackend, create_backend
 from pipeline.sources.files import read_file
 from pipeline.spec import InputLimits, PreprocessSpec
 
-_backend: Optional[PreprocessBackend] = None
-_limits = InputLimits()
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a worker process needs to build its backend and cache."""
+
+    backend: str
+    spec: PreprocessSpec
+    limits: InputLimits
+    device: str = "cpu"
+    threads: int = 1
+    cache: Optional[CacheSettings] = None
+    result_scope: Optional[ResultScope] = None
 
 
-def _init_worker(backend: str, spec: PreprocessSpec, limits: InputLimits, device: str,
-                 threads: int) -> None:
-    global _backend, _limits
+@dataclass
+class _Worker:
+    plan: WorkerPlan
+    backend: PreprocessBackend
+    cache: Optional[CacheLookup]
+
+
+_worker: Optional[_Worker] = None
+
+
+def _init_worker(plan: WorkerPlan) -> None:
+    global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _limits = limits
-    _backend = create_backend(backend, spec, limits, device, threads)
-    _backend.setup()
+    backend = create_backend(plan.backend, plan.spec, plan.limits, plan.device, plan.threads)
+    backend.setup()
+    cache = None
+    if plan.cache is not None and plan.cache.enabled:
+        cache = CacheLookup(plan.cache, plan.spec.digest(), plan.result_scope)
+        cache.setup()
+    _worker = _Worker(plan, backend, cache)
 
 
 def preprocess_chunk(jobs: list[Job]) -> list[Prepared]:
     """Read and preprocess a chunk of jobs; one Prepared per job, in order."""
-    assert _backend is not None, "worker not initialised"
+    assert _worker is not None, "worker not initialised"
     started = time.perf_counter()
     prepared = [Prepared(job, error=job.error) for job in jobs]
-    readable: list[Prepared] = []
-    payloads: list[bytes] = []
-    for item in prepared:
-        if item.error is None:
-            try:
-                payloads.append(read_file(item.job.path, _limits.max_file_bytes))
-                readable.append(item)
-            except InputError as exc:
-                item.error = exc
-    for item, outcome in zip(readable, _backend.run(payloads), strict=True):
+    to_decode = [(item, data) for item, data in _read_all(prepared) if not _from_cache(item, data)]
+    outcomes = _worker.backend.run([data for _, data in to_decode])
+    for (item, _), outcome in zip(to_decode, outcomes, strict=True):
         if isinstance(outcome, InputError):
             item.error = outcome
         else:
             item.pixels = outcome
+            if _worker.cache is not None and item.digest is not None:
+                _worker.cache.store_tensor(item.digest, outcome)
     per_item_ms = (time.perf_counter() - started) * 1000 / max(len(jobs), 1)
     for item in prepared:
         item.timings_ms["preprocess"] = per_item_ms
     return prepared
 
 
+def _read_all(prepared: list[Prepared]) -> Iterator[tuple[Prepared, bytes]]:
+    assert _worker is not None
+    for item in prepared:
+        if item.error is None:
+            try:
+                yield item, read_file(item.job.path, _worker.plan.limits.max_file_bytes)
+            except InputError as exc:
+                item.error = exc
+
+
+def _from_cache(item: Prepared, data: bytes) -> bool:
+    """Fill the item from the cache; True when no decoding is needed."""
+    assert _worker is not None
+    if _worker.cache is None:
+        return False
+    found = _worker.cache.find(data)
+    item.digest = found.digest
+    if found.predictions is not None:
+        item.predictions, item.cache = found.predictions, f"result:{found.tier}"
+        return True
+    if found.pixels is not None:
+        item.pixels, item.cache = found.pixels, f"tensor:{found.tier}"
+        return True
+    item.cache = "miss"
+    return False
+
+
 class PreprocessPool:
     """Preprocess jobs in `workers` processes; results in completion order."""
 
-    def __init__(self, backend: str, spec: PreprocessSpec, limits: InputLimits,
-                 workers: int, chunk_size: int = 8, device: str = "cpu",
-                 threads_per_worker: int = 1) -> None:
-        self.init_args = (backend, spec, limits, device, threads_per_worker)
+    def __init__(self, plan: WorkerPlan, workers: int, chunk_size: int = 8) -> None:
+        self.plan = plan
         self.workers = workers
         self.chunk_size = chunk_size
         self.max_chunks_in_flight = workers * 2
@@ -78,7 +125,7 @@ class PreprocessPool:
         # spawn: workers must not inherit torch's threads or a CUDA context.
         self.executor = ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=self.init_args)
+            initializer=_init_worker, initargs=(self.plan,))
 
     def map(self, jobs: Iterable[Job]) -> Iterator[Prepared]:
         """Yield one Prepared per job; never more than the window in flight."""

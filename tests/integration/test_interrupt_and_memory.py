@@ -78,7 +78,8 @@ def test_memory_stays_flat_over_20000_files(tiny_model: Path, tmp_path: Path) ->
         (images / f"{index:05}.png").write_bytes(payload)
     out = tmp_path / "results.jsonl"
     # when they are scored, sampling resident memory against progress
-    scoring = _start("score", str(images), "--out", str(out), "--model", str(tiny_model))
+    scoring = _start("score", str(images), "--out", str(out), "--model", str(tiny_model),
+                     "--no-cache")
     process = psutil.Process(scoring.pid)
     samples: list[tuple[int, int]] = []
     while scoring.poll() is None:

@@ -63,9 +63,10 @@ def test_csv_output_is_resumable(run, samples_dir: Path, tmp_path: Path) -> None
 def test_dali_backend_gives_the_same_top1(run, samples_dir: Path, tmp_path: Path) -> None:
     # given the photos scored with the pillow backend and with the dali backend
     pillow, dali = tmp_path / "pillow.jsonl", tmp_path / "dali.jsonl"
-    reference_run = run("score", str(samples_dir), "--backend", "pillow", "--out", str(pillow))
+    reference_run = run("score", str(samples_dir), "--backend", "pillow", "--no-cache",
+                        "--out", str(pillow))
     assert reference_run.returncode == 0
-    result = run("score", str(samples_dir), "--backend", "dali", "--out", str(dali))
+    result = run("score", str(samples_dir), "--backend", "dali", "--no-cache", "--out", str(dali))
     assert result.returncode == 0, result.stderr
     reference = {r["path"]: r["predictions"] for r in read_jsonl(pillow) if r["status"] == "ok"}
     scored = {r["path"]: r["predictions"] for r in read_jsonl(dali) if r["status"] == "ok"}

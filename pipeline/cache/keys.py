@@ -1,0 +1,92 @@
+"""Cache keys: content digests and short, namespaced key strings.
+
+Every key lives under one configurable prefix (default ``imgpipe``) and has
+four colon-separated parts::
+
+    imgpipe:t:<spec16>:<image digest>      a preprocessed tensor
+    imgpipe:r:<scope16>:<image digest>     the predictions for one image
+
+``<image digest>`` is BLAKE2b-128 of the file's bytes, so the same image under
+two names, on two hosts, is one entry. ``<spec16>`` is the first 16 hex digits
+of ``PreprocessSpec.digest()``, which covers everything that determines the
+tensor (sizes, interpolation, colour handling, output layout) and includes
+``SPEC_VERSION``, bumped whenever a backend changes its output.
+
+The preprocessing *backend* is deliberately not part of the tensor key: the
+Pillow and DALI backends are required, and tested, to agree (mean absolute
+difference <= 2/255, same top-1), so a tensor made by DALI may serve a Pillow
+run and vice versa. If a backend ever stops meeting that contract, bump
+SPEC_VERSION rather than adding the backend to the key.
+
+``<scope16>`` for results hashes everything that changes the predictions for
+a given tensor: the model, its weights, the labels, top-k and the spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PREFIX = "imgpipe"
+TENSOR_KIND = "t"
+RESULT_KIND = "r"
+SCOPE_HEX_CHARS = 16  # 64 bits: collisions between configurations are not a concern
+_READ_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    """The parts of a cache key, as `parse_key` splits them."""
+
+    prefix: str
+    kind: str
+    scope: str
+    image_digest: str
+
+
+def image_digest(data: bytes) -> str:
+    """BLAKE2b with a 16-byte digest of an image file's bytes, as 32 hex digits."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """BLAKE2b-128 of a file, read in chunks (for weights and labels files)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_READ_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensor_key(prefix: str, image_digest: str, spec_digest: str) -> str:
+    """The key of the preprocessed tensor of one image under one spec."""
+    return _join(prefix, TENSOR_KIND, spec_digest[:SCOPE_HEX_CHARS], image_digest)
+
+
+def result_key(prefix: str, image_digest: str, model_id: str, weights_digest: str,
+               topk: int, *, spec_digest: str, labels_digest: str) -> str:
+    """The key of one image's predictions under one model configuration.
+
+    `spec_digest` and `labels_digest` are required because both change the
+    predictions: the spec changes the model's input, the labels file the
+    names in the output. Pass "" for `labels_digest` only when the labels are
+    fixed by `model_id` (for example the bundled ImageNet names).
+    """
+    scope = "\x1f".join((model_id, weights_digest, str(topk), spec_digest, labels_digest))
+    scope_hex = hashlib.blake2b(scope.encode(), digest_size=8).hexdigest()
+    return _join(prefix, RESULT_KIND, scope_hex, image_digest)
+
+
+def parse_key(key: str) -> ParsedKey:
+    """Split a key made by this module; ValueError when it is not one."""
+    parts = key.rsplit(":", 3)
+    if len(parts) != 4 or parts[1] not in (TENSOR_KIND, RESULT_KIND) or not all(parts):
+        raise ValueError(f"not an imgpipe cache key: {key!r}")
+    return ParsedKey(*parts)
+
+
+def _join(prefix: str, kind: str, scope: str, digest: str) -> str:
+    if not prefix or not digest or not scope:
+        raise ValueError("cache key parts must not be empty")
+    return f"{prefix}:{kind}:{scope}:{digest}"

@@ -1,0 +1,99 @@
+"""The cache as the pipeline sees it: look an image up by its bytes, store what
+was computed. One instance per process (preprocessing workers and the engine)."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing.util
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from pipeline.cache import CacheTier
+from pipeline.cache.keys import image_digest, result_key, tensor_key
+from pipeline.cache.local import LocalTier
+from pipeline.cache.redis_tier import RedisTier
+from pipeline.cache.results import Predictions, ResultCache
+from pipeline.cache.tiered import TieredCache
+from pipeline.config import CacheSettings
+
+
+@dataclass(frozen=True)
+class ResultScope:
+    """Everything besides the image that determines its predictions."""
+
+    model_id: str
+    weights_digest: str
+    topk: int
+    labels_digest: str
+
+    @staticmethod
+    def labels_digest_of(labels: list[str]) -> str:
+        return hashlib.blake2b("\n".join(labels).encode(), digest_size=16).hexdigest()
+
+
+@dataclass
+class Found:
+    """What the cache knows about one image."""
+
+    digest: str
+    tier: str  # the tier that answered ("local", "redis"), or "miss"
+    pixels: Optional[np.ndarray] = None
+    predictions: Optional[Predictions] = None
+
+
+def open_tiers(cfg: CacheSettings) -> list[CacheTier]:
+    """The configured tiers in read order: local first, then Redis."""
+    tiers: list[CacheTier] = [LocalTier(cfg.directory(), cfg.max_bytes)]
+    if cfg.redis_url:
+        tiers.append(RedisTier(cfg.redis_url, cfg.prefix, cfg.redis_ttl_s,
+                               cfg.redis_max_entry_bytes, timeout_s=cfg.redis_timeout_s,
+                               retry_interval_s=cfg.redis_retry_interval_s))
+    return tiers
+
+
+class CacheLookup:
+    """Tensor and result lookups keyed by content, writes queued off the hot path."""
+
+    def __init__(self, cfg: CacheSettings, spec_digest: str,
+                 scope: Optional[ResultScope]) -> None:
+        self.cfg = cfg
+        self.spec_digest = spec_digest
+        self.scope = scope if cfg.results else None
+        self.cache = TieredCache(open_tiers(cfg), cfg.write_queue_items)
+        self.results = ResultCache(self.cache)
+
+    def setup(self) -> None:
+        self.cache.setup()
+        # Pool workers leave through os._exit: flush queued writes before that.
+        multiprocessing.util.Finalize(self, self.cache.close, exitpriority=10)
+
+    def find(self, data: bytes) -> Found:
+        """Predictions if known, else the preprocessed tensor if known."""
+        digest = image_digest(data)
+        if self.scope is not None:
+            predictions, tier = self.results.get(self._result_key(digest))
+            if predictions is not None:
+                return Found(digest, tier, predictions=predictions)
+        pixels, tier = self.cache.get_tensor(self._tensor_key(digest), self.spec_digest)
+        return Found(digest, tier, pixels=pixels)
+
+    def store_tensor(self, digest: str, pixels: np.ndarray) -> None:
+        self.cache.put_tensor(self._tensor_key(digest), pixels, self.spec_digest)
+
+    def store_predictions(self, digest: str, predictions: Predictions) -> None:
+        if self.scope is not None:
+            self.results.put(self._result_key(digest), predictions)
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def _tensor_key(self, digest: str) -> str:
+        return tensor_key(self.cfg.prefix, digest, self.spec_digest)
+
+    def _result_key(self, digest: str) -> str:
+        assert self.scope is not None
+        s = self.scope
+        return result_key(self.cfg.prefix, digest, s.model_id, s.weights_digest, s.topk,
+                          spec_digest=self.spec_digest, labels_digest=s.labels_digest)

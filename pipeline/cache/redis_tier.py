@@ -1,0 +1,218 @@
+"""The shared tier: entries in Redis with a TTL, for every host of a fleet.
+
+Redis is an optimisation here, never a dependency: socket timeouts are short,
+redis-py's own retries are off, and when the server is unreachable (at start
+or mid-run) the tier logs one warning, reports misses, skips writes and tries
+the server again at most once every `retry_interval_s`. While it is down a
+call costs one clock read. No redis exception ever reaches the caller, and
+only host:port is ever logged, never the URL (it may hold a password).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Optional, TypeVar
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from pipeline.cache import LOGGER_NAME, TierStats
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(LOGGER_NAME)
+
+DEFAULT_TIMEOUT_S = 0.5
+DEFAULT_RETRY_INTERVAL_S = 5.0
+SCAN_BATCH = 1000
+URL_SCHEMES = ("redis", "rediss", "unix")
+# Lost connections and timeouts mean "server gone": back off. Anything else
+# (out of memory, a read-only replica) is one failed command.
+_OUTAGE = (redis.ConnectionError, redis.TimeoutError, OSError)
+T = TypeVar("T")
+
+
+class RedisTier:
+    """Entries under `prefix` in the Redis at `url`, each expiring after `ttl_s`."""
+
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str, ttl_s: int, max_entry_bytes: int, *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S,
+                 retry_interval_s: float = DEFAULT_RETRY_INTERVAL_S) -> None:
+        if ttl_s < 1 or max_entry_bytes < 1 or timeout_s <= 0 or retry_interval_s < 0:
+            raise ValueError("ttl_s, max_entry_bytes and timeout_s must be positive, "
+                             "retry_interval_s not negative")
+        self.location = describe_url(url)
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.max_entry_bytes = max_entry_bytes
+        self.retry_interval_s = retry_interval_s
+        self.stats = TierStats()
+        self._client = _make_client(url, timeout_s)
+        self._lock = threading.Lock()
+        self._down = False
+        self._next_probe = 0.0  # monotonic time of the next try while down
+        self._closed = False
+
+    def setup(self) -> bool:
+        """PING the server now, so an outage is reported at start; True when up."""
+        ok, _ = self._attempt(lambda client: client.ping())
+        return ok
+
+    def get(self, key: str) -> bytes | None:
+        """The stored bytes, or None on a miss or while the server is down."""
+        ok, value = self._attempt(lambda client: client.get(key))
+        if ok and isinstance(value, bytes):
+            self.stats.bump(hits=1, bytes_read=len(value))
+            return value
+        self.stats.bump(misses=1)
+        return None
+
+    def set(self, key: str, value: bytes) -> None:
+        """SET with EX ttl_s; entries over `max_entry_bytes` are not written."""
+        if len(value) > self.max_entry_bytes:
+            self.stats.bump(skipped=1)
+            return
+        ok, _ = self._attempt(lambda client: client.set(key, value, ex=self.ttl_s))
+        if ok:
+            self.stats.bump(bytes_written=len(value))
+        else:
+            self.stats.bump(skipped=1)
+
+    def delete(self, key: str) -> None:
+        """Remove `key` if present."""
+        self._attempt(lambda client: client.delete(key))
+
+    def iter_keys(self) -> Iterator[str]:
+        """Every key under the prefix (SCAN: no blocking KEYS on a shared server)."""
+        _, keys = self._attempt(self._scan_all)
+        return iter(keys or [])
+
+    def entry_count(self) -> int:
+        """How many keys are under the prefix."""
+        return sum(1 for _ in self.iter_keys())
+
+    def volume_bytes(self) -> int:
+        """The total length of the values under the prefix (not Redis overhead)."""
+        _, total = self._attempt(self._sum_lengths)
+        return total or 0
+
+    def clear(self) -> int:
+        """Delete the keys under the prefix and nothing else; how many went."""
+        _, removed = self._attempt(self._unlink_all)
+        return removed or 0
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._closed = True
+        with contextlib.suppress(redis.RedisError):
+            self._client.close()
+
+    @property
+    def _pattern(self) -> str:
+        return re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + ":*"
+
+    def _scan_all(self, client: redis.Redis) -> list[str]:
+        return [key.decode() for key in client.scan_iter(match=self._pattern, count=SCAN_BATCH)]
+
+    def _sum_lengths(self, client: redis.Redis) -> int:
+        keys = self._scan_all(client)
+        total = 0
+        for start in range(0, len(keys), SCAN_BATCH):
+            pipe = client.pipeline(transaction=False)
+            for key in keys[start:start + SCAN_BATCH]:
+                pipe.strlen(key)
+            total += sum(pipe.execute())
+        return total
+
+    def _unlink_all(self, client: redis.Redis) -> int:
+        keys = self._scan_all(client)
+        return sum(client.unlink(*keys[start:start + SCAN_BATCH])
+                   for start in range(0, len(keys), SCAN_BATCH))
+
+    def _attempt(self, operation: Callable[[redis.Redis], T]) -> tuple[bool, Optional[T]]:
+        """Run one operation unless the server is down; (succeeded, result)."""
+        if self._closed or not self._due():
+            return False, None
+        try:
+            result = operation(self._client)
+        except _OUTAGE as exc:
+            self._went_down(exc)
+            return False, None
+        except redis.RedisError as exc:
+            self.stats.bump(errors=1)
+            log.debug("Redis tier command failed: %s: %s", type(exc).__name__, exc)
+            return False, None
+        self._came_back()
+        return True, result
+
+    def _due(self) -> bool:
+        """True when up, or when down and this caller may probe the server."""
+        if not self._down:
+            return True
+        if time.monotonic() < self._next_probe:
+            return False
+        with self._lock:
+            now = time.monotonic()
+            if not self._down or now >= self._next_probe:
+                # Claim the probe: other threads keep skipping while it runs.
+                self._next_probe = now + self.retry_interval_s
+                return True
+            return False
+
+    def _went_down(self, exc: BaseException) -> None:
+        with self._lock:
+            self.stats.bump(errors=1)
+            self._next_probe = time.monotonic() + self.retry_interval_s
+            if self._down:
+                return
+            self._down = True
+            self.stats.available = False
+        # redis-py's connection errors name host:port only, never the password.
+        log.warning("Redis tier at %s unavailable (%s: %s); running without it, retrying "
+                    "every %g s", self.location, type(exc).__name__, exc, self.retry_interval_s)
+
+    def _came_back(self) -> None:
+        if not self._down:
+            return
+        with self._lock:
+            if not self._down:
+                return
+            self._down = False
+            self.stats.available = True
+        log.warning("Redis tier back at %s", self.location)
+
+
+def describe_url(url: str) -> str:
+    """host:port (or the socket path) of a Redis URL: safe to log, no password."""
+    parts = urlsplit(url)
+    if parts.scheme not in URL_SCHEMES:
+        raise ConfigError(f"the Redis cache URL must start with redis://, rediss:// or "
+                          f"unix://, got scheme {parts.scheme!r}")
+    if parts.scheme == "unix":
+        return parts.path
+    try:
+        port = parts.port or 6379
+    except ValueError as exc:
+        raise ConfigError("the Redis cache URL has an invalid port") from exc
+    return f"{parts.hostname or 'localhost'}:{port}"
+
+
+def _make_client(url: str, timeout_s: float) -> redis.Redis:
+    # redis-py retries 10 times with backoff by default: a dead server would
+    # then cost seconds per call. We do our own (much rarer) retrying.
+    options: dict[str, Any] = {
+        "socket_connect_timeout": timeout_s, "socket_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 0), "health_check_interval": 0,
+    }
+    try:
+        return redis.Redis.from_url(url, **options)
+    except ValueError as exc:  # never echo the URL: it may hold a password
+        raise ConfigError(f"invalid Redis cache URL for {describe_url(url)}") from exc

@@ -1,0 +1,140 @@
+"""The cache seen from `imgpipe score`: warm runs, the shared Redis tier, faults."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import diskcache
+import pytest
+
+from tests.integration.conftest import IMGPIPE, read_jsonl
+from tests.redis_server import RedisServer
+
+PHOTOS = ("coffee.jpg", "chelsea.jpg", "rocket.jpg", "camera.png")
+
+
+@pytest.fixture
+def photos(samples_dir: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in PHOTOS:
+        shutil.copy(samples_dir / name, folder / name)
+    return folder
+
+
+def _score(run, photos: Path, out: Path, *flags: str) -> dict[str, dict]:
+    result = run("score", str(photos), "--out", str(out), *flags)
+    assert result.returncode == 0, result.stderr
+    return {Path(r["path"]).name: r for r in read_jsonl(out)}
+
+
+def test_warm_runs_skip_decoding_and_inference(run, photos: Path, tmp_path: Path) -> None:
+    # given a cold cache
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    cold = _score(run, photos, tmp_path / "cold.jsonl", *cache)
+    # when the same directory is scored again, then with another top-k
+    warm = _score(run, photos, tmp_path / "warm.jsonl", *cache)
+    other_k = _score(run, photos, tmp_path / "k2.jsonl", *cache, "--topk", "2")
+    # then the first run missed, the second reused predictions, the third tensors
+    assert {r["cache"] for r in cold.values()} == {"miss"}
+    assert {r["cache"] for r in warm.values()} == {"result:local"}
+    assert {r["cache"] for r in other_k.values()} == {"tensor:local"}
+    for name in PHOTOS:
+        assert warm[name]["predictions"] == cold[name]["predictions"]
+        assert other_k[name]["predictions"][0]["label"] == cold[name]["predictions"][0]["label"]
+
+
+def test_the_same_bytes_under_another_name_hit(run, photos: Path, tmp_path: Path) -> None:
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    _score(run, photos, tmp_path / "first.jsonl", *cache)
+    shutil.copy(photos / "coffee.jpg", photos / "renamed-coffee.jpg")
+    again = _score(run, photos, tmp_path / "first.jsonl", *cache)
+    assert again["renamed-coffee.jpg"]["cache"] == "result:local"
+
+
+def test_hosts_share_the_redis_tier(run, photos: Path, tmp_path: Path,
+                                    redis_server: RedisServer) -> None:
+    # given one host that scored the photos with a shared Redis tier
+    shared = ["--redis-url", redis_server.url]
+    _score(run, photos, tmp_path / "a.jsonl", "--cache-dir", str(tmp_path / "a"), *shared)
+    # when another host, with an empty local cache, scores the same photos
+    other = _score(run, photos, tmp_path / "b.jsonl", "--cache-dir", str(tmp_path / "b"), *shared)
+    # then its answers come from Redis
+    assert {r["cache"] for r in other.values()} == {"result:redis"}
+
+
+def test_redis_down_at_start_costs_a_warning(run, photos: Path, tmp_path: Path) -> None:
+    closed = RedisServer(tmp_path / "never-started")  # a free port nobody listens on
+    result = run("score", str(photos), "--out", str(tmp_path / "r.jsonl"),
+                 "--cache-dir", str(tmp_path / "c"), "--redis-url", closed.url)
+    assert result.returncode == 0, result.stderr
+    records = read_jsonl(tmp_path / "r.jsonl")
+    assert len(records) == len(PHOTOS) and all(r["status"] == "ok" for r in records)
+    warnings = [line for line in result.stderr.splitlines() if "Redis tier" in line]
+    assert 1 <= len(warnings) <= 3  # at most one per process: the engine and two workers
+
+
+def test_redis_killed_mid_run_loses_nothing(samples_dir: Path, tmp_path: Path,
+                                            redis_server_factory) -> None:
+    # given a long run writing to a shared Redis tier
+    server = redis_server_factory()
+    photos = tmp_path / "many"
+    photos.mkdir()
+    for index in range(120):
+        shutil.copy(samples_dir / PHOTOS[index % 4], photos / f"{index:03}-{PHOTOS[index % 4]}")
+    out = tmp_path / "r.jsonl"
+    scoring = subprocess.Popen(
+        [*IMGPIPE, "score", str(photos), "--out", str(out), "--batch-size", "4",
+         "--cache-dir", str(tmp_path / "c"), "--redis-url", server.url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # when Redis is killed part way through
+    deadline = time.monotonic() + 120
+    while (not out.exists() or out.stat().st_size == 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.stop(kill=True)
+    _, stderr = scoring.communicate(timeout=300)
+    # then the run completes and every image is scored
+    assert scoring.returncode == 0, stderr
+    records = read_jsonl(out)
+    assert len(records) == 120 and all(r["status"] == "ok" for r in records)
+    assert "Traceback" not in stderr
+
+
+def test_unwritable_cache_dir_only_warns(run, photos: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run("score", str(photos), "--out", str(tmp_path / "r.jsonl"),
+                 "--cache-dir", str(blocker / "cache"))
+    assert result.returncode == 0, result.stderr
+    assert all(r["status"] == "ok" for r in read_jsonl(tmp_path / "r.jsonl"))
+    assert "cache" in result.stderr.lower() and "Traceback" not in result.stderr
+
+
+def test_tampered_entries_are_detected_and_recomputed(run, photos: Path, tmp_path: Path) -> None:
+    # given a warm cache whose every entry was overwritten on disk
+    cache_dir = tmp_path / "cache"
+    cold = _score(run, photos, tmp_path / "cold.jsonl", "--cache-dir", str(cache_dir))
+    with diskcache.Cache(str(cache_dir)) as raw:
+        for key in list(raw):
+            raw[key] = b"IMGP" + b"\x00" * 64
+    # when the photos are scored again
+    again = _score(run, photos, tmp_path / "again.jsonl", "--cache-dir", str(cache_dir))
+    # then nothing corrupt was used: everything was recomputed, with the same answers
+    assert {r["cache"] for r in again.values()} == {"miss"}
+    for name in PHOTOS:
+        assert again[name]["predictions"] == cold[name]["predictions"]
+
+
+def test_cache_command_reports_verifies_and_clears(run, photos: Path, tmp_path: Path) -> None:
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    _score(run, photos, tmp_path / "r.jsonl", *cache)
+    stats = run("cache", "stats", *cache)
+    assert stats.returncode == 0 and "local: 8 entries" in stats.stdout
+    verify = run("cache", "verify", *cache)
+    assert "checked 8, removed 0" in verify.stdout
+    cleared = run("cache", "clear", *cache)
+    assert "removed 8 entries" in cleared.stdout
+    assert "local: 0 entries" in run("cache", "stats", *cache).stdout

@@ -1,0 +1,214 @@
+"""The Redis tier and the tiered cache against a real redis-server (never :6379)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from pipeline.cache import LOGGER_NAME
+from pipeline.cache.codec import encode_tensor
+from pipeline.cache.keys import image_digest, tensor_key
+from pipeline.cache.local import LocalTier
+from pipeline.cache.redis_tier import RedisTier
+from pipeline.cache.tiered import MISS, TieredCache, verify_tier
+from pipeline.spec import PreprocessSpec
+from tests.redis_server import RedisServer, free_port
+from tests.redis_server import redis_server as redis_server  # noqa: F401  (fixture)
+from tests.redis_server import redis_server_factory as redis_server_factory  # noqa: F401
+
+SPEC = PreprocessSpec().digest()
+TTL_S = 600
+Factory = Callable[[], RedisServer]
+
+
+def tensor_for(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (3, 224, 224), dtype=np.uint8)
+
+
+def cache_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == LOGGER_NAME and r.levelno >= logging.WARNING]
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    # One namespace per test on the shared session server.
+    return f"t-{request.node.name}"
+
+
+@pytest.fixture
+def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def tier(redis_server: RedisServer, prefix: str) -> Iterator[RedisTier]:
+    made = RedisTier(redis_server.url, prefix, ttl_s=TTL_S, max_entry_bytes=1 << 20)
+    yield made
+    made.close()
+
+
+def test_round_trip_with_ttl_under_the_prefix(tier: RedisTier, raw: redis.Redis,
+                                              prefix: str) -> None:
+    # given a tensor entry under the tier's prefix
+    key = tensor_key(prefix, image_digest(b"a"), SPEC)
+    blob = encode_tensor(tensor_for(0), SPEC)
+    # when it is written and read back
+    tier.set(key, blob)
+    # then the bytes match, the key expires after ttl_s and sits under the prefix
+    assert tier.get(key) == blob and tier.get(key + "0") is None
+    assert TTL_S - 5 <= raw.ttl(key) <= TTL_S
+    assert list(tier.iter_keys()) == [key]
+    assert tier.volume_bytes() == len(blob) and tier.entry_count() == 1
+    assert tier.stats.hits == 1 and tier.stats.misses == 1
+
+
+def test_oversized_entries_are_not_written(redis_server: RedisServer,
+                                           raw: redis.Redis, prefix: str) -> None:
+    tier = RedisTier(redis_server.url, prefix, ttl_s=TTL_S, max_entry_bytes=1000)
+    tier.set(f"{prefix}:small", bytes(1000))
+    tier.set(f"{prefix}:big", bytes(1001))
+    assert raw.exists(f"{prefix}:small") == 1 and raw.exists(f"{prefix}:big") == 0
+    assert tier.stats.skipped == 1
+    tier.close()
+
+
+def test_clear_and_listing_touch_only_the_prefix(tier: RedisTier, raw: redis.Redis,
+                                                 prefix: str) -> None:
+    # given keys of this tier and a neighbour's key that shares the prefix's start
+    for i in range(3):
+        tier.set(f"{prefix}:t:{i}", b"v")
+    raw.set(f"{prefix}x:t:0", b"neighbour")
+    # when the tier is listed and cleared
+    listed = sorted(tier.iter_keys())
+    removed = tier.clear()
+    # then only its own keys were seen and removed
+    assert listed == [f"{prefix}:t:{i}" for i in range(3)] and removed == 3
+    assert raw.get(f"{prefix}x:t:0") == b"neighbour"
+    raw.delete(f"{prefix}x:t:0")
+
+
+def test_redis_down_at_start_costs_one_warning_and_nothing_else(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # given a URL, with a password, to a port where nothing listens
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    url = f"redis://user:s3cret@127.0.0.1:{free_port()}/0"
+    tier = RedisTier(url, "imgpipe", ttl_s=60, max_entry_bytes=1 << 20, retry_interval_s=60)
+    # when it is set up and used
+    started = time.perf_counter()
+    assert tier.setup() is False
+    for _ in range(1000):
+        assert tier.get("imgpipe:t:x:y") is None
+        tier.set("imgpipe:t:x:y", b"v")
+    elapsed = time.perf_counter() - started
+    # then: one warning, naming host:port but never the password; calls are ~free
+    warnings = cache_warnings(caplog)
+    assert len(warnings) == 1 and "127.0.0.1" in warnings[0]
+    assert all("s3cret" not in r.getMessage() for r in caplog.records)
+    assert tier.stats.available is False and elapsed < 0.5
+    tier.close()
+
+
+def test_server_killed_mid_run_then_back_within_the_backoff(
+        redis_server_factory: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    # given a working tier on a dedicated server
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    server = redis_server_factory()
+    tier = RedisTier(server.url, "imgpipe", ttl_s=60, max_entry_bytes=1 << 20,
+                     retry_interval_s=0.3)
+    tier.set("imgpipe:k", b"before")
+    assert tier.get("imgpipe:k") == b"before"
+    # when the server is killed -9 mid-run
+    server.stop(kill=True)
+    for _ in range(20):
+        assert tier.get("imgpipe:k") is None
+        tier.set("imgpipe:k2", b"during")
+    # then one warning and no exception
+    assert len(cache_warnings(caplog)) == 1 and tier.stats.available is False
+    # when it restarts (AOF keeps the data) / then the tier is back within the backoff
+    server.start()
+    deadline = time.monotonic() + 0.3 + 2.0
+    while tier.get("imgpipe:k") is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert tier.get("imgpipe:k") == b"before" and tier.stats.available is True
+    warnings = cache_warnings(caplog)
+    assert len(warnings) == 2 and "Redis tier back" in warnings[1]
+    tier.close()
+
+
+def test_tampered_entry_is_detected_deleted_and_counted(tier: RedisTier, raw: redis.Redis,
+                                                        prefix: str) -> None:
+    # given a tensor entry overwritten with garbage behind the cache's back
+    cache = TieredCache([tier])
+    key = tensor_key(prefix, image_digest(b"tampered"), SPEC)
+    cache.put_tensor(key, tensor_for(1), SPEC)
+    assert cache.flush(5)
+    raw.set(key, b"garbage")
+    # when it is read / then it is a miss, deleted from Redis and counted
+    assert cache.get_tensor(key, SPEC) == (None, MISS)
+    assert raw.exists(key) == 0
+    assert cache.stats.corrupt == 1 and tier.stats.errors == 1
+    cache.close()
+
+
+def test_redis_hit_is_promoted_to_local(tier: RedisTier, prefix: str, tmp_path: Path) -> None:
+    # given a tensor only in Redis (another host made it)
+    local = LocalTier(tmp_path / "cache", max_bytes=64 << 20)
+    cache = TieredCache([local, tier])
+    key = tensor_key(prefix, image_digest(b"shared"), SPEC)
+    tier.set(key, encode_tensor(tensor_for(2), SPEC))
+    # when it is read twice, with the write-back flushed in between
+    first = cache.get_tensor(key, SPEC)
+    assert cache.flush(5)
+    second = cache.get_tensor(key, SPEC)
+    # then Redis served it first, the local disk after
+    assert (first[1], second[1]) == ("redis", "local")
+    assert first[0] is not None and second[0] is not None
+    np.testing.assert_array_equal(second[0], tensor_for(2))
+    assert cache.get_tensor(tensor_key(prefix, "0" * 32, SPEC), SPEC) == (None, MISS)
+    cache.close()
+
+
+def test_put_never_blocks_on_a_stalled_redis(redis_server_factory: Factory) -> None:
+    # given a cache whose only tier is a Redis that stops answering (SIGSTOP)
+    server = redis_server_factory()
+    tier = RedisTier(server.url, "imgpipe", ttl_s=60, max_entry_bytes=1 << 20,
+                     timeout_s=3.0, retry_interval_s=60)
+    cache = TieredCache([tier], write_queue_items=4)
+    blob = encode_tensor(tensor_for(3), SPEC)
+    with server.paused():
+        cache.put("imgpipe:t:first", blob)
+        time.sleep(0.2)  # the writer thread is now stuck in that SET
+        # when writes keep coming, slowly enough that a live writer would keep up
+        accepted, waits = [], []
+        for i in range(20):
+            started = time.perf_counter()
+            accepted.append(cache.put(f"imgpipe:t:{i}", blob))
+            waits.append(time.perf_counter() - started)
+            time.sleep(0.01)
+        # then no put waited; the queue took 4 and the other 16 were dropped and counted
+        assert max(waits) < 0.05  # the stalled SET holds the writer for seconds
+        assert sum(accepted) == 4 and cache.stats.dropped_writes == 16
+    # and once the server answers again the queue drains
+    assert cache.flush(5)
+    assert tier.entry_count() == 5
+    cache.close()
+
+
+def test_verify_deletes_corrupt_redis_entries(tier: RedisTier, raw: redis.Redis,
+                                              prefix: str) -> None:
+    good = [tensor_key(prefix, image_digest(bytes([i])), SPEC) for i in range(3)]
+    for key in good:
+        tier.set(key, encode_tensor(tensor_for(4)[:, :8, :8], SPEC))
+    raw.set(tensor_key(prefix, image_digest(b"bad"), SPEC), b"garbage")
+    report = verify_tier(tier)
+    assert (report.checked, report.corrupt) == (4, 1)
+    assert sorted(tier.iter_keys()) == sorted(good)

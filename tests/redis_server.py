@@ -1,0 +1,141 @@
+"""A throwaway redis-server for tests: its own port, directory and process.
+
+Never the shared Redis on 6379. AOF is on, so `stop()` then `start()` (even
+after kill -9) brings the same data back on the same port.
+
+    from tests.redis_server import redis_server, redis_server_factory  # fixtures
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+REDIS_SERVER = "redis-server"
+START_TIMEOUT_S = 10.0
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (closed again before returning)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server subprocess on 127.0.0.1, data and log in `directory`."""
+
+    def __init__(self, directory: Path, port: Optional[int] = None) -> None:
+        executable = shutil.which(REDIS_SERVER)
+        if executable is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        self.executable = executable
+        self.directory = directory
+        self.port = port or free_port()
+        self.process: Optional[subprocess.Popen[bytes]] = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start (or restart, same port and directory) and wait until PING answers."""
+        if self.process is not None and self.process.poll() is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
+             "--logfile", "redis.log", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_ready()
+
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM (a clean shutdown) or, with `kill`, SIGKILL; wait for the exit."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.resume()  # a stopped process cannot handle SIGTERM
+        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        self.process.wait(timeout=10)
+
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections, nothing answers."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `pause` (harmless otherwise)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP for the block; SIGCONT however it ends."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
+    def ping(self) -> bool:
+        """True when the server answers PING with PONG (not LOADING)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        """Kill the server; the directory is left for pytest's tmp_path cleanup."""
+        self.stop(kill=True)
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.ping():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                log = self.directory / "redis.log"
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise RuntimeError(f"redis-server on port {self.port} did not start:\n{tail}")
+            time.sleep(0.01)
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One server for the whole session; tests must use their own key prefix."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
+    """Dedicated, started servers for tests that kill or pause them; all closed after."""
+    servers: list[RedisServer] = []
+
+    def make() -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(servers)}")
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
