@@ -27,6 +27,10 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Before torch loads OpenMP: idle inference threads must sleep, not spin on
+    # cores the preprocessing workers need (1.47x for a preprocessing-bound
+    # model on 2 cores; benchmarks/README.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format="imgpipe: %(levelname)s: %(message)s", level=logging.WARNING)

@@ -17,15 +17,17 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import islice
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from pipeline.cache.lookup import CacheLookup, ResultScope
 from pipeline.config import CacheSettings
 from pipeline.errors import InputError
 from pipeline.items import Job, Prepared
 from pipeline.preprocess import PreprocessBackend, create_backend
 from pipeline.sources.files import read_file
 from pipeline.spec import InputLimits, PreprocessSpec
+
+if TYPE_CHECKING:
+    from pipeline.cache.lookup import CacheLookup, ResultScope
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,15 @@ def _init_worker(plan: WorkerPlan) -> None:
     backend.setup()
     cache = None
     if plan.cache is not None and plan.cache.enabled:
+        from pipeline.cache.lookup import CacheLookup  # the cache's libraries only when used
+
         cache = CacheLookup(plan.cache, plan.spec.digest(), plan.result_scope)
         cache.setup()
     _worker = _Worker(plan, backend, cache)
+
+
+def _ready() -> bool:
+    return _worker is not None
 
 
 def preprocess_chunk(jobs: list[Job]) -> list[Prepared]:
@@ -122,10 +130,13 @@ class PreprocessPool:
         self.generation = 0  # bumped on every restart after a crash
 
     def start(self) -> None:
+        """Start every worker and wait until each has built its backend."""
         # spawn: workers must not inherit torch's threads or a CUDA context.
         self.executor = ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(self.plan,))
+        for ready in [self.executor.submit(_ready) for _ in range(self.workers)]:
+            ready.result()
 
     def map(self, jobs: Iterable[Job]) -> Iterator[Prepared]:
         """Yield one Prepared per job; never more than the window in flight."""

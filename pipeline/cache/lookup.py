@@ -13,7 +13,6 @@ import numpy as np
 from pipeline.cache import CacheTier
 from pipeline.cache.keys import image_digest, result_key, tensor_key
 from pipeline.cache.local import LocalTier
-from pipeline.cache.redis_tier import RedisTier
 from pipeline.cache.results import Predictions, ResultCache
 from pipeline.cache.tiered import TieredCache
 from pipeline.config import CacheSettings
@@ -47,6 +46,8 @@ def open_tiers(cfg: CacheSettings) -> list[CacheTier]:
     """The configured tiers in read order: local first, then Redis."""
     tiers: list[CacheTier] = [LocalTier(cfg.directory(), cfg.max_bytes)]
     if cfg.redis_url:
+        from pipeline.cache.redis_tier import RedisTier  # redis-py only when configured
+
         tiers.append(RedisTier(cfg.redis_url, cfg.prefix, cfg.redis_ttl_s,
                                cfg.redis_max_entry_bytes, timeout_s=cfg.redis_timeout_s,
                                retry_interval_s=cfg.redis_retry_interval_s))

@@ -13,6 +13,8 @@ from typing import Any, Optional
 import pytest
 import torch
 
+from tests.builders import MeanColour
+
 IMGPIPE = [sys.executable, "-m", "pipeline.cli"]
 
 
@@ -39,17 +41,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 @pytest.fixture
 def run() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_imgpipe
-
-
-class MeanColour(torch.nn.Module):
-    """A model that costs nothing: linear over the mean colour, 1,000 classes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(3, 1000)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 @pytest.fixture(scope="session")

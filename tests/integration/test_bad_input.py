@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.builders import png_claiming
 from tests.integration.conftest import read_jsonl
-
-
-def _png_header_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +22,7 @@ def bad_dir(tmp_path_factory: pytest.TempPathFactory, samples_dir: Path) -> Path
     (root / "truncated.jpg").write_bytes((samples_dir / "rocket.jpg").read_bytes()[:20_000])
     (root / "random.jpg").write_bytes(np.random.default_rng(0).bytes(5000))
     (root / "notes.txt").write_text("not an image\n")
-    (root / "bomb.png").write_bytes(_png_header_claiming(100_000, 100_000))
+    (root / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
     noise = np.random.default_rng(1).integers(0, 255, (6000, 8000, 3), dtype=np.uint8)
     Image.fromarray(noise).save(root / "huge.jpg", quality=75)
     (root / "secret.jpg").write_bytes((samples_dir / "coffee.jpg").read_bytes())

@@ -15,19 +15,9 @@ from pipeline.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.predictions import top_k
 from pipeline.preprocess.pillow import preprocess
 from pipeline.spec import InputLimits, PreprocessSpec
+from tests.builders import MeanColour
 
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat"}
-
-
-class TinyClassifier(torch.nn.Module):
-    """(N, 3, H, W) -> (N, 10) logits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = torch.nn.Linear(3, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x.mean(dim=(2, 3)))
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +180,7 @@ def test_unknown_model_name_is_refused():
 
 @pytest.fixture(params=["script", "trace"])
 def torchscript_file(request, tmp_path) -> Path:
-    module = TinyClassifier().eval()
+    module = MeanColour(10).eval()
     if request.param == "script":
         compiled = torch.jit.script(module)
     else:
@@ -239,6 +229,6 @@ def test_trailing_blank_lines_in_labels_are_ignored(torchscript_file, tmp_path):
 def test_file_that_is_not_torchscript_is_refused(tmp_path):
     # given a plain state_dict passed where a TorchScript file is expected
     path = tmp_path / "weights.pt"
-    torch.save(TinyClassifier().state_dict(), path)
+    torch.save(MeanColour(10).state_dict(), path)
     with pytest.raises(ModelLoadError, match="not a loadable TorchScript file"):
         load_model(str(path))

@@ -6,7 +6,6 @@ import io
 import struct
 import time
 import tracemalloc
-import zlib
 
 import numpy as np
 import psutil
@@ -16,6 +15,7 @@ from PIL import Image
 from pipeline.errors import InputError
 from pipeline.preprocess.pillow import PillowBackend, preprocess
 from pipeline.spec import InputLimits, PreprocessSpec
+from tests.builders import png_claiming
 
 RED = (200, 30, 40)
 GREEN = (20, 180, 90)
@@ -410,21 +410,9 @@ def test_truncated_png_is_truncated(samples_dir, encode):
     expect_code(data[: len(data) // 2], "truncated")
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG signature + IHDR (valid CRC) claiming width x height RGB, tiny IDAT, IEND."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-
-
 def test_png_claiming_ten_gigapixels_is_refused_fast_without_allocating():
     # given a tiny PNG whose header claims 100000x100000 pixels (30 GB of RGB)
-    data = _png_header_only(100_000, 100_000)
+    data = png_claiming(100_000, 100_000)
     assert len(data) < 200
     process = psutil.Process()
     rss_before = process.memory_info().rss

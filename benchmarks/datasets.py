@@ -1,0 +1,197 @@
+"""Benchmark inputs: a cached directory of JPEGs built from the photos in samples/.
+
+Every image is a deterministic function of (seed, index): a camera-like size
+from `SIZES` (a quarter of them portrait), filled with a mosaic of randomly
+cropped, flipped and rescaled tiles of the sample photographs, with a little
+sensor-like grain so that upscaled tiles carry the high-frequency detail (and
+file size) of a real photo of that size, saved at JPEG quality 85-92.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples"
+DATA = Path(__file__).resolve().parent / "data"
+FORMAT_VERSION = 1  # bump when the generator changes what it writes
+
+# Landscape (width, height); common camera and web sizes, smallest to largest.
+SIZES: tuple[tuple[int, int], ...] = (
+    (320, 240), (640, 480), (1024, 768), (1600, 1200),
+    (2048, 1536), (3264, 2448), (4000, 3000),
+)
+PORTRAIT_FRACTION = 0.25
+QUALITY = (85, 92)  # inclusive
+TILE_SIDE = 700  # mosaic tiles are about this many pixels on their shorter side
+COMPLETE = ".complete"  # marker file; hidden, so directory.walk skips it
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What image `index` of a dataset looks like."""
+
+    index: int
+    width: int
+    height: int
+    quality: int
+
+
+def plan(seed: int, index: int) -> Plan:
+    """The size, orientation and quality of one image, from a seeded RNG."""
+    rng = np.random.default_rng([seed, index, 0])
+    width, height = SIZES[int(rng.integers(len(SIZES)))]
+    if rng.random() < PORTRAIT_FRACTION:
+        width, height = height, width
+    quality = int(rng.integers(QUALITY[0], QUALITY[1] + 1))
+    return Plan(index, width, height, quality)
+
+
+def ensure_dataset(count: int, seed: int = 0, root: Path = DATA) -> Path:
+    """Return a directory of `count` JPEGs, generating it (in parallel) once."""
+    larger = _complete_datasets(root, seed, at_least=count)
+    if larger:
+        return ensure_subset(larger[0], count)  # image i is the same in every size
+    directory = root / _dataset_name(count, seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    todo = [(seed, i, directory) for i in range(count)
+            if not (directory / file_name(i)).exists()]
+    if todo:
+        with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+            for _ in pool.imap_unordered(_write_one, todo, chunksize=4):
+                pass
+    (directory / COMPLETE).write_text(f"{count}\n")
+    return directory
+
+
+def _dataset_name(count: int, seed: int) -> str:
+    return f"photos-n{count}-s{seed}-v{FORMAT_VERSION}"
+
+
+def _complete_datasets(root: Path, seed: int, at_least: int) -> list[Path]:
+    """Complete generated datasets with at least `at_least` images, smallest first."""
+    found: list[tuple[int, Path]] = []
+    pattern = re.compile(rf"photos-n(\d+)-s{seed}-v{FORMAT_VERSION}")
+    for directory in root.glob(f"photos-n*-s{seed}-v{FORMAT_VERSION}"):
+        match = pattern.fullmatch(directory.name)
+        if match and int(match[1]) >= at_least and (directory / COMPLETE).exists():
+            found.append((int(match[1]), directory))
+    return [directory for _, directory in sorted(found)]
+
+
+def ensure_subset(source: Path, count: int) -> Path:
+    """A directory of hard links to the first `count` files of `source` (sorted)."""
+    files = list_images(source)
+    if count >= len(files):
+        return source
+    directory = source.parent / f"{source.name}-first{count}"
+    marker = directory / COMPLETE
+    if not marker.exists():
+        directory.mkdir(exist_ok=True)
+        for path in files[:count]:
+            link = directory / path.name
+            if not link.exists():
+                _link_or_copy(path, link)
+        marker.write_text(f"{count}\n")
+    return directory
+
+
+def list_images(directory: Path) -> list[Path]:
+    """Non-hidden files of a dataset directory, sorted by name."""
+    return sorted(p for p in directory.iterdir() if not p.name.startswith("."))
+
+
+def file_name(index: int) -> str:
+    return f"img{index:05d}.jpg"
+
+
+def describe(directory: Path) -> dict[str, object]:
+    """Counts by size and the total bytes of a dataset directory."""
+    files = list_images(directory)
+    sizes: dict[str, int] = {}
+    for path in files:
+        with Image.open(path) as image:
+            key = "x".join(map(str, sorted(image.size, reverse=True)))
+        sizes[key] = sizes.get(key, 0) + 1
+    total = sum(p.stat().st_size for p in files)
+    return {"files": len(files), "bytes": total, "sizes": dict(sorted(sizes.items()))}
+
+
+def _write_one(task: tuple[int, int, Path]) -> None:
+    seed, index, directory = task
+    spec = plan(seed, index)
+    image = render(spec, np.random.default_rng([seed, index, 1]))
+    final = directory / file_name(index)
+    partial = directory / f".{final.name}.partial"
+    image.save(partial, "JPEG", quality=spec.quality)
+    partial.replace(final)
+
+
+def render(spec: Plan, rng: np.random.Generator) -> Image.Image:
+    """A photo-mosaic of the sample images at the planned size, with grain."""
+    canvas = Image.new("RGB", (spec.width, spec.height))
+    columns = max(1, round(spec.width / TILE_SIDE))
+    rows = max(1, round(spec.height / TILE_SIDE))
+    xs = np.linspace(0, spec.width, columns + 1).astype(int)
+    ys = np.linspace(0, spec.height, rows + 1).astype(int)
+    for left, right in pairwise(xs):
+        for top, bottom in pairwise(ys):
+            canvas.paste(_tile(int(right - left), int(bottom - top), rng), (int(left), int(top)))
+    return _add_grain(canvas, rng)
+
+
+def _tile(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """A random crop of a random sample with the tile's aspect ratio, flipped maybe."""
+    photos = _photos()
+    photo = photos[int(rng.integers(len(photos)))]
+    aspect = width / height
+    pw, ph = photo.size
+    crop_w = min(pw, ph * aspect) * rng.uniform(0.6, 1.0)
+    crop_h = crop_w / aspect
+    left = rng.uniform(0, pw - crop_w)
+    top = rng.uniform(0, ph - crop_h)
+    tile = photo.resize((width, height), Image.Resampling.BICUBIC,
+                        box=(left, top, left + crop_w, top + crop_h))
+    if rng.random() < 0.5:
+        tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return tile
+
+
+def _add_grain(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Mild luminance grain (sigma 2-4 levels), as a camera sensor would add."""
+    pixels = np.asarray(image, dtype=np.int16)
+    sigma = rng.uniform(2.0, 4.0)
+    grain = rng.normal(0.0, sigma, size=pixels.shape[:2]).astype(np.int16)
+    noisy = np.clip(pixels + grain[..., None], 0, 255).astype(np.uint8)
+    return Image.fromarray(noisy, "RGB")
+
+
+@lru_cache(maxsize=1)
+def _photos() -> tuple[Image.Image, ...]:
+    """The sample photographs as RGB images (loaded once per process)."""
+    photos = []
+    for path in sorted(SAMPLES.iterdir()):
+        try:
+            with Image.open(path) as image:
+                photos.append(image.convert("RGB"))
+        except OSError:
+            continue  # LICENSE.md and anything else that is not an image
+    if not photos:
+        raise RuntimeError(f"no sample photos found in {SAMPLES}")
+    return tuple(photos)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        target.write_bytes(source.read_bytes())
