@@ -43,6 +43,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImgpipeError as exc:
         stderr.print(f"imgpipe: error: {exc}", markup=False)
         return 1
+    except KeyboardInterrupt:  # before scoring started; a run reports its own
+        stderr.print("imgpipe: interrupted", markup=False)
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -33,3 +34,4 @@ class Prepared:
     digest: Optional[str] = None
     cache: Optional[str] = None
     predictions: Optional[list[dict[str, Any]]] = None
+    stat: Optional[os.stat_result] = None  # as seen before reading, for the cache

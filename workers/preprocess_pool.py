@@ -10,6 +10,7 @@ into a huge backlog of futures.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -27,7 +28,7 @@ from pipeline.sources.files import read_file
 from pipeline.spec import InputLimits, PreprocessSpec
 
 if TYPE_CHECKING:
-    from pipeline.cache.lookup import CacheLookup, ResultScope
+    from pipeline.cache.lookup import CacheLookup, Found, ResultScope
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def preprocess_chunk(jobs: list[Job]) -> list[Prepared]:
     assert _worker is not None, "worker not initialised"
     started = time.perf_counter()
     prepared = [Prepared(job, error=job.error) for job in jobs]
-    to_decode = [(item, data) for item, data in _read_all(prepared) if not _from_cache(item, data)]
+    unknown = [item for item in prepared if item.error is None and not _known_unread(item)]
+    to_decode = [(item, data) for item, data in _read_all(unknown) if not _from_cache(item, data)]
     outcomes = _worker.backend.run([data for _, data in to_decode])
     for (item, _), outcome in zip(to_decode, outcomes, strict=True):
         if isinstance(outcome, InputError):
@@ -91,22 +93,40 @@ def preprocess_chunk(jobs: list[Job]) -> list[Prepared]:
     return prepared
 
 
-def _read_all(prepared: list[Prepared]) -> Iterator[tuple[Prepared, bytes]]:
+def _read_all(items: list[Prepared]) -> Iterator[tuple[Prepared, bytes]]:
     assert _worker is not None
-    for item in prepared:
-        if item.error is None:
-            try:
-                yield item, read_file(item.job.path, _worker.plan.limits.max_file_bytes)
-            except InputError as exc:
-                item.error = exc
+    for item in items:
+        try:
+            yield item, read_file(item.job.path, _worker.plan.limits.max_file_bytes)
+        except InputError as exc:
+            item.error = exc
+
+
+def _known_unread(item: Prepared) -> bool:
+    """Fill the item from the cache by the file's stat alone; True on success."""
+    assert _worker is not None
+    if _worker.cache is None:
+        return False
+    try:
+        item.stat = os.stat(item.job.path)
+    except OSError:
+        return False  # reading it will say why
+    found = _worker.cache.find_unread(item.job.path, item.stat)
+    return found is not None and _fill(item, found)
 
 
 def _from_cache(item: Prepared, data: bytes) -> bool:
-    """Fill the item from the cache; True when no decoding is needed."""
+    """Fill the item from the cache by the file's bytes; True when no decoding is needed."""
     assert _worker is not None
     if _worker.cache is None:
         return False
     found = _worker.cache.find(data)
+    if item.stat is not None:
+        _worker.cache.remember_file(item.job.path, item.stat, found.digest)
+    return _fill(item, found)
+
+
+def _fill(item: Prepared, found: Found) -> bool:
     item.digest = found.digest
     if found.predictions is not None:
         item.predictions, item.cache = found.predictions, f"result:{found.tier}"

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache.keys import RESULT_KIND, TENSOR_KIND, parse_key
+from pipeline.cache.keys import FILE_KIND, RESULT_KIND, TENSOR_KIND, parse_key
 
 FORMAT_VERSION = 1
 TENSOR_MAGIC = b"IPT\x00"
@@ -95,6 +95,26 @@ def decode_result(blob: bytes) -> list[dict[str, Any]]:
     return _parse_predictions(payload)
 
 
+def encode_file_digest(key: str, image_digest: str) -> bytes:
+    """A file entry: the image digest, bound to its key by a checksum."""
+    return f"{image_digest}:{_file_check(key, image_digest)}".encode()
+
+
+def decode_file_digest(key: str, blob: bytes) -> str:
+    """The image digest stored under a file key; CorruptEntry if it was altered."""
+    try:
+        image_digest, check = blob.decode("ascii").split(":")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptEntry("file entry is not a digest") from exc
+    if check != _file_check(key, image_digest):
+        raise CorruptEntry("file entry checksum mismatch")
+    return image_digest
+
+
+def _file_check(key: str, image_digest: str) -> str:
+    return hashlib.blake2b(f"{key}={image_digest}".encode(), digest_size=8).hexdigest()
+
+
 def check_entry(key: str, blob: bytes) -> None:
     """Validate a stored entry against its key (for `cache verify`).
 
@@ -105,7 +125,9 @@ def check_entry(key: str, blob: bytes) -> None:
         parsed = parse_key(key)
     except ValueError as exc:
         raise CorruptEntry(str(exc)) from exc
-    if parsed.kind == RESULT_KIND:
+    if parsed.kind == FILE_KIND:
+        decode_file_digest(key, blob)
+    elif parsed.kind == RESULT_KIND:
         decode_result(blob)
     elif parsed.kind == TENSOR_KIND:
         _, stored_digest = _parse_tensor(blob)

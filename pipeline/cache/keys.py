@@ -5,6 +5,7 @@ four colon-separated parts::
 
     imgpipe:t:<spec16>:<image digest>      a preprocessed tensor
     imgpipe:r:<scope16>:<image digest>     the predictions for one image
+    imgpipe:f:stat:<stat digest>           a file's image digest, by path and stat
 
 ``<image digest>`` is BLAKE2b-128 of the file's bytes, so the same image under
 two names, on two hosts, is one entry. ``<spec16>`` is the first 16 hex digits
@@ -20,17 +21,25 @@ SPEC_VERSION rather than adding the backend to the key.
 
 ``<scope16>`` for results hashes everything that changes the predictions for
 a given tensor: the model, its weights, the labels, top-k and the spec.
+
+File entries let an unchanged file skip even being read and hashed: the key
+digests its path, device, inode, size, mtime and ctime (ctime changes on any
+write and cannot be set back), as git's index does. They describe one host's
+files, so they live in the local tier only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PREFIX = "imgpipe"
 TENSOR_KIND = "t"
 RESULT_KIND = "r"
+FILE_KIND = "f"
+FILE_SCOPE = "stat"
 SCOPE_HEX_CHARS = 16  # 64 bits: collisions between configurations are not a concern
 _READ_CHUNK_BYTES = 1 << 20
 
@@ -78,10 +87,19 @@ def result_key(prefix: str, image_digest: str, model_id: str, weights_digest: st
     return _join(prefix, RESULT_KIND, scope_hex, image_digest)
 
 
+def file_key(prefix: str, path: str, info: os.stat_result) -> str:
+    """The key of the image digest of the file at `path` as `info` describes it."""
+    identity = "\x1f".join(str(part) for part in (
+        path, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns))
+    digest = hashlib.blake2b(identity.encode(errors="surrogateescape"), digest_size=16)
+    return _join(prefix, FILE_KIND, FILE_SCOPE, digest.hexdigest())
+
+
 def parse_key(key: str) -> ParsedKey:
     """Split a key made by this module; ValueError when it is not one."""
     parts = key.rsplit(":", 3)
-    if len(parts) != 4 or parts[1] not in (TENSOR_KIND, RESULT_KIND) or not all(parts):
+    kinds = (TENSOR_KIND, RESULT_KIND, FILE_KIND)
+    if len(parts) != 4 or parts[1] not in kinds or not all(parts):
         raise ValueError(f"not an imgpipe cache key: {key!r}")
     return ParsedKey(*parts)
 

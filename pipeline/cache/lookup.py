@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing.util
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from pipeline.cache import CacheTier
-from pipeline.cache.keys import image_digest, result_key, tensor_key
+from pipeline.cache.codec import decode_file_digest, encode_file_digest
+from pipeline.cache.keys import file_key, image_digest, result_key, tensor_key
 from pipeline.cache.local import LocalTier
 from pipeline.cache.results import Predictions, ResultCache
-from pipeline.cache.tiered import TieredCache
+from pipeline.cache.tiered import MISS, TieredCache
 from pipeline.config import CacheSettings
 
 
@@ -70,9 +72,25 @@ class CacheLookup:
         # Pool workers leave through os._exit: flush queued writes before that.
         multiprocessing.util.Finalize(self, self.cache.close, exitpriority=10)
 
+    def find_unread(self, path: str, info: os.stat_result) -> Optional[Found]:
+        """What the cache knows about an unchanged file, without reading it."""
+        key = file_key(self.cfg.prefix, path, info)
+        digest = self.cache.get_local(key, lambda blob: decode_file_digest(key, blob))
+        if digest is None:
+            return None
+        found = self.find_digest(digest)
+        return found if found.tier != MISS else None
+
+    def remember_file(self, path: str, info: os.stat_result, digest: str) -> None:
+        key = file_key(self.cfg.prefix, path, info)
+        self.cache.put_local(key, encode_file_digest(key, digest))
+
     def find(self, data: bytes) -> Found:
         """Predictions if known, else the preprocessed tensor if known."""
-        digest = image_digest(data)
+        return self.find_digest(image_digest(data))
+
+    def find_digest(self, digest: str) -> Found:
+        """Lookups by the digest of an image's bytes."""
         if self.scope is not None:
             predictions, tier = self.results.get(self._result_key(digest))
             if predictions is not None:

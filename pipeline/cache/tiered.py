@@ -96,6 +96,22 @@ class TieredCache:
             self.stats.misses += 1
         return None, MISS
 
+    def get_local(self, key: str, decode: Callable[[bytes], T]) -> T | None:
+        """Read the first tier only (host-specific entries); corrupt is a miss."""
+        tier = self.tiers[0]
+        blob = tier.get(key)
+        if blob is None:
+            return None
+        try:
+            return decode(blob)
+        except CorruptEntry as exc:
+            self._discard(tier, key, exc)
+            return None
+
+    def put_local(self, key: str, value: bytes) -> bool:
+        """Queue a write to the first tier only (see `get_local`)."""
+        return self._enqueue(key, value, self.tiers[:1])
+
     def put(self, key: str, value: bytes) -> bool:
         """Queue a write to every tier; False when it was dropped. Never blocks."""
         return self._enqueue(key, value, self.tiers)

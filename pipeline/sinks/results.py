@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Protocol
 
+from pipeline.errors import ConfigError
 from pipeline.predictions import Record
 
 CSV_COLUMNS = ["path", "status", "label", "index", "score", "predictions",
@@ -32,9 +33,14 @@ class ResultSink(Protocol):
 def open_result_file(path: Path) -> tuple[ResultSink, set[str]]:
     """A sink appending to `path` (.csv or JSONL) and the paths already in it."""
     fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
-    done = _recover(path, fmt) if path.exists() else set()
-    # The sink owns the handle and closes it.
-    handle = open(path, "a", encoding="utf-8", errors="surrogateescape", newline="")  # noqa: SIM115
+    try:
+        done = _recover(path, fmt) if path.exists() else set()
+        # The sink owns the handle and closes it.
+        handle = open(path, "a", encoding="utf-8", errors="surrogateescape",  # noqa: SIM115
+                      newline="")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot use results file {path}: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from exc
     if fmt == "csv":
         return CsvFile(handle, write_header=not done and handle.tell() == 0), done
     return JsonlFile(handle), done
@@ -124,7 +130,17 @@ def _recover(path: Path, fmt: str) -> set[str]:
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
         if fmt == "csv":
             return {row["path"] for row in csv.DictReader(handle) if row.get("path")}
-        return {json.loads(line)["path"] for line in handle if line.strip()}
+        return {done for line in handle if (done := _recorded_path(line)) is not None}
+
+
+def _recorded_path(line: str) -> str | None:
+    """The path of one JSONL record; None for a line that is not one (re-scored)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    path = record.get("path") if isinstance(record, dict) else None
+    return path if isinstance(path, str) else None
 
 
 def _truncate_partial_line(path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
 import subprocess
 import time
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import diskcache
 import pytest
+from PIL import Image
 
 from tests.integration.conftest import IMGPIPE, read_jsonl
 from tests.redis_server import RedisServer
@@ -132,9 +135,30 @@ def test_cache_command_reports_verifies_and_clears(run, photos: Path, tmp_path: 
     cache = ["--cache-dir", str(tmp_path / "cache")]
     _score(run, photos, tmp_path / "r.jsonl", *cache)
     stats = run("cache", "stats", *cache)
-    assert stats.returncode == 0 and "local: 8 entries" in stats.stdout
+    assert stats.returncode == 0 and "local: 12 entries" in stats.stdout
     verify = run("cache", "verify", *cache)
-    assert "checked 8, removed 0" in verify.stdout
+    assert "checked 12, removed 0" in verify.stdout
     cleared = run("cache", "clear", *cache)
-    assert "removed 8 entries" in cleared.stdout
+    assert "removed 12 entries" in cleared.stdout
     assert "local: 0 entries" in run("cache", "stats", *cache).stdout
+
+
+def test_a_rewritten_file_is_never_served_stale(run, photos: Path, samples_dir: Path,
+                                                tmp_path: Path) -> None:
+    # given a warm cache, and then coffee.jpg rewritten with another photo of the
+    # same size in bytes (padding after the JPEG's end), its mtime put back
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    _score(run, photos, tmp_path / "first.jsonl", *cache)
+    target = photos / "coffee.jpg"
+    before = target.stat()
+    buffer = io.BytesIO()
+    Image.open(samples_dir / "rocket.jpg").save(buffer, "JPEG", quality=60)
+    assert buffer.tell() <= before.st_size
+    target.write_bytes(buffer.getvalue().ljust(before.st_size, b"\0"))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    # when the directory is scored again
+    again = _score(run, photos, tmp_path / "again.jsonl", *cache)
+    # then the new content was read and scored, the unchanged files came from the cache
+    assert again["coffee.jpg"]["cache"] == "miss"
+    assert again["coffee.jpg"]["predictions"][0]["label"] != "espresso"
+    assert again["chelsea.jpg"]["cache"] == "result:local"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError, InputError
 from pipeline.items import Job, Prepared
 from pipeline.predictions import Record, error_record, ok_record
 from pipeline.sinks.results import TerminalTable, open_result_file
@@ -224,3 +224,20 @@ def test_terminal_table_prints_one_line_per_record():
     assert "samples/" not in lines[0]
     # the label column lines up
     assert lines[0].index("espresso") == lines[1].index("Egyptian cat")
+
+
+def test_a_line_that_is_not_a_record_is_skipped_on_resume(tmp_path):
+    # given a results file with a damaged line in the middle
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"path": "a.jpg", "status": "ok"}\nnot json at all\n'
+                    '["a", "list"]\n{"path": "b.jpg", "status": "ok"}\n')
+    # when it is reopened
+    sink, done = open_result_file(path)
+    sink.close()
+    # then the good records count as done and the damaged ones are scored again
+    assert done == {"a.jpg", "b.jpg"}
+
+
+def test_a_results_file_in_a_missing_directory_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot use results file"):
+        open_result_file(tmp_path / "missing" / "results.jsonl")
