@@ -21,7 +21,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Optional
 
 from pipeline.config import CacheSettings
-from pipeline.errors import InputError
+from pipeline.errors import InputError, PermanentError
 from pipeline.items import Job, Prepared
 from pipeline.preprocess import PreprocessBackend, create_backend
 from pipeline.sources.files import read_file
@@ -155,8 +155,13 @@ class PreprocessPool:
         self.executor = ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker, initargs=(self.plan,))
-        for ready in [self.executor.submit(_ready) for _ in range(self.workers)]:
-            ready.result()
+        try:
+            for ready in [self.executor.submit(_ready) for _ in range(self.workers)]:
+                ready.result()
+        except BrokenProcessPool as exc:
+            self.close()
+            raise PermanentError("the preprocessing workers failed to start "
+                                 "(their error is printed above)") from exc
 
     def map(self, jobs: Iterable[Job]) -> Iterator[Prepared]:
         """Yield one Prepared per job; never more than the window in flight."""
