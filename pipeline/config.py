@@ -159,6 +159,8 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"])
         env = ENV_PREFIX + "__".join(str(p) for p in error["loc"]).upper()
-        problems.append(f"{key} = {error.get('input')!r}: {error['msg']} "
+        # URLs may carry credentials: never echo them.
+        value = "<redacted>" if key.endswith("url") else repr(error.get("input"))
+        problems.append(f"{key} = {value}: {error['msg']} "
                         f"(set it in the config file, {env}, or a flag)")
     return "invalid configuration: " + "; ".join(problems)

@@ -179,3 +179,10 @@ def test_toml_that_is_not_utf8_is_a_config_error(tmp_path):
 def test_config_path_that_is_a_directory_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=str(tmp_path)):
         load_settings(tmp_path, environ=NO_ENV)
+
+
+def test_an_invalid_redis_url_is_refused_without_echoing_its_password():
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"IMGPIPE_CACHE__REDIS_URL": "http://user:hunter2@host:6379"})
+    assert "cache.redis_url" in str(raised.value)
+    assert "hunter2" not in str(raised.value)
