@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from pipeline import __version__
+from pipeline import __version__, logs
 from pipeline.errors import ConfigError, ImgpipeError
 
 EXIT_INTERRUPTED = 130
@@ -33,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(format="imgpipe: %(levelname)s: %(message)s", level=logging.WARNING)
+    logs.configure()
     stderr = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         return int(args.handler(args, stderr))
@@ -118,7 +117,7 @@ def _score(args: argparse.Namespace, stderr: Console) -> int:
             engine.setup()
         total = directory.count(root, args.recursive, skip) if stderr.is_terminal else None
         jobs = directory.walk(root, args.recursive, skip)
-        with _progress(stderr, total) as advance:
+        with _Progress(stderr, total) as advance:
             def write(records: list[dict[str, Any]]) -> None:
                 sink.write(records)
                 advance(len(records))
@@ -139,7 +138,7 @@ def _skipper(done: set[str], out: Optional[str]) -> Any:
     return skip
 
 
-class _progress:
+class _Progress:
     """A rich progress bar on a terminal; nothing otherwise."""
 
     def __init__(self, console: Console, total: Optional[int]) -> None:

@@ -18,8 +18,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING, Optional
+from logging.handlers import QueueListener
+from typing import TYPE_CHECKING, Any, Optional
 
+from pipeline import logs
 from pipeline.config import CacheSettings
 from pipeline.errors import InputError, PermanentError
 from pipeline.items import Job, Prepared
@@ -52,11 +54,13 @@ class _Worker:
 
 
 _worker: Optional[_Worker] = None
+LOG_QUEUE_RECORDS = 1000
 
 
-def _init_worker(plan: WorkerPlan) -> None:
+def _init_worker(plan: WorkerPlan, log_queue: Any) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logs.send_to(log_queue)
     backend = create_backend(plan.backend, plan.spec, plan.limits, plan.device, plan.threads)
     backend.setup()
     cache = None
@@ -148,13 +152,18 @@ class PreprocessPool:
         self.max_chunks_in_flight = workers * 2
         self.executor: Optional[ProcessPoolExecutor] = None
         self.generation = 0  # bumped on every restart after a crash
+        self.context = multiprocessing.get_context("spawn")
+        self.log_queue = self.context.Queue(LOG_QUEUE_RECORDS)
+        self.log_listener: Optional[QueueListener] = None
 
     def start(self) -> None:
         """Start every worker and wait until each has built its backend."""
+        if self.log_listener is None:
+            self.log_listener = logs.forward_from(self.log_queue)
         # spawn: workers must not inherit torch's threads or a CUDA context.
         self.executor = ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(self.plan,))
+            self.workers, mp_context=self.context,
+            initializer=_init_worker, initargs=(self.plan, self.log_queue))
         try:
             for ready in [self.executor.submit(_ready) for _ in range(self.workers)]:
                 ready.result()
@@ -210,6 +219,9 @@ class PreprocessPool:
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.executor = None
+        if self.log_listener is not None:
+            self.log_listener.stop()  # after the workers: their last records are printed
+            self.log_listener = None
 
 
 def _chunked(jobs: Iterator[Job], size: int) -> Iterator[list[Job]]:

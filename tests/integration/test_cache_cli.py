@@ -76,8 +76,9 @@ def test_redis_down_at_start_costs_a_warning(run, photos: Path, tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     records = read_jsonl(tmp_path / "r.jsonl")
     assert len(records) == len(PHOTOS) and all(r["status"] == "ok" for r in records)
+    # the engine and every worker saw it; it is reported once
     warnings = [line for line in result.stderr.splitlines() if "Redis tier" in line]
-    assert 1 <= len(warnings) <= 3  # at most one per process: the engine and two workers
+    assert len(warnings) == 1, result.stderr
 
 
 def test_redis_killed_mid_run_loses_nothing(samples_dir: Path, tmp_path: Path,
@@ -106,7 +107,8 @@ def test_redis_killed_mid_run_loses_nothing(samples_dir: Path, tmp_path: Path,
     records = read_jsonl(out)
     assert len(records) == 120 and all(r["status"] == "ok" for r in records)
     assert "Traceback" not in stderr
-    assert "Redis tier" in stderr  # the outage was noticed, and only warned about
+    outage = [line for line in stderr.splitlines() if "unavailable" in line]
+    assert len(outage) == 1, stderr  # noticed by every process, reported once
 
 
 def test_unwritable_cache_dir_only_warns(run, photos: Path, tmp_path: Path) -> None:
@@ -116,7 +118,8 @@ def test_unwritable_cache_dir_only_warns(run, photos: Path, tmp_path: Path) -> N
                  "--cache-dir", str(blocker / "cache"))
     assert result.returncode == 0, result.stderr
     assert all(r["status"] == "ok" for r in read_jsonl(tmp_path / "r.jsonl"))
-    assert "cache" in result.stderr.lower() and "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "local cache disabled" in line]
+    assert len(warnings) == 1 and "Traceback" not in result.stderr, result.stderr
 
 
 def test_tampered_entries_are_detected_and_recomputed(run, photos: Path, tmp_path: Path) -> None:

@@ -1,0 +1,31 @@
+"""Repeated warnings are folded into one line per window."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.logs import OncePerWindow
+
+
+def _record(message: str, *args: object, name: str = "imgpipe.cache") -> logging.LogRecord:
+    return logging.LogRecord(name, logging.WARNING, __file__, 1, message, args, None)
+
+
+def test_the_same_warning_from_several_processes_prints_once() -> None:
+    once = OncePerWindow(window_s=60)
+    template = "Redis tier at %s unavailable (%s)"
+    assert once.filter(_record(template, "host:6379", "Connection refused"))
+    assert not once.filter(_record(template, "host:6379", "Timeout reading from socket"))
+    assert once.filter(_record("Redis tier back at %s", "host:6379"))
+
+
+def test_a_warning_prints_again_after_the_window() -> None:
+    once = OncePerWindow(window_s=0)
+    assert once.filter(_record("local cache disabled"))
+    assert once.filter(_record("local cache disabled"))
+
+
+def test_other_loggers_are_independent() -> None:
+    once = OncePerWindow(window_s=60)
+    assert once.filter(_record("same text", name="imgpipe.cache"))
+    assert once.filter(_record("same text", name="imgpipe.engine"))
