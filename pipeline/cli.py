@@ -183,6 +183,11 @@ def _print_summary(console: Console, summary: Any, skipped: int, engine: Any,
     if summary.cache:
         levels = ", ".join(f"{level}={n}" for level, n in sorted(summary.cache.items()))
         console.print(f"cache: {levels}", markup=False)
+    for tier, counts in sorted(summary.tiers.items()):
+        # Lookups only: writes are queued and may land after the summary.
+        console.print(f"cache tier {tier}: {counts['hits']} hits, {counts['misses']} misses, "
+                      f"{counts['errors']} errors, {counts['bytes_read'] / 2**20:.1f} MiB read",
+                      markup=False)
     pillow = pillow_implementation()
     console.print(f"model {engine.model.name} on {engine.device}; preprocessing "
                   f"{engine.preprocess_backend} ({pillow})", markup=False)

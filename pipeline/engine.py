@@ -36,6 +36,7 @@ class RunSummary:
     scored: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     cache: Counter[str] = field(default_factory=Counter)  # "result:local", "miss", ...
+    tiers: dict[str, Counter[str]] = field(default_factory=dict)  # all processes' counters
     elapsed_s: float = 0.0
     interrupted: bool = False
 
@@ -122,6 +123,7 @@ class Engine:
             sink(records)
             summary.count(records)
 
+        self._reset_cache_counters()
         feeder.start()
         try:
             self.worker.drain(Batcher(prepared, batching.max_batch_size,
@@ -132,9 +134,23 @@ class Engine:
             stop.set()
             feeder.join()
             summary.elapsed_s = time.perf_counter() - started
+            summary.tiers = self._cache_counters()
         if feeder.error is not None and not summary.interrupted:
             raise feeder.error
         return summary
+
+    def _reset_cache_counters(self) -> None:
+        self.pool.cache_counters = {}
+        if self.cache is not None:
+            self.cache.counters_since_last_call()
+
+    def _cache_counters(self) -> dict[str, Counter[str]]:
+        """Every process's tier counters for this run, summed per tier."""
+        totals = {tier: Counter(delta) for tier, delta in self.pool.cache_counters.items()}
+        if self.cache is not None:
+            for tier, delta in self.cache.counters_since_last_call().items():
+                totals.setdefault(tier, Counter()).update(delta)
+        return totals
 
     def close(self) -> None:
         if hasattr(self, "pool"):

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -76,8 +77,12 @@ def _ready() -> bool:
     return _worker is not None
 
 
-def preprocess_chunk(jobs: list[Job]) -> list[Prepared]:
-    """Read and preprocess a chunk of jobs; one Prepared per job, in order."""
+TierCounters = dict[str, Counter[str]]
+
+
+def preprocess_chunk(jobs: list[Job]) -> tuple[list[Prepared], TierCounters]:
+    """Read and preprocess a chunk of jobs: one Prepared per job, in order, and
+    how this worker's cache tiers' counters moved meanwhile."""
     assert _worker is not None, "worker not initialised"
     started = time.perf_counter()
     prepared = [Prepared(job, error=job.error) for job in jobs]
@@ -94,7 +99,8 @@ def preprocess_chunk(jobs: list[Job]) -> list[Prepared]:
     per_item_ms = (time.perf_counter() - started) * 1000 / max(len(jobs), 1)
     for item in prepared:
         item.timings_ms["preprocess"] = per_item_ms
-    return prepared
+    counters = _worker.cache.counters_since_last_call() if _worker.cache is not None else {}
+    return prepared, counters
 
 
 def _read_all(items: list[Prepared]) -> Iterator[tuple[Prepared, bytes]]:
@@ -152,6 +158,7 @@ class PreprocessPool:
         self.max_chunks_in_flight = workers * 2
         self.executor: Optional[ProcessPoolExecutor] = None
         self.generation = 0  # bumped on every restart after a crash
+        self.cache_counters: TierCounters = {}  # summed over every worker
         self.context = multiprocessing.get_context("spawn")
         self.log_queue = self.context.Queue(LOG_QUEUE_RECORDS)
         self.log_listener: Optional[QueueListener] = None
@@ -175,7 +182,7 @@ class PreprocessPool:
     def map(self, jobs: Iterable[Job]) -> Iterator[Prepared]:
         """Yield one Prepared per job; never more than the window in flight."""
         chunks = _chunked(iter(jobs), self.chunk_size)
-        in_flight: dict[Future[list[Prepared]], tuple[list[Job], int]] = {}
+        in_flight: dict[Future[tuple[list[Prepared], TierCounters]], tuple[list[Job], int]] = {}
         exhausted = False
         while in_flight or not exhausted:
             while not exhausted and len(in_flight) < self.max_chunks_in_flight:
@@ -190,7 +197,7 @@ class PreprocessPool:
                 for future in done:
                     yield from self._collect(future, *in_flight.pop(future))
 
-    def _submit(self, chunk: list[Job]) -> Future[list[Prepared]]:
+    def _submit(self, chunk: list[Job]) -> Future[tuple[list[Prepared], TierCounters]]:
         assert self.executor is not None, "call start() first"
         try:
             return self.executor.submit(preprocess_chunk, chunk)
@@ -198,16 +205,19 @@ class PreprocessPool:
             self._restart()
             return self.executor.submit(preprocess_chunk, chunk)
 
-    def _collect(self, future: Future[list[Prepared]], chunk: list[Job],
+    def _collect(self, future: Future[tuple[list[Prepared], TierCounters]], chunk: list[Job],
                  generation: int) -> list[Prepared]:
         try:
-            return future.result()
+            prepared, counters = future.result()
         except BrokenProcessPool:
             # A decoder crashed a process: fail the chunks it took down, keep going.
             if generation == self.generation:
                 self._restart()
             crash = InputError("worker_crashed", "the preprocessing worker crashed on this chunk")
             return [Prepared(job, error=crash) for job in chunk]
+        for tier, delta in counters.items():
+            self.cache_counters.setdefault(tier, Counter()).update(delta)
+        return prepared
 
     def _restart(self) -> None:
         if self.executor is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 LOGGER_NAME = "imgpipe.cache"
+COUNTERS = ("hits", "misses", "errors", "skipped", "bytes_read", "bytes_written")
 
 
 @dataclass
@@ -44,9 +45,7 @@ class TierStats:
     def snapshot(self) -> dict[str, int | bool]:
         """The counters as a plain dict (for `cache stats` and logs)."""
         with self._lock:
-            return {name: getattr(self, name) for name in (
-                "hits", "misses", "errors", "skipped", "bytes_read", "bytes_written",
-                "available")}
+            return {name: getattr(self, name) for name in (*COUNTERS, "available")}
 
 
 class CacheTier(Protocol):

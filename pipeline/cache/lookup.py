@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import multiprocessing.util
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from pipeline.cache import CacheTier
+from pipeline.cache import COUNTERS, CacheTier
 from pipeline.cache.codec import decode_file_digest, encode_file_digest
 from pipeline.cache.keys import file_key, image_digest, result_key, tensor_key
 from pipeline.cache.local import LocalTier
@@ -66,6 +67,7 @@ class CacheLookup:
         self.scope = scope if cfg.results else None
         self.cache = TieredCache(open_tiers(cfg), cfg.write_queue_items)
         self.results = ResultCache(self.cache)
+        self._reported: dict[str, Counter[str]] = {}
 
     def setup(self) -> None:
         self.cache.setup()
@@ -104,6 +106,20 @@ class CacheLookup:
     def store_predictions(self, digest: str, predictions: Predictions) -> None:
         if self.scope is not None:
             self.results.put(self._result_key(digest), predictions)
+
+    def counters_since_last_call(self) -> dict[str, Counter[str]]:
+        """Per tier, how much each counter grew since the previous call.
+
+        Workers send these deltas home with their results, so the engine can
+        add up every process's tiers (hits, misses, errors, bytes).
+        """
+        deltas: dict[str, Counter[str]] = {}
+        for tier in self.cache.tiers:
+            now = Counter({k: int(v) for k, v in tier.stats.snapshot().items() if k in COUNTERS})
+            before = self._reported.get(tier.name, Counter())
+            self._reported[tier.name] = now
+            deltas[tier.name] = now - before
+        return deltas
 
     def close(self) -> None:
         self.cache.close()

@@ -50,6 +50,17 @@ def test_warm_runs_skip_decoding_and_inference(run, photos: Path, tmp_path: Path
         assert other_k[name]["predictions"][0]["label"] == cold[name]["predictions"][0]["label"]
 
 
+def test_the_summary_counts_every_process_lookups(run, photos: Path, tmp_path: Path) -> None:
+    # given a warm cache
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    _score(run, photos, tmp_path / "cold.jsonl", *cache)
+    # when the photos are scored again
+    warm = run("score", str(photos), "--out", str(tmp_path / "warm.jsonl"), *cache)
+    # then the workers' lookups are in the summary: per photo, its file entry and
+    # its predictions were hits, and nothing missed
+    assert f"cache tier local: {2 * len(PHOTOS)} hits, 0 misses, 0 errors" in warm.stderr
+
+
 def test_the_same_bytes_under_another_name_hit(run, photos: Path, tmp_path: Path) -> None:
     cache = ["--cache-dir", str(tmp_path / "cache")]
     _score(run, photos, tmp_path / "first.jsonl", *cache)

@@ -59,3 +59,16 @@ def test_a_changed_file_is_not_known_by_its_stat(lookup: CacheLookup, tmp_path: 
     lookup.cache.flush()
     photo.write_bytes(b"other bytes")  # same size; ctime moves
     assert lookup.find_unread(str(photo), os.stat(photo)) is None
+
+
+def test_counters_are_reported_as_deltas(lookup: CacheLookup, tmp_path: Path) -> None:
+    # given two lookups that miss
+    lookup.find(b"first image")
+    first = lookup.counters_since_last_call()
+    # when one more lookup happens
+    lookup.find(b"second image")
+    second = lookup.counters_since_last_call()
+    # then each report holds only what happened since the previous one
+    assert first["local"]["misses"] == 2  # result, then tensor
+    assert second["local"]["misses"] == 2
+    assert lookup.counters_since_last_call()["local"]["misses"] == 0
