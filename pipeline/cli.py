@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rich.console import Console
 from rich.progress import (
@@ -21,6 +21,9 @@ from rich.progress import (
 
 from pipeline import __version__, logs
 from pipeline.errors import ConfigError, ImgpipeError
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
 
 EXIT_INTERRUPTED = 130
 
@@ -91,14 +94,20 @@ def _cache_flags(parser: argparse.ArgumentParser) -> None:
                         help="shared cache tier, e.g. redis://host:6379/0")
 
 
-def _score(args: argparse.Namespace, stderr: Console) -> int:
+def _settings(args: argparse.Namespace) -> Settings:
+    """The command's settings: flags named "section.key" override the rest."""
     from pipeline.config import load_settings
+
+    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    return load_settings(args.config, overrides=overrides)
+
+
+def _score(args: argparse.Namespace, stderr: Console) -> int:
     from pipeline.engine import Engine
     from pipeline.sinks.results import JsonlStream, TerminalTable, open_result_file
     from pipeline.sources import directory
 
-    overrides = {k: v for k, v in vars(args).items() if "." in k}
-    settings = load_settings(args.config, overrides=overrides)
+    settings = _settings(args)
     if not args.directory.is_dir():
         raise ConfigError(f"{args.directory} is not a directory")
     stdout = Console(highlight=False, soft_wrap=True)
@@ -199,10 +208,8 @@ def _print_summary(console: Console, summary: Any, skipped: int, engine: Any,
 def _cache(args: argparse.Namespace, stderr: Console) -> int:
     from pipeline.cache.lookup import open_tiers
     from pipeline.cache.tiered import verify_tier
-    from pipeline.config import load_settings
 
-    overrides = {k: v for k, v in vars(args).items() if "." in k}
-    settings = load_settings(args.config, overrides=overrides)
+    settings = _settings(args)
     stdout = Console(highlight=False, soft_wrap=True)
     for tier in open_tiers(settings.cache):
         if not tier.setup():

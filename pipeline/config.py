@@ -10,15 +10,24 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
-from pipeline.spec import InputLimits, PreprocessSpec
+from pipeline.spec import InputLimits, Interpolation, PreprocessSpec
 
 ENV_PREFIX = "IMGPIPE_"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+
+
+def _blank_is_none(value: Any) -> Any:
+    # TOML has no null: an empty string means "not set".
+    return None if value == "" else value
+
+
+T = TypeVar("T")
+UnsetIfBlank = Annotated[Optional[T], BeforeValidator(_blank_is_none)]
 
 
 class Section(BaseModel):
@@ -27,17 +36,11 @@ class Section(BaseModel):
 
 class ModelSettings(Section):
     name: str = "efficientnet_lite0"
-    weights: Optional[Path] = None
-    labels: Optional[Path] = None
+    weights: UnsetIfBlank[Path] = None
+    labels: UnsetIfBlank[Path] = None
     topk: int = Field(5, ge=1, le=1000)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     threads: int = Field(0, ge=0)
-
-    @field_validator("weights", "labels", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        # TOML has no null: an empty string means "not set".
-        return None if value == "" else value
 
 
 class PreprocessSettings(Section):
@@ -45,7 +48,7 @@ class PreprocessSettings(Section):
     workers: int = Field(0, ge=0)
     resize_shorter: int = Field(256, ge=1, le=8192)
     crop: int = Field(224, ge=1, le=8192)
-    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    interpolation: Interpolation = "bilinear"
     max_file_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1)
     chunk_size: int = Field(8, ge=1, le=1024)
@@ -73,20 +76,15 @@ class BatchingSettings(Section):
 class CacheSettings(Section):
     enabled: bool = True
     results: bool = True
-    dir: Optional[Path] = None
+    dir: UnsetIfBlank[Path] = None
     max_bytes: int = Field(4 * 1024**3, ge=1)
     prefix: str = Field("imgpipe", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
-    redis_url: Optional[str] = Field(None, pattern=r"^(redis|rediss|unix)://")
+    redis_url: UnsetIfBlank[str] = Field(None, pattern=r"^(redis|rediss|unix)://")
     redis_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     redis_max_entry_bytes: int = Field(1024 * 1024, ge=1)
     redis_timeout_s: float = Field(0.5, gt=0, le=60)
     redis_retry_interval_s: float = Field(5.0, ge=0)
     write_queue_items: int = Field(256, ge=1, le=100_000)
-
-    @field_validator("dir", "redis_url", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return None if value == "" else value
 
     def directory(self) -> Path:
         """The local tier's directory: `dir`, else $XDG_CACHE_HOME/imgpipe."""

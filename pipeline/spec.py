@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
 
 # Bumped whenever a backend changes what it produces for the same spec.
 SPEC_VERSION = 1

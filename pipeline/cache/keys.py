@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 DEFAULT_PREFIX = "imgpipe"
 TENSOR_KIND = "t"
@@ -41,7 +40,6 @@ RESULT_KIND = "r"
 FILE_KIND = "f"
 FILE_SCOPE = "stat"
 SCOPE_HEX_CHARS = 16  # 64 bits: collisions between configurations are not a concern
-_READ_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -57,15 +55,6 @@ class ParsedKey:
 def image_digest(data: bytes) -> str:
     """BLAKE2b with a 16-byte digest of an image file's bytes, as 32 hex digits."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    """BLAKE2b-128 of a file, read in chunks (for weights and labels files)."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_READ_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tensor_key(prefix: str, image_digest: str, spec_digest: str) -> str:

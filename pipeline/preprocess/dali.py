@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.preprocess import Outcome
-from pipeline.preprocess.pillow import open_image, preprocess
+from pipeline.preprocess.pillow import ORIENTATION_TAG, PillowBackend, open_image
 from pipeline.spec import InputLimits, PreprocessSpec
 
 UINT8, FLOAT = types.DALIDataType.UINT8, types.DALIDataType.FLOAT
@@ -31,7 +31,6 @@ INTERP = {
 }
 DALI_FORMATS = {"JPEG", "PNG", "BMP", "WEBP", "TIFF"}
 PLAIN_RAWMODES = {"RGB", "L", "BGR"}  # 8 bits per channel, no alpha, no inversion
-ORIENTATION_TAG = 0x0112
 SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that transpose width and height
 
 Roi = tuple[tuple[float, float], tuple[float, float]]
@@ -123,6 +122,7 @@ class DaliBackend:
         self.num_threads = num_threads
         self._decoder_device, self._device_id = _parse_device(device)
         self._pipe: Pipeline | None = None
+        self._fallback = PillowBackend(spec, limits)
         self.fallbacks = 0  # files handled by the pillow backend instead of DALI
 
     def setup(self) -> None:
@@ -181,7 +181,4 @@ class DaliBackend:
     def _pillow(self, data: bytes) -> Outcome:
         # The pillow backend reproduces the spec for everything, and names the error.
         self.fallbacks += 1
-        try:
-            return preprocess(data, self.spec, self.limits)
-        except InputError as exc:
-            return exc
+        return self._fallback.run_one(data)

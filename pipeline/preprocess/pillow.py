@@ -164,9 +164,10 @@ class PillowBackend:
         pass
 
     def run(self, images: Sequence[bytes]) -> list[Outcome]:
-        return [self._one(data) for data in images]
+        return [self.run_one(data) for data in images]
 
-    def _one(self, data: bytes) -> Outcome:
+    def run_one(self, data: bytes) -> Outcome:
+        """The array for one image, or the InputError that names its problem."""
         try:
             return preprocess(data, self.spec, self.limits)
         except InputError as exc:

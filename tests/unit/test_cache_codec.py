@@ -16,7 +16,8 @@ from pipeline.cache.codec import (
     encode_result,
     encode_tensor,
 )
-from pipeline.cache.keys import file_digest, image_digest, parse_key, result_key, tensor_key
+from pipeline.cache.keys import image_digest, parse_key, result_key, tensor_key
+from pipeline.models.registry import file_digest
 from pipeline.spec import PreprocessSpec
 
 SPEC = PreprocessSpec().digest()

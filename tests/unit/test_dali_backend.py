@@ -11,7 +11,7 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from pipeline.errors import ConfigError  # noqa: E402
+from pipeline.errors import ConfigError, InputError  # noqa: E402
 from pipeline.preprocess.dali import DaliBackend  # noqa: E402
 from pipeline.preprocess.pillow import (  # noqa: E402
     PillowBackend,
@@ -196,3 +196,31 @@ def test_exif_orientation_matches_pillow(backend: DaliBackend, orientation: int)
 def test_rejects_unknown_device() -> None:
     with pytest.raises(ConfigError):
         DaliBackend(SPEC, LIMITS, device="tpu")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on damaged metadata
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "TIFF"])
+def test_damaged_files_give_an_input_error_or_pixels_never_a_crash(backend: DaliBackend,
+                                                                   fmt: str) -> None:
+    # given 80 copies of a small image with bytes overwritten, some also cut short
+    with Image.open(SAMPLES / "chelsea.jpg") as image:
+        data = encode(image.convert("RGB").resize((64, 48)), fmt)
+    rng = np.random.default_rng(7)
+    damaged_files = []
+    for attempt in range(80):
+        damaged = bytearray(data)
+        span = min(len(damaged), 200) if attempt % 2 else len(damaged)
+        for _ in range(int(rng.integers(1, 10))):
+            damaged[int(rng.integers(0, span))] = int(rng.integers(0, 256))
+        if attempt % 3 == 0:
+            damaged = damaged[: int(rng.integers(1, len(damaged)))]
+        damaged_files.append(bytes(damaged))
+    # when they are preprocessed as one batch
+    outcomes = backend.run(damaged_files)
+    # then each is an error with a code or a well-formed array; nothing raised
+    assert len(outcomes) == len(damaged_files)
+    for outcome in outcomes:
+        if isinstance(outcome, InputError):
+            assert outcome.code
+        else:
+            assert outcome.shape == (3, 224, 224) and outcome.dtype == np.uint8
