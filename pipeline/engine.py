@@ -74,21 +74,19 @@ class Engine:
                                       self.settings.batching.max_batch_size,
                                       pre_cfg.spec().output_shape, model_cfg.threads)
         self.inference.setup()
+        self.result_scope = ResultScope(self.model.name, self.model.weights_digest,
+                                        model_cfg.topk,
+                                        ResultScope.labels_digest_of(self.model.labels))
         self.cache = self._open_cache()
         remember = None if self.cache is None else self._remember
         self.worker = InferenceWorker(self.inference, model_cfg.topk, remember)
         self.pool = self._start_pool()
 
-    def _result_scope(self) -> ResultScope:
-        return ResultScope(self.model.name, self.model.weights_digest,
-                           self.settings.model.topk,
-                           ResultScope.labels_digest_of(self.model.labels))
-
     def _open_cache(self) -> Optional[CacheLookup]:
         cfg = self.settings.cache
         if not cfg.enabled:
             return None
-        cache = CacheLookup(cfg, self.settings.preprocess.spec().digest(), self._result_scope())
+        cache = CacheLookup(cfg, self.settings.preprocess.spec().digest(), self.result_scope)
         cache.setup()
         return cache
 
@@ -102,9 +100,8 @@ class Engine:
         if self.preprocess_backend == "dali" and self.device.type == "cuda":
             # One process owns the GPU decoder; DALI's own threads use the cores.
             workers, threads = 1, pre_cfg.workers or self.cores
-        cache_cfg = self.settings.cache if self.settings.cache.enabled else None
         plan = WorkerPlan(self.preprocess_backend, pre_cfg.spec(), pre_cfg.limits(),
-                          str(self.device), threads, cache_cfg, self._result_scope())
+                          str(self.device), threads, self.settings.cache, self.result_scope)
         pool = PreprocessPool(plan, workers, pre_cfg.chunk_size)
         pool.start()
         return pool
@@ -123,7 +120,8 @@ class Engine:
             sink(records)
             summary.count(records)
 
-        self._reset_cache_counters()
+        if self.cache is not None:
+            self.cache.counters_since_last_call()  # count this run only
         feeder.start()
         try:
             self.worker.drain(Batcher(prepared, batching.max_batch_size,
@@ -138,11 +136,6 @@ class Engine:
         if feeder.error is not None and not summary.interrupted:
             raise feeder.error
         return summary
-
-    def _reset_cache_counters(self) -> None:
-        self.pool.cache_counters = {}
-        if self.cache is not None:
-            self.cache.counters_since_last_call()
 
     def _cache_counters(self) -> dict[str, Counter[str]]:
         """Every process's tier counters for this run, summed per tier."""

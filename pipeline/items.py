@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,4 +33,3 @@ class Prepared:
     digest: Optional[str] = None
     cache: Optional[str] = None
     predictions: Optional[list[dict[str, Any]]] = None
-    stat: Optional[os.stat_result] = None  # as seen before reading, for the cache

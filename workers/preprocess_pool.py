@@ -78,6 +78,8 @@ def _ready() -> bool:
 
 
 TierCounters = dict[str, Counter[str]]
+ChunkFuture = Future[tuple[list[Prepared], TierCounters]]
+Stat = Optional[os.stat_result]  # a file's stat before reading, for the cache
 
 
 def preprocess_chunk(jobs: list[Job]) -> tuple[list[Prepared], TierCounters]:
@@ -86,8 +88,14 @@ def preprocess_chunk(jobs: list[Job]) -> tuple[list[Prepared], TierCounters]:
     assert _worker is not None, "worker not initialised"
     started = time.perf_counter()
     prepared = [Prepared(job, error=job.error) for job in jobs]
-    unknown = [item for item in prepared if item.error is None and not _known_unread(item)]
-    to_decode = [(item, data) for item, data in _read_all(unknown) if not _from_cache(item, data)]
+    to_read: list[tuple[Prepared, Stat]] = []
+    for item in prepared:
+        if item.error is None:
+            info = _stat_for_cache(item.job.path)
+            if not _known_unread(item, info):
+                to_read.append((item, info))
+    to_decode = [(item, data) for item, info, data in _read_all(to_read)
+                 if not _from_cache(item, info, data)]
     outcomes = _worker.backend.run([data for _, data in to_decode])
     for (item, _), outcome in zip(to_decode, outcomes, strict=True):
         if isinstance(outcome, InputError):
@@ -103,36 +111,43 @@ def preprocess_chunk(jobs: list[Job]) -> tuple[list[Prepared], TierCounters]:
     return prepared, counters
 
 
-def _read_all(items: list[Prepared]) -> Iterator[tuple[Prepared, bytes]]:
+def _read_all(items: list[tuple[Prepared, Stat]]) -> Iterator[tuple[Prepared, Stat, bytes]]:
     assert _worker is not None
-    for item in items:
+    for item, info in items:
         try:
-            yield item, read_file(item.job.path, _worker.plan.limits.max_file_bytes)
+            yield item, info, read_file(item.job.path, _worker.plan.limits.max_file_bytes)
         except InputError as exc:
             item.error = exc
 
 
-def _known_unread(item: Prepared) -> bool:
-    """Fill the item from the cache by the file's stat alone; True on success."""
+def _stat_for_cache(path: str) -> Stat:
+    """The file's stat as seen before reading it; None without a cache or on error."""
     assert _worker is not None
     if _worker.cache is None:
-        return False
+        return None
     try:
-        item.stat = os.stat(item.job.path)
+        return os.stat(path)
     except OSError:
-        return False  # reading it will say why
-    found = _worker.cache.find_unread(item.job.path, item.stat)
+        return None  # reading it will say why
+
+
+def _known_unread(item: Prepared, info: Stat) -> bool:
+    """Fill the item from the cache by the file's stat alone; True on success."""
+    assert _worker is not None
+    if _worker.cache is None or info is None:
+        return False
+    found = _worker.cache.find_unread(item.job.path, info)
     return found is not None and _fill(item, found)
 
 
-def _from_cache(item: Prepared, data: bytes) -> bool:
+def _from_cache(item: Prepared, info: Stat, data: bytes) -> bool:
     """Fill the item from the cache by the file's bytes; True when no decoding is needed."""
     assert _worker is not None
     if _worker.cache is None:
         return False
     found = _worker.cache.find(data)
-    if item.stat is not None:
-        _worker.cache.remember_file(item.job.path, item.stat, found.digest)
+    if info is not None:
+        _worker.cache.remember_file(item.job.path, info, found.digest)
     return _fill(item, found)
 
 
@@ -158,7 +173,7 @@ class PreprocessPool:
         self.max_chunks_in_flight = workers * 2
         self.executor: Optional[ProcessPoolExecutor] = None
         self.generation = 0  # bumped on every restart after a crash
-        self.cache_counters: TierCounters = {}  # summed over every worker
+        self.cache_counters: TierCounters = {}  # summed over every worker, per map()
         self.context = multiprocessing.get_context("spawn")
         self.log_queue = self.context.Queue(LOG_QUEUE_RECORDS)
         self.log_listener: Optional[QueueListener] = None
@@ -181,8 +196,9 @@ class PreprocessPool:
 
     def map(self, jobs: Iterable[Job]) -> Iterator[Prepared]:
         """Yield one Prepared per job; never more than the window in flight."""
+        self.cache_counters = {}
         chunks = _chunked(iter(jobs), self.chunk_size)
-        in_flight: dict[Future[tuple[list[Prepared], TierCounters]], tuple[list[Job], int]] = {}
+        in_flight: dict[ChunkFuture, tuple[list[Job], int]] = {}
         exhausted = False
         while in_flight or not exhausted:
             while not exhausted and len(in_flight) < self.max_chunks_in_flight:
@@ -197,7 +213,7 @@ class PreprocessPool:
                 for future in done:
                     yield from self._collect(future, *in_flight.pop(future))
 
-    def _submit(self, chunk: list[Job]) -> Future[tuple[list[Prepared], TierCounters]]:
+    def _submit(self, chunk: list[Job]) -> ChunkFuture:
         assert self.executor is not None, "call start() first"
         try:
             return self.executor.submit(preprocess_chunk, chunk)
@@ -205,7 +221,7 @@ class PreprocessPool:
             self._restart()
             return self.executor.submit(preprocess_chunk, chunk)
 
-    def _collect(self, future: Future[tuple[list[Prepared], TierCounters]], chunk: list[Job],
+    def _collect(self, future: ChunkFuture, chunk: list[Job],
                  generation: int) -> list[Prepared]:
         try:
             prepared, counters = future.result()
