@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -31,6 +32,30 @@ def run_imgpipe(*args: str, timeout: float = 300, obey_file_modes: bool = False,
         [*prefix, *IMGPIPE, *args], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[2],
         errors="surrogateescape")
+
+
+def start_imgpipe(*args: str) -> subprocess.Popen[str]:
+    """Start `imgpipe ARGS...` in a session of its own: signals sent to its
+    group reach its workers too, as Ctrl-C on a terminal does."""
+    return subprocess.Popen([*IMGPIPE, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, errors="surrogateescape",
+                            start_new_session=True)
+
+
+def count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as handle:
+            return sum(1 for _ in handle)
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for_lines(path: Path, lines: int, process: subprocess.Popen[str],
+                   timeout_s: float = 120) -> None:
+    """Until `path` holds `lines` lines, the process ends, or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while count_lines(path) < lines and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

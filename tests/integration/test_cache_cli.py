@@ -5,15 +5,13 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import diskcache
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import IMGPIPE, read_jsonl
+from tests.integration.conftest import read_jsonl, start_imgpipe, wait_for_lines
 from tests.redis_server import RedisServer
 
 PHOTOS = ("coffee.jpg", "chelsea.jpg", "rocket.jpg", "camera.png")
@@ -103,14 +101,10 @@ def test_redis_killed_mid_run_loses_nothing(samples_dir: Path, tmp_path: Path,
         data = (samples_dir / PHOTOS[index % 4]).read_bytes() + index.to_bytes(4, "big")
         (photos / f"{index:03}-{PHOTOS[index % 4]}").write_bytes(data)
     out = tmp_path / "r.jsonl"
-    scoring = subprocess.Popen(
-        [*IMGPIPE, "score", str(photos), "--out", str(out), "--batch-size", "4",
-         "--cache-dir", str(tmp_path / "c"), "--redis-url", server.url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    scoring = start_imgpipe("score", str(photos), "--out", str(out), "--batch-size", "4",
+                            "--cache-dir", str(tmp_path / "c"), "--redis-url", server.url)
     # when Redis is killed part way through
-    deadline = time.monotonic() + 120
-    while (not out.exists() or out.stat().st_size == 0) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for_lines(out, 1, scoring)
     server.stop(kill=True)
     _, stderr = scoring.communicate(timeout=300)
     # then the run completes and every image is scored

@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,21 +13,13 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import IMGPIPE, read_jsonl, run_imgpipe
-
-
-def _lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as handle:
-            return sum(1 for _ in handle)
-    except FileNotFoundError:
-        return 0
-
-
-def _start(*args: str) -> subprocess.Popen[bytes]:
-    # A session of its own: signals go to the whole group, as Ctrl-C on a terminal does.
-    return subprocess.Popen([*IMGPIPE, *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+from tests.integration.conftest import (
+    count_lines,
+    read_jsonl,
+    run_imgpipe,
+    start_imgpipe,
+    wait_for_lines,
+)
 
 
 def test_ctrl_c_leaves_a_valid_file_and_a_rerun_completes(samples_dir: Path,
@@ -40,16 +31,15 @@ def test_ctrl_c_leaves_a_valid_file_and_a_rerun_completes(samples_dir: Path,
         shutil.copy(samples_dir / "chelsea.jpg", photos / f"{index:03}.jpg")
     out = tmp_path / "results.jsonl"
     # (no cache: 240 identical files would otherwise be answered in a flash)
-    scoring = _start("score", str(photos), "--out", str(out), "--batch-size", "4", "--no-cache")
+    scoring = start_imgpipe("score", str(photos), "--out", str(out), "--batch-size", "4",
+                            "--no-cache")
     # when Ctrl-C arrives part way through
-    deadline = time.monotonic() + 120
-    while _lines(out) < 12 and time.monotonic() < deadline and scoring.poll() is None:
-        time.sleep(0.05)
+    wait_for_lines(out, 12, scoring)
     os.killpg(scoring.pid, signal.SIGINT)
     _, stderr = scoring.communicate(timeout=60)
     # then it exits as interrupted, and every line in the file is a whole record
-    assert scoring.returncode == 130, stderr.decode()
-    assert b"Traceback" not in stderr
+    assert scoring.returncode == 130, stderr
+    assert "Traceback" not in stderr
     partial = read_jsonl(out)
     assert 12 <= len(partial) < 240
     # and re-running the same command scores exactly the rest
@@ -80,17 +70,17 @@ def test_memory_stays_flat_over_20000_files(tiny_model: Path, tmp_path: Path) ->
         (images / f"{index:05}.png").write_bytes(payload)
     out = tmp_path / "results.jsonl"
     # when they are scored, sampling resident memory against progress
-    scoring = _start("score", str(images), "--out", str(out), "--model", str(tiny_model),
+    scoring = start_imgpipe("score", str(images), "--out", str(out), "--model", str(tiny_model),
                      "--no-cache")
     process = psutil.Process(scoring.pid)
     samples: list[tuple[int, int]] = []
     while scoring.poll() is None:
-        samples.append((_lines(out), _tree_rss(process)))
+        samples.append((count_lines(out), _tree_rss(process)))
         time.sleep(0.1)
     # then the run completes and memory after the first quarter does not grow
     _, stderr = scoring.communicate()
-    assert scoring.returncode == 0, stderr.decode()
-    assert _lines(out) == 20_000
+    assert scoring.returncode == 0, stderr
+    assert count_lines(out) == 20_000
     early = [rss for done, rss in samples if 4_000 <= done <= 8_000]
     late = [rss for done, rss in samples if done >= 16_000]
     assert early and late, samples
