@@ -27,7 +27,12 @@ if str(REPO) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks.bench_score import CountingSink, machine, warm_page_cache, weights_for  # noqa: E402
+from benchmarks.bench_score import (  # noqa: E402
+    machine,
+    measure_imgpipe,
+    measure_model_only,
+    warm_page_cache,
+)
 from benchmarks.datasets import ensure_dataset, ensure_subset  # noqa: E402
 
 README = REPO / "benchmarks" / "README.md"
@@ -36,42 +41,9 @@ BEGIN, END = "<!-- cache:begin -->", "<!-- cache:end -->"
 
 
 def score_once(directory: Path, model: str, cache_dir: Path, results: bool) -> float:
-    """images/s of one Engine.run over `directory` (setup excluded)."""
-    from pipeline.config import load_settings
-    from pipeline.engine import Engine
-    from pipeline.sources.directory import walk
-
-    weights = weights_for(model)
-    settings = load_settings(overrides={
-        "model.name": model, "model.weights": str(weights) if weights else None,
-        "model.device": "cpu", "cache.enabled": True, "cache.dir": str(cache_dir),
-        "cache.results": results})
-    engine = Engine(settings)
-    engine.setup()
-    try:
-        summary = engine.run(walk(str(directory)), CountingSink())
-    finally:
-        engine.close()  # flushes queued cache writes before the next run reads them
-    return summary.images_per_s
-
-
-def model_only_per_s(model: str, seconds: float = 5.0) -> float:
-    """The model alone on pre-made uint8 batches of 32: the ceiling of any warm run."""
-    import torch
-
-    from pipeline.backends import TorchBackend
-    from pipeline.models import load_model
-
-    backend = TorchBackend(load_model(model, weights_for(model)), torch.device("cpu"),
-                           32, (3, 224, 224))
-    backend.setup()
-    batch = [np.random.default_rng(i).integers(0, 255, (3, 224, 224), np.uint8)
-             for i in range(32)]
-    started, images = time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
-        backend.predict(batch)
-        images += len(batch)
-    return images / (time.perf_counter() - started)
+    """images/s of one Engine.run over `directory` with the cache on (setup excluded)."""
+    cache = {"cache.enabled": True, "cache.dir": str(cache_dir), "cache.results": results}
+    return measure_imgpipe(model, directory, cache)[0]
 
 
 def redis_hits_per_s(entries: int) -> dict[str, float]:
@@ -119,7 +91,7 @@ def main() -> None:
     numbers: dict[str, Any] = {
         "date": dt.date.today().isoformat(), "machine": machine(), "model": args.model,
         "images": args.images, "cold": cold, "warm_tensor": tensor, "warm_result": result,
-        "model_only": model_only_per_s(args.model),
+        "model_only": measure_model_only(args.model, seconds=5.0),
         **redis_hits_per_s(args.redis_entries)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"cache-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(
