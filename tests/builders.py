@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import numpy as np
 import torch
 
 
@@ -29,3 +30,19 @@ class MeanColour(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x.mean(dim=(2, 3)))
+
+
+def damaged_copies(data: bytes, count: int = 80, seed: int = 7) -> list[bytes]:
+    """Copies of `data` with a few bytes overwritten (every other one within the
+    first 200, where headers live); every third copy is also cut short."""
+    rng = np.random.default_rng(seed)
+    copies = []
+    for attempt in range(count):
+        damaged = bytearray(data)
+        span = min(len(damaged), 200) if attempt % 2 else len(damaged)
+        for _ in range(int(rng.integers(1, 10))):
+            damaged[int(rng.integers(0, span))] = int(rng.integers(0, 256))
+        if attempt % 3 == 0:
+            damaged = damaged[: int(rng.integers(1, len(damaged)))]
+        copies.append(bytes(damaged))
+    return copies

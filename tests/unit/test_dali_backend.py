@@ -21,6 +21,7 @@ from pipeline.preprocess.pillow import (  # noqa: E402
     transform,
 )
 from pipeline.spec import InputLimits, PreprocessSpec  # noqa: E402
+from tests.builders import damaged_copies  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 SAMPLE_FILES = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".jpg", ".png"))
@@ -205,16 +206,7 @@ def test_damaged_files_give_an_input_error_or_pixels_never_a_crash(backend: Dali
     # given 80 copies of a small image with bytes overwritten, some also cut short
     with Image.open(SAMPLES / "chelsea.jpg") as image:
         data = encode(image.convert("RGB").resize((64, 48)), fmt)
-    rng = np.random.default_rng(7)
-    damaged_files = []
-    for attempt in range(80):
-        damaged = bytearray(data)
-        span = min(len(damaged), 200) if attempt % 2 else len(damaged)
-        for _ in range(int(rng.integers(1, 10))):
-            damaged[int(rng.integers(0, span))] = int(rng.integers(0, 256))
-        if attempt % 3 == 0:
-            damaged = damaged[: int(rng.integers(1, len(damaged)))]
-        damaged_files.append(bytes(damaged))
+    damaged_files = damaged_copies(data)
     # when they are preprocessed as one batch
     outcomes = backend.run(damaged_files)
     # then each is an error with a code or a well-formed array; nothing raised
