@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Callable
 from typing import Generic, Optional, TypeVar
 
 T = TypeVar("T")
 
 END = object()  # put on the queue once, after the last item
+WAIT_SLICE_S = 0.002  # how often `more_coming` is asked while a batch fills
 
 
 class Batcher(Generic[T]):
@@ -16,11 +18,13 @@ class Batcher(Generic[T]):
 
     The delay starts when a batch's first item arrives (a monotonic
     deadline), so an idle pipeline adds no latency and a busy one fills
-    batches immediately.
+    batches immediately. `more_coming` says whether anything is on its way to
+    the queue; once nothing is, waiting out the delay cannot fill the batch,
+    so it goes at once (a lone job at low load pays no batching delay).
     """
 
     def __init__(self, source: queue.Queue[object], max_batch_size: int,
-                 max_delay_ms: float) -> None:
+                 max_delay_ms: float, more_coming: Callable[[], bool] = lambda: True) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_delay_ms < 0:
@@ -28,6 +32,7 @@ class Batcher(Generic[T]):
         self.source = source
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_ms / 1000.0
+        self.more_coming = more_coming
         self.ended = False
 
     def next_batch(self, timeout_s: Optional[float] = None) -> Optional[list[T]]:
@@ -54,10 +59,13 @@ class Batcher(Generic[T]):
         return batch
 
     def _get_until(self, deadline: float) -> object:
-        remaining = deadline - time.monotonic()
-        try:
-            if remaining <= 0:
-                return self.source.get_nowait()
-            return self.source.get(timeout=remaining)
-        except queue.Empty:
-            return None
+        """The next item, or None once the deadline passed or nothing more is coming."""
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    return self.source.get_nowait()
+                return self.source.get(timeout=min(remaining, WAIT_SLICE_S))
+            except queue.Empty:
+                if remaining <= 0 or not self.more_coming():
+                    return None

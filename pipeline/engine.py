@@ -23,6 +23,7 @@ from pipeline.items import Job, Prepared
 from pipeline.models import load_model
 from pipeline.predictions import Record
 from pipeline.preprocess.select import resolve_backend
+from pipeline.sources import ChunkSource, IterableSource
 from workers.inference_worker import InferenceWorker
 from workers.preprocess_pool import PreprocessPool, WorkerPlan
 
@@ -59,10 +60,15 @@ class RunSummary:
 
 
 class Engine:
-    """Loads the model and starts the pool in setup(); run() may be called repeatedly."""
+    """Loads the model and starts the pool in setup(); run() may be called repeatedly.
 
-    def __init__(self, settings: Settings) -> None:
+    `max_topk` is how many predictions are computed (and cached) per image when
+    jobs may ask for more than the configured `model.topk`.
+    """
+
+    def __init__(self, settings: Settings, max_topk: Optional[int] = None) -> None:
         self.settings = settings
+        self.topk = max(max_topk or 0, settings.model.topk)
         self.cores = os.cpu_count() or 1
 
     def setup(self) -> None:
@@ -75,11 +81,11 @@ class Engine:
                                       pre_cfg.spec().output_shape, model_cfg.threads)
         self.inference.setup()
         self.result_scope = ResultScope(self.model.name, self.model.weights_digest,
-                                        model_cfg.topk,
+                                        self.topk,
                                         ResultScope.labels_digest_of(self.model.labels))
         self.cache = self._open_cache()
         remember = None if self.cache is None else self._remember
-        self.worker = InferenceWorker(self.inference, model_cfg.topk, remember)
+        self.worker = InferenceWorker(self.inference, self.topk, remember, model_cfg.topk)
         self.pool = self._start_pool()
 
     def _open_cache(self) -> Optional[CacheLookup]:
@@ -106,13 +112,16 @@ class Engine:
         pool.start()
         return pool
 
-    def run(self, jobs: Iterable[Job], sink: Sink) -> RunSummary:
-        """Score every job; Ctrl-C stops cleanly with what was written kept."""
+    def run(self, jobs: Iterable[Job] | ChunkSource, sink: Sink) -> RunSummary:
+        """Score every job, one record each to `sink`; Ctrl-C stops cleanly with
+        what was written kept. A ChunkSource (a stream) ends when it says so."""
         batching = self.settings.batching
         prepared: queue.Queue[object] = queue.Queue(
             batching.max_batch_size * batching.queue_batches)
         stop = threading.Event()
-        feeder = _Feeder(self.pool, jobs, prepared, stop)
+        source = jobs if isinstance(jobs, ChunkSource) else IterableSource(
+            jobs, self.settings.preprocess.chunk_size)
+        feeder = _Feeder(self.pool, source, prepared, stop)
         summary = RunSummary()
         started = time.perf_counter()
 
@@ -124,8 +133,8 @@ class Engine:
             self.cache.counters_since_last_call()  # count this run only
         feeder.start()
         try:
-            self.worker.drain(Batcher(prepared, batching.max_batch_size,
-                                      batching.max_delay_ms), deliver)
+            self.worker.drain(Batcher(prepared, batching.max_batch_size, batching.max_delay_ms,
+                                      lambda: self.pool.outstanding > 0), deliver)
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
@@ -158,15 +167,15 @@ class Engine:
 class _Feeder(threading.Thread):
     """Moves preprocessed items into the bounded queue; stops when told."""
 
-    def __init__(self, pool: PreprocessPool, jobs: Iterable[Job],
+    def __init__(self, pool: PreprocessPool, source: ChunkSource,
                  out: queue.Queue[object], stop: threading.Event) -> None:
         super().__init__(name="imgpipe-feeder", daemon=True)
-        self.pool, self.jobs, self.out, self.stop = pool, jobs, out, stop
+        self.pool, self.source, self.out, self.stop = pool, source, out, stop
         self.error: Optional[BaseException] = None
 
     def run(self) -> None:
         try:
-            for item in self.pool.map(self.jobs):
+            for item in self.pool.map_chunks(self.source):
                 if not self._put(item):
                     return
         except BaseException as exc:  # reported by Engine.run in the main thread

@@ -12,10 +12,18 @@ from pipeline.errors import InputError
 
 @dataclass
 class Job:
-    """One input to score. `error` is set when it failed before preprocessing."""
+    """One input to score: a file, or inline bytes (then `path` only names it).
+
+    `error` is set when it failed before preprocessing; `topk` overrides the
+    model's; `ref` is the source's handle for it (a stream entry id), copied
+    into its record so the sink can find where the result goes.
+    """
 
     path: str
     error: Optional[InputError] = None
+    data: Optional[bytes] = None
+    topk: Optional[int] = None
+    ref: Optional[str] = None
 
 
 @dataclass

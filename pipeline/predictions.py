@@ -23,8 +23,8 @@ def top_k(logits: torch.Tensor, k: int, labels: Sequence[str]) -> list[list[dict
 
 
 def ok_record(item: Prepared, model: str, predictions: list[dict[str, Any]]) -> Record:
-    record = {"path": item.job.path, "status": "ok", "model": model,
-              "predictions": predictions, "timings_ms": _rounded(item.timings_ms)}
+    record = _base(item, "ok")
+    record.update(model=model, predictions=predictions, timings_ms=_rounded(item.timings_ms))
     if item.cache is not None:
         record["cache"] = item.cache
     return record
@@ -32,8 +32,16 @@ def ok_record(item: Prepared, model: str, predictions: list[dict[str, Any]]) -> 
 
 def error_record(item: Prepared) -> Record:
     assert item.error is not None
-    return {"path": item.job.path, "status": "error",
-            "error": {"code": item.error.code, "message": item.error.message}}
+    record = _base(item, "error")
+    record["error"] = {"code": item.error.code, "message": item.error.message}
+    return record
+
+
+def _base(item: Prepared, status: str) -> Record:
+    record: Record = {"path": item.job.path, "status": status}
+    if item.job.ref is not None:
+        record["ref"] = item.job.ref
+    return record
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:

@@ -23,9 +23,10 @@ class InferenceWorker:
     """Scores batches of Prepared items with one inference backend."""
 
     def __init__(self, backend: TorchBackend, topk: int,
-                 remember: Optional[Remember] = None) -> None:
+                 remember: Optional[Remember] = None, default_topk: Optional[int] = None) -> None:
         self.backend = backend
-        self.topk = topk
+        self.topk = topk  # computed (and cached) per image; a job may ask for fewer
+        self.default_topk = default_topk or topk
         self.remember = remember
         self.batches = 0
 
@@ -36,7 +37,10 @@ class InferenceWorker:
             self._infer(ready)
         model = self.backend.model.name
         return [error_record(item) if item.error is not None
-                else ok_record(item, model, item.predictions or []) for item in batch]
+                else ok_record(item, model, self._kept(item)) for item in batch]
+
+    def _kept(self, item: Prepared) -> list[dict[str, Any]]:
+        return (item.predictions or [])[:item.job.topk or self.default_topk]
 
     def _infer(self, ready: list[Prepared]) -> None:
         started = time.perf_counter()

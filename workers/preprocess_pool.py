@@ -12,13 +12,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from itertools import islice
 from logging.handlers import QueueListener
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -27,6 +27,7 @@ from pipeline.config import CacheSettings
 from pipeline.errors import InputError, PermanentError
 from pipeline.items import Job, Prepared
 from pipeline.preprocess import PreprocessBackend, create_backend
+from pipeline.sources import ChunkSource, IterableSource
 from pipeline.sources.files import read_file
 from pipeline.spec import InputLimits, PreprocessSpec
 
@@ -56,11 +57,16 @@ class _Worker:
 
 _worker: Optional[_Worker] = None
 LOG_QUEUE_RECORDS = 1000
+PARENT_CHECK_S = 1.0
+POLL_S = 0.005  # how long a source may block while chunks are in flight
+IDLE_WAIT_S = 1.0  # ... and while none are
 
 
 def _init_worker(plan: WorkerPlan, log_queue: Any) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _exit_with_parent()
     logs.send_to(log_queue)
     backend = create_backend(plan.backend, plan.spec, plan.limits, plan.device, plan.threads)
     backend.setup()
@@ -71,6 +77,18 @@ def _init_worker(plan: WorkerPlan, log_queue: Any) -> None:
         cache = CacheLookup(plan.cache, plan.spec.digest(), plan.result_scope)
         cache.setup()
     _worker = _Worker(plan, backend, cache)
+
+
+def _exit_with_parent() -> None:
+    """Leave when the parent dies (even by SIGKILL): an idle worker would wait forever."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="imgpipe-parent-watch", daemon=True).start()
 
 
 def _ready() -> bool:
@@ -91,7 +109,7 @@ def preprocess_chunk(jobs: list[Job]) -> tuple[list[Prepared], TierCounters]:
     to_read: list[tuple[Prepared, Stat]] = []
     for item in prepared:
         if item.error is None:
-            info = _stat_for_cache(item.job.path)
+            info = _stat_for_cache(item.job)
             if not _known_unread(item, info):
                 to_read.append((item, info))
     to_decode = [(item, data) for item, info, data in _read_all(to_read)
@@ -114,19 +132,22 @@ def preprocess_chunk(jobs: list[Job]) -> tuple[list[Prepared], TierCounters]:
 def _read_all(items: list[tuple[Prepared, Stat]]) -> Iterator[tuple[Prepared, Stat, bytes]]:
     assert _worker is not None
     for item, info in items:
+        if item.job.data is not None:
+            yield item, info, item.job.data
+            continue
         try:
             yield item, info, read_file(item.job.path, _worker.plan.limits.max_file_bytes)
         except InputError as exc:
             item.error = exc
 
 
-def _stat_for_cache(path: str) -> Stat:
-    """The file's stat as seen before reading it; None without a cache or on error."""
+def _stat_for_cache(job: Job) -> Stat:
+    """The file's stat as seen before reading it; None without a cache or a file."""
     assert _worker is not None
-    if _worker.cache is None:
+    if _worker.cache is None or job.data is not None:
         return None
     try:
-        return os.stat(path)
+        return os.stat(job.path)
     except OSError:
         return None  # reading it will say why
 
@@ -174,6 +195,7 @@ class PreprocessPool:
         self.executor: Optional[ProcessPoolExecutor] = None
         self.generation = 0  # bumped on every restart after a crash
         self.cache_counters: TierCounters = {}  # summed over every worker, per map()
+        self.outstanding = 0  # jobs submitted whose Prepared has not been taken yet
         self.context = multiprocessing.get_context("spawn")
         self.log_queue = self.context.Queue(LOG_QUEUE_RECORDS)
         self.log_listener: Optional[QueueListener] = None
@@ -195,23 +217,36 @@ class PreprocessPool:
                                  "(their error is printed above)") from exc
 
     def map(self, jobs: Iterable[Job]) -> Iterator[Prepared]:
-        """Yield one Prepared per job; never more than the window in flight."""
-        self.cache_counters = {}
-        chunks = _chunked(iter(jobs), self.chunk_size)
+        """Yield one Prepared per job, in completion order."""
+        return self.map_chunks(IterableSource(jobs, self.chunk_size))
+
+    def map_chunks(self, source: ChunkSource) -> Iterator[Prepared]:
+        """Yield one Prepared per job of `source`; never more than the window in flight.
+
+        While chunks are in flight the source is only polled briefly, so a
+        source with nothing new never delays collecting finished chunks.
+        """
+        self.cache_counters, self.outstanding = {}, 0
         in_flight: dict[ChunkFuture, tuple[list[Job], int]] = {}
         exhausted = False
         while in_flight or not exhausted:
             while not exhausted and len(in_flight) < self.max_chunks_in_flight:
-                chunk = next(chunks, None)
+                chunk = source.next_chunk(POLL_S if in_flight else IDLE_WAIT_S)
                 if chunk is None:
                     exhausted = True
+                elif not chunk:
+                    break
                 else:
-                    future = self._submit(chunk)
-                    in_flight[future] = (chunk, self.generation)
+                    in_flight[self._submit(chunk)] = (chunk, self.generation)
+                    self.outstanding += len(chunk)
             if in_flight:
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                window_open = not exhausted and len(in_flight) < self.max_chunks_in_flight
+                done, _ = wait(in_flight, timeout=0 if window_open else None,
+                               return_when=FIRST_COMPLETED)
                 for future in done:
-                    yield from self._collect(future, *in_flight.pop(future))
+                    for item in self._collect(future, *in_flight.pop(future)):
+                        yield item
+                        self.outstanding -= 1  # the consumer has taken it
 
     def _submit(self, chunk: list[Job]) -> ChunkFuture:
         assert self.executor is not None, "call start() first"
@@ -248,8 +283,3 @@ class PreprocessPool:
         if self.log_listener is not None:
             self.log_listener.stop()  # after the workers: their last records are printed
             self.log_listener = None
-
-
-def _chunked(jobs: Iterator[Job], size: int) -> Iterator[list[Job]]:
-    while chunk := list(islice(jobs, size)):
-        yield chunk

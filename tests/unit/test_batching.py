@@ -156,3 +156,37 @@ def test_batcher_works_across_threads():
 
     # then every item came once, in order
     assert seen == list(range(100))
+
+
+def test_a_partial_batch_goes_at_once_when_nothing_more_is_coming():
+    # given one item queued, a long delay, and nothing else on its way
+    batcher = Batcher(filled("lone"), max_batch_size=8, max_delay_ms=10_000,
+                      more_coming=lambda: False)
+
+    # when
+    batch, elapsed = timed(batcher)
+
+    # then it is not held back for the delay
+    assert batch == ["lone"]
+    assert elapsed < 1.0
+
+
+def test_a_partial_batch_waits_while_more_is_coming():
+    # given one item queued and a second one on its way (arriving after 100 ms)
+    source = filled("first")
+    coming = threading.Event()
+    coming.set()
+
+    def arrive() -> None:
+        source.put("second")
+        coming.clear()
+
+    threading.Timer(0.1, arrive).start()
+    batcher = Batcher(source, max_batch_size=8, max_delay_ms=5_000, more_coming=coming.is_set)
+
+    # when
+    batch, elapsed = timed(batcher)
+
+    # then the batch waited for it, and went as soon as nothing more was coming
+    assert batch == ["first", "second"]
+    assert 0.09 <= elapsed < 2.0
