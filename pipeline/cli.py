@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from pipeline import __version__, logs
+from pipeline import __version__, jobs_cli, logs
 from pipeline.errors import ConfigError, ImgpipeError
 
 if TYPE_CHECKING:
@@ -59,25 +60,21 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("directory", type=Path)
     score.add_argument("--out", help="results file: .jsonl or .csv (resumable); - for "
                        "JSONL on stdout; default: a top-1 table on stdout")
-    score.add_argument("--config", type=Path, help="TOML settings file")
-    score.add_argument("--model", dest="model.name", help="model name or TorchScript file")
-    score.add_argument("--weights", dest="model.weights", type=Path,
-                       help="state_dict file for torchvision architectures")
-    score.add_argument("--labels", dest="model.labels", type=Path,
-                       help="labels file, one class name per line")
-    score.add_argument("--topk", dest="model.topk", type=int)
-    score.add_argument("--device", dest="model.device", help="auto, cpu, cuda or cuda:N")
-    score.add_argument("--batch-size", dest="batching.max_batch_size", type=int)
-    score.add_argument("--max-delay-ms", dest="batching.max_delay_ms", type=float)
-    score.add_argument("--workers", dest="preprocess.workers", type=int,
-                       help="preprocessing processes (default: one per core)")
-    score.add_argument("--backend", dest="preprocess.backend",
-                       choices=["auto", "pillow", "dali"])
+    _engine_flags(score)
     score.add_argument("--recursive", action="store_true", help="descend into subdirectories")
     _cache_flags(score)
     score.add_argument("--cache", dest="cache.enabled", action=argparse.BooleanOptionalAction,
                        default=None, help="use the tensor and result cache (default: on)")
     score.set_defaults(handler=_score)
+
+    serve = commands.add_parser("serve", help="score jobs from a Redis stream until stopped")
+    _engine_flags(serve)
+    _redis_flags(serve)
+    serve.add_argument("--consumer", dest="serve.consumer",
+                       help="this daemon's consumer name (default: <hostname>-<pid>)")
+    serve.set_defaults(handler=_serve)
+
+    jobs_cli.add_commands(commands, _redis_command_flags)
 
     cache = commands.add_parser("cache", help="inspect or empty the cache")
     cache.add_argument("action", choices=["stats", "clear", "verify"])
@@ -85,6 +82,34 @@ def _parser() -> argparse.ArgumentParser:
     _cache_flags(cache)
     cache.set_defaults(handler=_cache)
     return parser
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--model", dest="model.name", help="model name or TorchScript file")
+    parser.add_argument("--weights", dest="model.weights", type=Path,
+                        help="state_dict file for torchvision architectures")
+    parser.add_argument("--labels", dest="model.labels", type=Path,
+                        help="labels file, one class name per line")
+    parser.add_argument("--topk", dest="model.topk", type=int)
+    parser.add_argument("--device", dest="model.device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", dest="batching.max_batch_size", type=int)
+    parser.add_argument("--max-delay-ms", dest="batching.max_delay_ms", type=float)
+    parser.add_argument("--workers", dest="preprocess.workers", type=int,
+                        help="preprocessing processes (default: one per core)")
+    parser.add_argument("--backend", dest="preprocess.backend",
+                        choices=["auto", "pillow", "dali"])
+
+
+def _redis_command_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    _redis_flags(parser)
+
+
+def _redis_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", dest="redis.url",
+                        help="Redis of the jobs and results (default: from the config, "
+                        "or IMGPIPE_REDIS_URL)")
 
 
 def _cache_flags(parser: argparse.ArgumentParser) -> None:
@@ -95,11 +120,9 @@ def _cache_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    """The command's settings: flags named "section.key" override the rest."""
-    from pipeline.config import load_settings
+    from pipeline.config import settings_from_flags
 
-    overrides = {k: v for k, v in vars(args).items() if "." in k}
-    return load_settings(args.config, overrides=overrides)
+    return settings_from_flags(vars(args))
 
 
 def _score(args: argparse.Namespace, stderr: Console) -> int:
@@ -136,6 +159,13 @@ def _score(args: argparse.Namespace, stderr: Console) -> int:
         engine.close()
     _print_summary(stderr, summary, len(done), engine, args.out)
     return EXIT_INTERRUPTED if summary.interrupted else 0
+
+
+def _serve(args: argparse.Namespace, stderr: Console) -> int:
+    from workers.daemon import serve
+
+    logs.configure(logging.INFO)
+    return serve(_settings(args))
 
 
 def _skipper(done: set[str], out: Optional[str]) -> Any:

@@ -12,12 +12,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 from pipeline.spec import InputLimits, Interpolation, PreprocessSpec
 
 ENV_PREFIX = "IMGPIPE_"
+# Short names for the settings every Redis command needs.
+ENV_ALIASES = {"IMGPIPE_REDIS_URL": "redis.url", "IMGPIPE_REDIS_PASSWORD": "redis.password"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
 
@@ -26,8 +36,18 @@ def _blank_is_none(value: Any) -> Any:
     return None if value == "" else value
 
 
+def _split_paths(value: Any) -> Any:
+    # From the environment a list of paths comes as one string: "/a:/b".
+    if isinstance(value, str):
+        return [part for part in value.split(os.pathsep) if part]
+    return value
+
+
 T = TypeVar("T")
 UnsetIfBlank = Annotated[Optional[T], BeforeValidator(_blank_is_none)]
+PathList = Annotated[list[Path], BeforeValidator(_split_paths)]
+REDIS_URL = r"^(redis|rediss|unix)://"
+KEY_PART = r"^[A-Za-z0-9_.:{}-]+$"
 
 
 class Section(BaseModel):
@@ -79,7 +99,7 @@ class CacheSettings(Section):
     dir: UnsetIfBlank[Path] = None
     max_bytes: int = Field(4 * 1024**3, ge=1)
     prefix: str = Field("imgpipe", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
-    redis_url: UnsetIfBlank[str] = Field(None, pattern=r"^(redis|rediss|unix)://")
+    redis_url: UnsetIfBlank[str] = Field(None, pattern=REDIS_URL)
     redis_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     redis_max_entry_bytes: int = Field(1024 * 1024, ge=1)
     redis_timeout_s: float = Field(0.5, gt=0, le=60)
@@ -94,11 +114,41 @@ class CacheSettings(Section):
         return Path(base) / "imgpipe"
 
 
+class RedisSettings(Section):
+    """The Redis that carries jobs and results (serve, submit, status, dead)."""
+
+    url: str = Field("redis://127.0.0.1:6379/0", pattern=REDIS_URL)
+    username: UnsetIfBlank[str] = None
+    password: UnsetIfBlank[SecretStr] = None
+    password_file: UnsetIfBlank[Path] = None
+    tls_ca_file: UnsetIfBlank[Path] = None
+    prefix: str = Field("imgpipe", min_length=1, pattern=KEY_PART)
+    timeout_s: float = Field(5.0, gt=0, le=600)
+    max_backoff_s: float = Field(5.0, gt=0, le=600)
+
+
+class ServeSettings(Section):
+    group: str = Field("imgpipe", min_length=1, pattern=KEY_PART)
+    consumer: str = Field("", pattern=r"^[A-Za-z0-9_.:@-]*$")
+    allowed_roots: PathList = []
+    max_inline_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    max_topk: int = Field(20, ge=1, le=1000)
+    results_maxlen: int = Field(100_000, ge=1)
+    dead_maxlen: int = Field(100_000, ge=1)
+    max_deliveries: int = Field(3, ge=1, le=1000)
+    claim_idle_ms: int = Field(60_000, ge=10)
+    reclaim_interval_s: float = Field(5.0, gt=0)
+    read_block_ms: int = Field(500, ge=1, le=60_000)
+    drain_grace_s: float = Field(30.0, gt=0)
+
+
 class Settings(Section):
     model: ModelSettings = ModelSettings()
     preprocess: PreprocessSettings = PreprocessSettings()
     batching: BatchingSettings = BatchingSettings()
     cache: CacheSettings = CacheSettings()
+    redis: RedisSettings = RedisSettings()
+    serve: ServeSettings = ServeSettings()
 
 
 def load_settings(config_file: Optional[Path] = None,
@@ -113,6 +163,13 @@ def load_settings(config_file: Optional[Path] = None,
         return Settings.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from exc
+
+
+def settings_from_flags(flags: Mapping[str, Any]) -> Settings:
+    """A command's settings: its "config" flag names the file, flags named
+    "section.key" override everything else."""
+    overrides = {key: value for key, value in flags.items() if "." in key}
+    return load_settings(flags.get("config"), overrides=overrides)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -130,6 +187,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
     pairs = {k[len(ENV_PREFIX):].lower().replace("__", "."): v
              for k, v in environ.items() if k.startswith(ENV_PREFIX) and "__" in k}
+    pairs.update({dotted: environ[name] for name, dotted in ENV_ALIASES.items()
+                  if name in environ})
     return _nest(pairs)
 
 
@@ -158,7 +217,8 @@ def _describe(exc: ValidationError) -> str:
         key = ".".join(str(part) for part in error["loc"])
         env = ENV_PREFIX + "__".join(str(p) for p in error["loc"]).upper()
         # URLs may carry credentials: never echo them.
-        value = "<redacted>" if key.endswith("url") else repr(error.get("input"))
+        secret = key.endswith(("url", "password"))
+        value = "<redacted>" if secret else repr(error.get("input"))
         problems.append(f"{key} = {value}: {error['msg']} "
                         f"(set it in the config file, {env}, or a flag)")
     return "invalid configuration: " + "; ".join(problems)

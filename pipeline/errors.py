@@ -29,9 +29,12 @@ class TransientError(ImgpipeError):
 class InputError(PermanentError):
     """One input cannot be scored; `code` is stable and machine-readable.
 
-    Codes: empty_file, not_an_image, truncated, decode_failed, image_too_large,
-    file_too_large, not_found, permission_denied, symlink_loop, not_a_file,
-    io_error, worker_crashed.
+    Codes for images: empty_file, not_an_image, truncated, decode_failed,
+    image_too_large, file_too_large, not_found, permission_denied,
+    symlink_loop, not_a_file, io_error, worker_crashed. Codes for Redis jobs
+    (pipeline/wire.py): invalid_field, unknown_field, missing_field,
+    conflicting_fields, unsupported_version, unknown_model, data_too_large,
+    path_not_allowed, deadline_exceeded, too_many_deliveries.
     """
 
     def __init__(self, code: str, message: str) -> None:

@@ -17,12 +17,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Optional, TypeVar
-from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from pipeline.broker import describe_url
 from pipeline.cache import LOGGER_NAME, TierStats
 from pipeline.errors import ConfigError
 
@@ -31,7 +31,6 @@ log = logging.getLogger(LOGGER_NAME)
 DEFAULT_TIMEOUT_S = 0.5
 DEFAULT_RETRY_INTERVAL_S = 5.0
 SCAN_BATCH = 1000
-URL_SCHEMES = ("redis", "rediss", "unix")
 # Lost connections and timeouts mean "server gone": back off. Anything else
 # (out of memory, a read-only replica) is one failed command.
 _OUTAGE = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -188,21 +187,6 @@ class RedisTier:
             self._down = False
             self.stats.available = True
         log.warning("Redis tier back at %s", self.location)
-
-
-def describe_url(url: str) -> str:
-    """host:port (or the socket path) of a Redis URL: safe to log, no password."""
-    parts = urlsplit(url)
-    if parts.scheme not in URL_SCHEMES:
-        raise ConfigError(f"the Redis cache URL must start with redis://, rediss:// or "
-                          f"unix://, got scheme {parts.scheme!r}")
-    if parts.scheme == "unix":
-        return parts.path
-    try:
-        port = parts.port or 6379
-    except ValueError as exc:
-        raise ConfigError("the Redis cache URL has an invalid port") from exc
-    return f"{parts.hostname or 'localhost'}:{port}"
 
 
 def _make_client(url: str, timeout_s: float) -> redis.Redis:

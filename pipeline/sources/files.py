@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Sequence
 
 from pipeline.errors import InputError
 
@@ -45,3 +46,21 @@ def read_file(path: str, max_bytes: int) -> bytes:
 def _translate(exc: OSError) -> InputError:
     code, message = ERRNO_CODES.get(exc.errno or 0, ("io_error", exc.strerror or str(exc)))
     return InputError(code, message)
+
+
+def resolve_allowed(path: str, roots: Sequence[str]) -> str:
+    """The real path of `path` if it lies under one of `roots` (real paths).
+
+    Symlinks are resolved before the check, so neither a link nor a `..`
+    leads out of the roots. A relative path is taken relative to the first root.
+    """
+    shown = repr(path[:200])
+    if "\0" in path:
+        raise InputError("path_not_allowed", f"path {shown} contains a NUL byte")
+    if not roots:
+        raise InputError("path_not_allowed", "path jobs are disabled here (no "
+                         "serve.allowed_roots configured); send the image as data")
+    real = os.path.realpath(os.path.join(roots[0], path))
+    if any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+        return real
+    raise InputError("path_not_allowed", f"path {shown} is outside the allowed roots")

@@ -1,0 +1,339 @@
+"""The client side of the Redis wire contract: submit jobs, read results, mind the queue.
+
+The `imgpipe submit/status/dead` commands are thin wrappers over `Client`.
+Unlike the daemon, the client does not ride out outages: an unreachable
+server raises TransientError at once, naming host:port (never the URL, which
+may hold a password), and the caller decides whether to try again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Generator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import redis
+
+from pipeline import wire
+from pipeline.broker import OUTAGE_ERRORS, connect, describe_url
+from pipeline.config import RedisSettings, Settings
+from pipeline.errors import ConfigError, TransientError
+
+DEFAULT_GROUP = "imgpipe"
+DEAD_PAGE = 100  # dead letters read per XRANGE while retrying them all
+_DEAD_FIELDS = frozenset(wire.DEAD_FIELDS)
+ENTRY_ID = re.compile(r"^[0-9]+(-[0-9]+)?$")
+Entry = tuple[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One consumer of the jobs group, as XINFO CONSUMERS reports it."""
+
+    name: str
+    pending: int
+    idle_ms: int
+
+
+@dataclass(frozen=True)
+class Status:
+    """The queue at a glance; all zeros (and no group) on an empty Redis."""
+
+    group: str
+    group_exists: bool
+    jobs: int  # entries in <prefix>:jobs: finished jobs are deleted, so all unfinished
+    pending: int  # delivered to a consumer, not acknowledged yet
+    lag: int  # not delivered to any consumer yet
+    dead: int
+    results: int  # entries in the default result stream
+    consumers: list[Consumer] = field(default_factory=list)
+
+
+class Client:
+    """Jobs in, results out, over the Redis in `cfg`; the daemon reads as `group`."""
+
+    def __init__(self, cfg: RedisSettings, group: str = DEFAULT_GROUP) -> None:
+        self.location = describe_url(cfg.url)
+        self.keys = wire.Keys(cfg.prefix)
+        self.group = group
+        self._cfg = cfg
+        self._redis = connect(cfg)
+        # Blocking reads get their own connection, its socket timeout covering the block.
+        self._reader: Optional[redis.Redis] = None
+        self._reader_block_ms = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Client:
+        return cls(settings.redis, settings.serve.group)
+
+    def close(self) -> None:
+        for conn in (self._redis, self._reader):
+            if conn is not None:
+                with contextlib.suppress(redis.RedisError):
+                    conn.close()
+        self._reader = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- jobs ---------------------------------------------------------------
+
+    def submit(self, image: Optional[str] = None, data: Optional[bytes] = None, *,
+               job_id: Optional[str] = None, topk: Optional[int] = None,
+               reply_to: Optional[str] = None, deadline_ms: Optional[int] = None,
+               model: Optional[str] = None) -> str:
+        """Queue one job (exactly one of image and data); its job id."""
+        job_id = job_id or new_job_id()
+        fields: dict[Any, Any] = wire.job_fields(
+            image=image, data=data, job_id=job_id, topk=topk, reply_to=reply_to,
+            deadline_ms=deadline_ms, model=model)
+        with self._translated():
+            self._redis.xadd(self.keys.jobs, fields)
+        return job_id
+
+    def submit_many(self, jobs: Iterable[Mapping[str, Any]], *, chunk: int = 500) -> list[str]:
+        """Queue jobs (each the keyword arguments of `submit`), one round trip per chunk.
+
+        Not transactional: a failure part-way leaves the earlier chunks queued.
+        Only one chunk of jobs is held at a time, so `jobs` may be a generator.
+        """
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
+        ids: list[str] = []
+        pipe = self._redis.pipeline(transaction=False)
+        for job in jobs:
+            job_id = job.get("job_id") or new_job_id()
+            fields: dict[Any, Any] = wire.job_fields(**{**job, "job_id": job_id})
+            pipe.xadd(self.keys.jobs, fields)
+            ids.append(job_id)
+            if len(pipe) >= chunk:
+                self._execute(pipe)
+        self._execute(pipe)
+        return ids
+
+    # -- results ------------------------------------------------------------
+
+    def reply_stream(self) -> str:
+        """A fresh stream name for one caller's results (`reply_to`), under the prefix."""
+        return f"{self.keys.results}:{uuid.uuid4().hex}"
+
+    def delete_stream(self, name: str) -> None:
+        with self._translated():
+            self._redis.delete(name)
+
+    def results(self, stream: Optional[str] = None, *, after: str = "0-0",
+                block_ms: int = 1000, count: int = 100) -> Generator[Entry, None, None]:
+        """(entry id, decoded result) from `stream` after `after`, following it forever."""
+        if block_ms < 1:
+            raise ValueError("block_ms must be at least 1 (0 would block forever)")
+        stream = stream or self.keys.results
+        while True:
+            for entry_id, result in self.read(stream, after, block_ms, count):
+                after = entry_id
+                yield entry_id, result
+
+    def wait(self, job_ids: Iterable[str], *, stream: str, timeout_s: float,
+             after: str = "0-0", count: int = 100) -> dict[str, dict[str, Any]]:
+        """The first result of each of `job_ids` in `stream`, by job id.
+
+        Returns when all arrived or `timeout_s` passed, with what arrived; the
+        caller reports the missing ones.
+        """
+        wanted = set(job_ids)
+        found: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(found) < len(wanted):
+            block_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            entries = self.read(stream, after, block_ms, count)
+            for _, result in entries:
+                job_id = result.get("job_id")
+                if job_id in wanted and job_id not in found:
+                    found[job_id] = result
+            if entries:
+                after = entries[-1][0]
+            elif block_ms == 0:
+                break
+        return found
+
+    def read(self, stream: str, after: str = "0-0", block_ms: int = 0,
+             count: int = 100) -> list[Entry]:
+        """One XREAD of entries after `after`; block_ms 0 means do not block."""
+        with self._translated():
+            reply: Any = self._blocking(block_ms).xread(
+                {stream: after}, count=count, block=block_ms or None)
+        if not reply:
+            return []
+        _, entries = reply[0]
+        return [(_text(entry_id), wire.decode_result(fields)) for entry_id, fields in entries]
+
+    def _blocking(self, block_ms: int) -> redis.Redis:
+        if block_ms == 0:
+            return self._redis
+        if self._reader is None or self._reader_block_ms < block_ms:
+            if self._reader is not None:
+                self._reader.close()
+            self._reader = connect(self._cfg, extra_timeout_s=block_ms / 1000)
+            self._reader_block_ms = block_ms
+        return self._reader
+
+    # -- status -------------------------------------------------------------
+
+    def status(self) -> Status:
+        """Queue lengths and the group's consumers; a missing stream or group is no error."""
+        with self._translated():
+            pipe = self._redis.pipeline(transaction=False)
+            for key in (self.keys.jobs, self.keys.dead, self.keys.results):
+                pipe.xlen(key)
+            jobs, dead, results = self._execute(pipe)
+            group = self._group_info()
+            consumers = self._consumers() if group is not None else []
+        if group is None:  # nobody has read: every job waits
+            return Status(self.group, False, jobs, 0, jobs, dead, results)
+        pending = int(group["pending"])
+        lag = group.get("lag")
+        # Redis cannot always count the lag (entries deleted mid-stream): every
+        # unfinished job is still in the stream, so the rest were never delivered.
+        lag = int(lag) if lag is not None else max(0, jobs - pending)
+        return Status(self.group, True, jobs, pending, lag, dead, results, consumers)
+
+    def _group_info(self) -> Optional[dict[str, Any]]:
+        try:
+            groups: Any = self._redis.xinfo_groups(self.keys.jobs)
+        except redis.ResponseError:  # no such stream
+            return None
+        return next((g for g in groups if _text(g["name"]) == self.group), None)
+
+    def _consumers(self) -> list[Consumer]:
+        rows: Any = self._redis.xinfo_consumers(self.keys.jobs, self.group)
+        return [Consumer(_text(row["name"]), int(row["pending"]), int(row["idle"]))
+                for row in rows]
+
+    # -- dead letters -------------------------------------------------------
+
+    def dead_list(self, count: int = 100) -> list[Entry]:
+        """The oldest `count` dead letters, readable: `data` as its length, error parsed."""
+        with self._translated():
+            entries: Any = self._redis.xrange(self.keys.dead, count=count)
+        return [(_text(entry_id), _decode_dead(fields)) for entry_id, fields in entries]
+
+    def dead_retry(self, entry_ids: Optional[Iterable[str]] = None) -> int:
+        """Queue dead letters (all when None) as jobs again; how many were moved."""
+        ids = self._all_dead_ids() if entry_ids is None else _checked_ids(entry_ids)
+        with self._translated():
+            return sum(self._retry_one(entry_id) for entry_id in ids)
+
+    def _all_dead_ids(self) -> Iterator[str]:
+        """Every dead letter's id up to the newest now, a page at a time.
+
+        Letters that die while we retry (a retried job failing again) wait for
+        the next call, so this ends.
+        """
+        with self._translated():
+            newest: Any = self._redis.xrevrange(self.keys.dead, count=1)
+        if not newest:
+            return
+        start, end = "-", _text(newest[0][0])
+        while True:
+            with self._translated():
+                page: Any = self._redis.xrange(self.keys.dead, start, end, count=DEAD_PAGE)
+            if not page:
+                return
+            yield from (_text(entry_id) for entry_id, _ in page)
+            start = "(" + _text(page[-1][0])
+
+    def _retry_one(self, entry_id: str) -> bool:
+        """Move one dead letter back to the jobs, exactly once even with rival retriers."""
+        with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    # WATCH: if another client moves it first, EXEC fails and we look again.
+                    pipe.watch(self.keys.dead)
+                    found: Any = pipe.xrange(self.keys.dead, entry_id, entry_id, count=1)
+                    if not found:
+                        return False
+                    job = {k: v for k, v in found[0][1].items()
+                           if _text(k) not in _DEAD_FIELDS}
+                    pipe.multi()
+                    pipe.xadd(self.keys.jobs, job)
+                    pipe.xdel(self.keys.dead, entry_id)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def dead_purge(self) -> int:
+        """Delete every dead letter; how many there were."""
+        with self._translated():
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.xlen(self.keys.dead)
+            pipe.delete(self.keys.dead)
+            length, _ = self._execute(pipe)
+        return int(length)
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _execute(self, pipe: Any) -> list[Any]:
+        with self._translated():
+            return list(pipe.execute())
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """redis-py's connection failures as imgpipe errors naming host:port only."""
+        try:
+            yield
+        except redis.AuthenticationError as exc:  # a ConnectionError, but retrying won't help
+            raise ConfigError(f"Redis at {self.location} refused the credentials "
+                              "(redis.username / redis.password)") from exc
+        except OUTAGE_ERRORS as exc:
+            # redis-py's messages name host:port, never the password.
+            raise TransientError(f"Redis at {self.location} unavailable "
+                                 f"({type(exc).__name__}: {exc})") from exc
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _checked_ids(entry_ids: Iterable[str]) -> Iterator[str]:
+    # Checked up front: a typo must not fail half-way through the list.
+    ids = list(entry_ids)
+    bad = [entry_id for entry_id in ids if not ENTRY_ID.match(entry_id)]
+    if bad:
+        raise ValueError(f"not stream entry ids: {', '.join(map(repr, bad[:5]))}")
+    return iter(ids)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _decode_dead(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
+    """A dead letter for people: text as str, `data` as its size, error and count parsed."""
+    decoded: dict[str, Any] = {}
+    for raw_name, value in fields.items():
+        name = _text(raw_name)
+        if name == "data":
+            decoded[name] = f"<{len(value)} bytes>"
+        elif name == "error":
+            decoded[name] = _json_or_text(value)
+        elif name == "deliveries" and value.isdigit():
+            decoded[name] = int(value)
+        else:
+            decoded[name] = _text(value)
+    return decoded
+
+
+def _json_or_text(value: bytes) -> Any:
+    # A dead letter is shown even if its error is not the JSON the contract promises.
+    try:
+        return json.loads(value)
+    except ValueError:
+        return _text(value)

@@ -1,0 +1,178 @@
+"""`imgpipe submit`, `status` and `dead`: thin commands over pipeline.client."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+
+from pipeline.client import Client, new_job_id
+from pipeline.config import settings_from_flags
+from pipeline.errors import ConfigError, InputError
+from pipeline.sources import directory
+from pipeline.sources.files import read_file
+from pipeline.wire import MAX_TEXT_CHARS
+
+EXIT_MISSING_RESULTS = 1
+Handler = Callable[[argparse.Namespace, Console], int]
+
+
+def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Register the commands; `common` adds --config and --redis-url to each."""
+    submit = commands.add_parser("submit", help="queue images as jobs for `imgpipe serve`")
+    submit.add_argument("inputs", nargs="+", type=Path, help="image files or directories")
+    submit.add_argument("--recursive", action="store_true", help="descend into subdirectories")
+    submit.add_argument("--paths", action="store_true", help="send paths (the daemon must see "
+                        "them under serve.allowed_roots) instead of the images' bytes")
+    submit.add_argument("--topk", type=int, help="predictions per image")
+    submit.add_argument("--wait", action="store_true", help="print results as they arrive")
+    submit.add_argument("--timeout", type=float, default=600.0,
+                        help="with --wait: seconds to wait for the last result (default 600)")
+    submit.add_argument("--json", action="store_true", help="with --wait: whole results, "
+                        "as JSON lines")
+    common(submit)
+    submit.set_defaults(handler=_submit)
+
+    status = commands.add_parser("status", help="the job queue, its consumers and dead letters")
+    common(status)
+    status.set_defaults(handler=_status)
+
+    dead = commands.add_parser("dead", help="list, retry or purge dead-lettered jobs")
+    dead.add_argument("action", choices=["list", "retry", "purge"])
+    dead.add_argument("ids", nargs="*", help="retry: these dead letters only (default: all)")
+    dead.add_argument("--count", type=int, default=100, help="list: how many (default 100)")
+    common(dead)
+    dead.set_defaults(handler=_dead)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client.from_settings(settings_from_flags(vars(args)))
+
+
+def _submit(args: argparse.Namespace, stderr: Console) -> int:
+    stdout = Console(highlight=False, soft_wrap=True)
+    limit = settings_from_flags(vars(args)).serve.max_inline_bytes
+    unreadable: list[str] = []
+    with _client(args) as client:
+        reply_to = client.reply_stream() if args.wait else None
+        try:
+            jobs = _jobs(args, limit, reply_to, unreadable.append)
+            submitted = len(client.submit_many(jobs))
+            for line in unreadable:
+                stderr.print(f"imgpipe: not sent: {line}", markup=False)
+            stderr.print(f"submitted {submitted} jobs to {client.keys.jobs}", markup=False)
+            if reply_to is None:
+                return 0
+            return _print_results(client, reply_to, submitted, args, stdout, stderr)
+        finally:
+            if reply_to is not None:
+                client.delete_stream(reply_to)
+
+
+def _jobs(args: argparse.Namespace, limit: int, reply_to: Optional[str],
+          unreadable: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """One job per input file; files that cannot be sent are reported, not queued."""
+    for path in _files(args.inputs, args.recursive):
+        job: dict[str, Any] = {"job_id": _job_id(path), "topk": args.topk,
+                               "reply_to": reply_to}
+        if args.paths:
+            job["image"] = os.path.abspath(path)
+        else:
+            try:
+                job["data"] = read_file(path, limit)
+            except InputError as exc:
+                unreadable(f"{path}: {exc.code}: {exc.message}")
+                continue
+        yield job
+
+
+def _files(inputs: list[Path], recursive: bool) -> Iterator[str]:
+    for given in inputs:
+        if given.is_dir():
+            yield from (job.path for job in directory.walk(str(given), recursive))
+        elif given.exists():
+            yield str(given)
+        else:
+            raise ConfigError(f"{given} does not exist")
+
+
+def _job_id(path: str) -> str:
+    """The path itself when it fits the contract (readable results), else a fresh id."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return new_job_id()
+    return path if len(path) <= MAX_TEXT_CHARS else new_job_id()
+
+
+def _print_results(client: Client, stream: str, expected: int, args: argparse.Namespace,
+                   stdout: Console, stderr: Console) -> int:
+    received, after = 0, "0-0"
+    deadline = time.monotonic() + args.timeout
+    while received < expected:
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0:
+            stderr.print(f"imgpipe: {expected - received} of {expected} results still "
+                         f"missing after {args.timeout:g} s", markup=False)
+            return EXIT_MISSING_RESULTS
+        entries = client.read(stream, after, block_ms=min(remaining_ms, 1000))
+        for _, result in entries:
+            stdout.print(json.dumps(result) if args.json else _one_line(result), markup=False)
+        if entries:
+            received, after = received + len(entries), entries[-1][0]
+    return 0
+
+
+def _one_line(result: dict[str, Any]) -> str:
+    if result["status"] == "ok":
+        best = result["predictions"][0]
+        return f"{result['job_id']}\t{best['label']}\t{best['score']:.3f}"
+    error = result["error"]
+    return f"{result['job_id']}\t{result['status']}\t{error['code']}: {error['message']}"
+
+
+def _status(args: argparse.Namespace, stderr: Console) -> int:
+    stdout = Console(highlight=False, soft_wrap=True)
+    with _client(args) as client:
+        status = client.status()
+        location = client.location
+    group = status.group if status.group_exists else f"{status.group} (not created yet)"
+    lines = [f"{client.keys.jobs} at {location}, group {group}",
+             f"  waiting {status.lag}, in progress {status.pending}, "
+             f"dead letters {status.dead}, results {status.results}"]
+    if status.consumers:
+        lines.append("  consumers:")
+        lines += [f"    {c.name}: {c.pending} in progress, idle {c.idle_ms / 1000:.1f} s"
+                  for c in status.consumers]
+    for line in lines:
+        stdout.print(line, markup=False)
+    return 0
+
+
+def _dead(args: argparse.Namespace, stderr: Console) -> int:
+    stdout = Console(highlight=False, soft_wrap=True)
+    with _client(args) as client:
+        if args.action == "list":
+            for entry_id, letter in client.dead_list(args.count):
+                stdout.print(_dead_line(entry_id, letter), markup=False)
+        elif args.action == "retry":
+            moved = client.dead_retry(args.ids or None)
+            stdout.print(f"queued {moved} dead letters as jobs again", markup=False)
+        else:
+            stdout.print(f"removed {client.dead_purge()} dead letters", markup=False)
+    return 0
+
+
+def _dead_line(entry_id: str, letter: dict[str, Any]) -> str:
+    error = letter.get("error") or {}
+    source = (f"image={letter['image']}" if "image" in letter
+              else f"data={letter.get('data', '?')}")
+    return (f"{entry_id}\tjob {letter.get('id', letter.get('entry_id', '?'))}\t"
+            f"{letter.get('deliveries', '?')} deliveries\t{source}\t"
+            f"{error.get('code', '?')}: {error.get('message', '')}")

@@ -1,0 +1,213 @@
+"""The Redis wire contract, version 1: job fields in, result fields out.
+
+Keys share one prefix: `<prefix>:jobs` (jobs, a stream read by one consumer
+group), `<prefix>:results` (the default result stream) and `<prefix>:dead`
+(dead letters). Every value is bytes on the wire: scalars are UTF-8 text,
+structured values (predictions, error, timings) JSON. Both sides of the
+contract live here: the daemon parses jobs and encodes results, the client
+encodes jobs and decodes results.
+
+Parsing never raises: a malformed job still yields a JobRequest, carrying an
+InputError that names the field, so it gets an error result like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from pipeline.errors import InputError
+from pipeline.sources.files import resolve_allowed
+
+if TYPE_CHECKING:
+    from pipeline.predictions import Record  # torch: not for clients
+
+VERSION = 1
+JOB_FIELDS = frozenset({"v", "image", "data", "id", "model", "topk", "reply_to", "deadline_ms"})
+# Added to a job's original fields when it is dead-lettered.
+DEAD_FIELDS = ("error", "deliveries", "entry_id")
+EXPIRED = "deadline_exceeded"  # the error code of an `expired` result
+MAX_TEXT_CHARS = 256
+STREAM_NAME = re.compile(r"^[A-Za-z0-9_.:{}-]{1,256}$")
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Every key of one deployment, under its prefix."""
+
+    prefix: str
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}:results"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+
+@dataclass(frozen=True)
+class JobRules:
+    """What this daemon accepts."""
+
+    model: str
+    max_topk: int
+    max_inline_bytes: int
+    allowed_roots: Sequence[str]  # real paths
+    default_reply_to: str
+
+
+@dataclass
+class JobRequest:
+    """One parsed job; `error` set when it cannot be run (it still gets a result)."""
+
+    entry_id: str
+    job_id: str
+    reply_to: str
+    image: Optional[str] = None  # the resolved real path
+    data: Optional[bytes] = None
+    topk: Optional[int] = None
+    deadline_ms: Optional[int] = None
+    error: Optional[InputError] = None
+
+
+def parse_job(entry_id: str, fields: Mapping[bytes, bytes], rules: JobRules,
+              now_ms: int) -> JobRequest:
+    """Validate one stream entry against the contract and the daemon's rules."""
+    job = JobRequest(entry_id, entry_id, rules.default_reply_to)
+    try:
+        _parse_into(job, fields, rules, now_ms)
+    except InputError as exc:
+        job.error = exc
+    return job
+
+
+def _parse_into(job: JobRequest, raw: Mapping[bytes, bytes], rules: JobRules,
+                now_ms: int) -> None:
+    fields = _field_names(raw)
+    # Where the result goes first, so even a malformed job's error reaches its client.
+    if "id" in fields:
+        job.job_id = _text(fields, "id")
+    if "reply_to" in fields:
+        job.reply_to = _stream_name(_text(fields, "reply_to"), "reply_to")
+    unknown = sorted(set(fields) - JOB_FIELDS)
+    if unknown:
+        raise InputError("unknown_field", f"unknown job field(s): {', '.join(unknown)[:200]} "
+                         f"(known: {', '.join(sorted(JOB_FIELDS))})")
+    if "v" in fields and _text(fields, "v") != str(VERSION):
+        raise InputError("unsupported_version", f"field v: this daemon speaks version "
+                         f"{VERSION} of the job contract")
+    if "model" in fields and _text(fields, "model") != rules.model:
+        raise InputError("unknown_model", f"field model: this daemon serves {rules.model!r}, "
+                         f"not {_text(fields, 'model')!r}")
+    if "topk" in fields:
+        job.topk = _integer(fields, "topk", 1, rules.max_topk)
+    if "deadline_ms" in fields:
+        job.deadline_ms = _integer(fields, "deadline_ms", 0, 2**63 - 1)
+    _parse_image(job, fields, rules)
+    if job.deadline_ms is not None and job.deadline_ms < now_ms:
+        raise InputError(EXPIRED, f"the job's deadline passed {now_ms - job.deadline_ms} ms "
+                         f"before it was read")
+
+
+def _parse_image(job: JobRequest, fields: Mapping[str, bytes], rules: JobRules) -> None:
+    if ("image" in fields) == ("data" in fields):
+        raise InputError("missing_field" if "image" not in fields else "conflicting_fields",
+                         "a job needs exactly one of image (a file path) and data "
+                         "(the image's bytes)")
+    if "data" in fields:
+        data = fields["data"]
+        if len(data) > rules.max_inline_bytes:
+            raise InputError("data_too_large", f"field data: {len(data):,} bytes; the limit "
+                             f"is {rules.max_inline_bytes:,}")
+        job.data = data
+    else:
+        job.image = resolve_allowed(_text(fields, "image", limit=4096), rules.allowed_roots)
+
+
+def _field_names(raw: Mapping[bytes, bytes]) -> dict[str, bytes]:
+    fields = {}
+    for name, value in raw.items():
+        try:
+            fields[name.decode("utf-8")] = value
+        except UnicodeDecodeError:
+            raise InputError("invalid_field", "job field names must be UTF-8 text") from None
+    return fields
+
+
+def _text(fields: Mapping[str, bytes], name: str, limit: int = MAX_TEXT_CHARS) -> str:
+    try:
+        text = fields[name].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("invalid_field", f"field {name}: not UTF-8 text") from None
+    if not text or len(text) > limit:
+        raise InputError("invalid_field", f"field {name}: must be 1 to {limit} characters")
+    return text
+
+
+def _integer(fields: Mapping[str, bytes], name: str, low: int, high: int) -> int:
+    text = _text(fields, name, limit=32)
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise InputError("invalid_field", f"field {name}: {text!r} is not an integer")
+    value = int(text)
+    if not low <= value <= high:
+        raise InputError("invalid_field", f"field {name}: {value} is outside {low}..{high}")
+    return value
+
+
+def _stream_name(name: str, field: str) -> str:
+    if not STREAM_NAME.match(name):
+        raise InputError("invalid_field", f"field {field}: not a valid stream name "
+                         "(letters, digits and _.:{{}}- only)")
+    return name
+
+
+def job_fields(*, image: Optional[str] = None, data: Optional[bytes] = None,
+               job_id: Optional[str] = None, topk: Optional[int] = None,
+               reply_to: Optional[str] = None, deadline_ms: Optional[int] = None,
+               model: Optional[str] = None) -> dict[str, str | bytes]:
+    """The fields of a job entry (client side); exactly one of image and data."""
+    if (image is None) == (data is None):
+        raise ValueError("give exactly one of image and data")
+    fields: dict[str, str | bytes] = {"v": str(VERSION)}
+    optional = {"image": image, "data": data, "id": job_id, "topk": topk,
+                "reply_to": reply_to, "deadline_ms": deadline_ms, "model": model}
+    for name, value in optional.items():
+        if value is not None:
+            fields[name] = value if isinstance(value, bytes) else str(value)
+    return fields
+
+
+def result_fields(record: Record, job: JobRequest, model: str,
+                  queue_wait_ms: float) -> dict[str, str]:
+    """A result entry for `record`, the engine's outcome for `job`."""
+    fields = {"v": str(VERSION), "job_id": job.job_id, "entry_id": job.entry_id,
+              "status": record["status"], "model": record.get("model", model)}
+    if record["status"] == "ok":
+        fields["predictions"] = json.dumps(record["predictions"], separators=(",", ":"))
+        fields["cache"] = record.get("cache", "miss")
+    else:
+        error = record["error"]
+        fields["error"] = json.dumps(error, separators=(",", ":"))
+        if error["code"] == EXPIRED:
+            fields["status"] = "expired"
+    timings = {"queue_wait": round(queue_wait_ms, 3), **record.get("timings_ms", {})}
+    fields["timings_ms"] = json.dumps(timings, separators=(",", ":"))
+    return fields
+
+
+def decode_result(fields: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
+    """A result entry as a dict, JSON fields parsed (client side)."""
+    result: dict[str, Any] = {}
+    for name, value in fields.items():
+        key = name.decode() if isinstance(name, bytes) else name
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        result[key] = json.loads(text) if key in ("predictions", "error", "timings_ms") else text
+    return result

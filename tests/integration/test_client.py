@@ -1,0 +1,354 @@
+"""pipeline.client against a real redis-server (never :6379).
+
+The daemon is not part of this test: `Daemon` plays its side of the wire
+contract with raw commands (XREADGROUP, a result via wire.result_fields,
+XACK + XDEL in one MULTI; dead letters by XADD).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from pipeline import client as client_module
+from pipeline import wire
+from pipeline.client import Client, Consumer
+from pipeline.config import RedisSettings
+from pipeline.errors import TransientError
+from tests.redis_server import RedisServer
+from tests.redis_server import redis_server as redis_server  # noqa: F401  (fixture)
+from tests.redis_server import redis_server_factory as redis_server_factory  # noqa: F401
+
+GROUP = "workers"
+MODEL = "mean_colour"
+ALL_BYTES = bytes(range(256)) * 3 + b"\r\n\0"  # every byte value, CRLF and NUL included
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    # One namespace per test on the shared session server.
+    return f"t-{request.node.name}"
+
+
+@pytest.fixture
+def keys(prefix: str) -> wire.Keys:
+    return wire.Keys(prefix)
+
+
+@pytest.fixture
+def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    conn = redis.Redis.from_url(redis_server.url)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def client(redis_server: RedisServer, prefix: str) -> Iterator[Client]:
+    with Client(RedisSettings(url=redis_server.url, prefix=prefix, timeout_s=2), GROUP) as made:
+        yield made
+
+
+class Daemon:
+    """The daemon's side of the contract, by hand, as consumer `name`."""
+
+    def __init__(self, raw: redis.Redis, keys: wire.Keys, roots: list[str],
+                 name: str = "daemon-1") -> None:
+        self.raw, self.keys, self.name = raw, keys, name
+        self.rules = wire.JobRules(MODEL, max_topk=20, max_inline_bytes=1 << 20,
+                                   allowed_roots=roots, default_reply_to=keys.results)
+        with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: made already
+            raw.xgroup_create(keys.jobs, GROUP, id="0", mkstream=True)
+
+    def read(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Deliver up to `count` jobs to this consumer (they become pending)."""
+        reply: Any = self.raw.xreadgroup(GROUP, self.name, {self.keys.jobs: ">"}, count=count)
+        return list(reply[0][1]) if reply else []
+
+    def finish(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """Write the job's result, then XACK and XDEL it, all in one MULTI."""
+        job = wire.parse_job(entry_id.decode(), fields, self.rules, now_ms=int(time.time() * 1000))
+        record: dict[str, Any] = {"status": "ok", "timings_ms": {"infer": 2.5},
+                                  "predictions": [{"label": "cat", "index": 3, "score": 0.9}]}
+        if job.error is not None:
+            record = {"status": "error",
+                      "error": {"code": job.error.code, "message": job.error.message}}
+        with self.raw.pipeline(transaction=True) as pipe:
+            pipe.xadd(job.reply_to, wire.result_fields(record, job, MODEL, 1.0))  # type: ignore[arg-type]
+            pipe.xack(self.keys.jobs, GROUP, entry_id)
+            pipe.xdel(self.keys.jobs, entry_id)
+            pipe.execute()
+
+    def serve(self, count: int) -> int:
+        jobs = self.read(count)
+        for entry_id, fields in jobs:
+            self.finish(entry_id, fields)
+        return len(jobs)
+
+
+@pytest.fixture
+def daemon(raw: redis.Redis, keys: wire.Keys, tmp_path: Path) -> Daemon:
+    return Daemon(raw, keys, [os.path.realpath(tmp_path)])
+
+
+def jobs_in(raw: redis.Redis, keys: wire.Keys) -> list[dict[bytes, bytes]]:
+    entries: Any = raw.xrange(keys.jobs)
+    return [fields for _, fields in entries]
+
+
+def dead_letter(raw: redis.Redis, keys: wire.Keys, job: dict[str, Any], n: int) -> str:
+    """XADD a dead letter as the daemon would: the job's fields plus DEAD_FIELDS."""
+    fields = {**wire.job_fields(**job), "error": json.dumps({"code": "worker_crashed",
+                                                             "message": f"crash {n}"}),
+              "deliveries": "3", "entry_id": f"1-{n}"}
+    return raw.xadd(keys.dead, fields).decode()  # type: ignore[arg-type,union-attr]
+
+
+# -- submit -------------------------------------------------------------------
+
+def test_submit_writes_jobs_the_daemon_parses(client: Client, raw: redis.Redis,
+                                              keys: wire.Keys, daemon: Daemon,
+                                              tmp_path: Path) -> None:
+    # given an image file under the daemon's allowed roots
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(b"not really a jpeg")
+    # when a path job (every option) and a data job are submitted
+    first = client.submit(str(image), job_id="job-a", topk=3, reply_to=f"{keys.prefix}:mine",
+                          deadline_ms=2**62, model=MODEL)
+    second = client.submit(data=ALL_BYTES)
+    # then the ids are the caller's or a fresh uuid hex, and the fields follow the contract
+    assert first == "job-a" and len(second) == 32 and int(second, 16) >= 0
+    path_fields, data_fields = jobs_in(raw, keys)
+    assert path_fields == {b"v": b"1", b"image": str(image).encode(), b"id": b"job-a",
+                           b"topk": b"3", b"reply_to": f"{keys.prefix}:mine".encode(),
+                           b"deadline_ms": str(2**62).encode(), b"model": MODEL.encode()}
+    assert data_fields == {b"v": b"1", b"data": ALL_BYTES, b"id": second.encode()}
+    now_ms = int(time.time() * 1000)
+    path_job = wire.parse_job("1-0", path_fields, daemon.rules, now_ms)
+    data_job = wire.parse_job("1-1", data_fields, daemon.rules, now_ms)
+    assert path_job.error is None and path_job.image == os.path.realpath(image)
+    assert (path_job.job_id, path_job.topk, path_job.reply_to) == ("job-a", 3,
+                                                                   f"{keys.prefix}:mine")
+    assert data_job.error is None and data_job.data == ALL_BYTES and data_job.job_id == second
+
+
+def test_submit_needs_exactly_one_of_image_and_data(client: Client) -> None:
+    with pytest.raises(ValueError):
+        client.submit()
+    with pytest.raises(ValueError):
+        client.submit("a.jpg", b"bytes")
+
+
+def test_submit_many_sends_chunk_by_chunk(client: Client, raw: redis.Redis,
+                                          keys: wire.Keys) -> None:
+    # given a generator of 1,201 jobs that notes how many were queued when it got to #600
+    queued_at_600: list[int] = []
+
+    def jobs() -> Iterator[dict[str, Any]]:
+        for n in range(1201):
+            if n == 600:
+                queued_at_600.append(raw.xlen(keys.jobs))
+            yield {"data": n.to_bytes(2, "big") + ALL_BYTES} if n % 2 else {"image": f"{n}.jpg"}
+        yield {"image": "named.jpg", "job_id": "named", "topk": 2}
+
+    # when they are submitted in chunks of 500
+    ids = client.submit_many(jobs(), chunk=500)
+    # then the first chunk was sent before the generator went on, nothing was held back,
+    # and every job is queued in order under a unique id
+    assert queued_at_600 == [500]
+    assert len(ids) == len(set(ids)) == 1202 and ids[-1] == "named"
+    queued = jobs_in(raw, keys)
+    assert [f[b"id"].decode() for f in queued] == ids
+    assert queued[1][b"data"] == (1).to_bytes(2, "big") + ALL_BYTES
+    assert queued[0] == {b"v": b"1", b"image": b"0.jpg", b"id": ids[0].encode()}
+    assert queued[-1] == {b"v": b"1", b"image": b"named.jpg", b"id": b"named", b"topk": b"2"}
+
+
+# -- results ------------------------------------------------------------------
+
+def test_wait_collects_only_its_own_results(client: Client, daemon: Daemon,
+                                            raw: redis.Redis, keys: wire.Keys) -> None:
+    # given three jobs replying to a private stream, and a stranger's result in it
+    stream = client.reply_stream()
+    assert stream.startswith(keys.results + ":") and stream != client.reply_stream()
+    ids = [client.submit(data=b"x", reply_to=stream) for _ in range(3)]
+    raw.xadd(stream, {"v": "1", "job_id": "someone-else", "status": "ok"})
+    # when the daemon finishes two of them: one now, one while we wait
+    daemon.serve(1)
+    later = threading.Timer(0.2, daemon.serve, args=(1,))
+    later.start()
+    started = time.monotonic()
+    got = client.wait(ids, stream=stream, timeout_s=1.0)
+    elapsed = time.monotonic() - started
+    later.join()
+    # then those two come back decoded and the wait ends at the timeout, not before
+    assert set(got) == set(ids[:2])
+    assert 1.0 <= elapsed < 2.0
+    for job_id, result in got.items():
+        assert result["job_id"] == job_id and result["status"] == "ok"
+        assert result["predictions"] == [{"label": "cat", "index": 3, "score": 0.9}]
+        assert result["timings_ms"] == {"queue_wait": 1.0, "infer": 2.5}
+    # and once the last one is done, wait returns as soon as it has them all
+    daemon.serve(1)
+    started = time.monotonic()
+    assert set(client.wait(ids, stream=stream, timeout_s=5.0)) == set(ids)
+    assert time.monotonic() - started < 1.0
+    client.delete_stream(stream)
+    assert raw.exists(stream) == 0
+
+
+def test_wait_with_nothing_to_come_times_out_empty(client: Client) -> None:
+    started = time.monotonic()
+    assert client.wait(["nope"], stream=client.reply_stream(), timeout_s=0.2) == {}
+    assert client.wait([], stream=client.reply_stream(), timeout_s=5) == {}
+    assert time.monotonic() - started < 1.5
+
+
+def test_results_follows_the_stream(client: Client, daemon: Daemon, keys: wire.Keys) -> None:
+    # given two finished jobs on the default result stream
+    first = [client.submit(image="/elsewhere/a.jpg"), client.submit(data=b"y")]
+    daemon.serve(2)
+    stream = client.results(block_ms=50, count=1)
+    # when the follower has read them, and a third job finishes while it blocks
+    seen = list(itertools.islice(stream, 2))
+    third = client.submit(data=b"z")
+    threading.Timer(0.2, daemon.serve, args=(1,)).start()
+    seen.append(next(stream))
+    stream.close()
+    # then every result arrives once, in order, decoded; a path outside the roots is an error
+    assert [result["job_id"] for _, result in seen] == [*first, third]
+    assert seen[0][1]["status"] == "error" and seen[0][1]["error"]["code"] == "path_not_allowed"
+    assert seen[1][1]["status"] == "ok" and seen[1][1]["cache"] == "miss"
+    # and `after` resumes behind a given entry
+    resumed = next(client.results(keys.results, after=seen[1][0]))
+    assert resumed == seen[2]
+
+
+# -- status -------------------------------------------------------------------
+
+def test_status_on_an_empty_redis(client: Client) -> None:
+    status = client.status()
+    assert (status.jobs, status.pending, status.lag, status.dead, status.results) == (0,) * 5
+    assert not status.group_exists and status.consumers == [] and status.group == GROUP
+
+
+def test_status_before_the_group_exists(client: Client) -> None:
+    client.submit_many([{"data": b"a"}, {"data": b"b"}])
+    status = client.status()
+    assert not status.group_exists
+    assert (status.jobs, status.pending, status.lag) == (2, 0, 2)
+
+
+def test_status_counts_the_queue(client: Client, raw: redis.Redis, keys: wire.Keys,
+                                 daemon: Daemon) -> None:
+    # given 6 jobs: 2 delivered to daemon-1 (1 of them finished), 4 never delivered
+    client.submit_many({"data": bytes([n])} for n in range(6))
+    delivered = daemon.read(2)
+    daemon.finish(*delivered[0])
+    raw.xgroup_createconsumer(keys.jobs, GROUP, "daemon-2")
+    dead_letter(raw, keys, {"data": b"bad"}, 1)
+    # when the status is read
+    status = client.status()
+    # then it counts jobs in the stream, pending, lag, dead letters and results
+    assert status.group_exists
+    assert (status.jobs, status.pending, status.lag, status.dead, status.results) == (5, 1, 4,
+                                                                                      1, 1)
+    assert [(c.name, c.pending) for c in status.consumers] == [("daemon-1", 1), ("daemon-2", 0)]
+    assert all(isinstance(c, Consumer) and 0 <= c.idle_ms < 60_000 for c in status.consumers)
+    # and when an undelivered job is deleted Redis cannot count the lag: it is derived
+    newest: Any = raw.xrevrange(keys.jobs, count=1)
+    raw.xdel(keys.jobs, newest[0][0])
+    groups: Any = raw.xinfo_groups(keys.jobs)
+    assert groups[0]["lag"] is None
+    assert (client.status().jobs, client.status().lag) == (4, 3)
+
+
+# -- dead letters -------------------------------------------------------------
+
+def test_dead_list_is_readable(client: Client, raw: redis.Redis, keys: wire.Keys) -> None:
+    first = dead_letter(raw, keys, {"data": ALL_BYTES, "job_id": "j1"}, 1)
+    dead_letter(raw, keys, {"image": "a.jpg", "job_id": "j2", "topk": 4}, 2)
+    listed = client.dead_list()
+    assert listed[0] == (first, {"v": "1", "data": f"<{len(ALL_BYTES)} bytes>", "id": "j1",
+                                 "error": {"code": "worker_crashed", "message": "crash 1"},
+                                 "deliveries": 3, "entry_id": "1-1"})
+    assert listed[1][1]["image"] == "a.jpg" and listed[1][1]["topk"] == "4"
+    assert [entry_id for entry_id, _ in client.dead_list(count=1)] == [first]
+
+
+def test_dead_retry_moves_letters_back_once(client: Client, raw: redis.Redis,
+                                           keys: wire.Keys,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # given 10 dead letters, read back 3 per page
+    monkeypatch.setattr(client_module, "DEAD_PAGE", 3)
+    jobs: list[dict[str, Any]] = [{"data": ALL_BYTES + bytes([n]), "job_id": f"j{n}", "topk": 2}
+                                  for n in range(10)]
+    ids = [dead_letter(raw, keys, job, n) for n, job in enumerate(jobs)]
+    # when one is retried by id (twice, and an unknown id), then all the rest
+    assert client.dead_retry([ids[4], ids[4], "1-1"]) == 1
+    assert raw.xlen(keys.dead) == 9
+    with pytest.raises(ValueError, match="'nope'"):
+        client.dead_retry([ids[5], "nope"])
+    assert client.dead_retry() == 9
+    # then each is a job again exactly once, its original fields only, bytes intact
+    order = [4, 0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert jobs_in(raw, keys) == [
+        {k.encode(): v if isinstance(v, bytes) else v.encode()
+         for k, v in wire.job_fields(**jobs[n]).items()} for n in order]
+    assert raw.xlen(keys.dead) == 0 and client.dead_retry() == 0
+
+
+def test_dead_purge_empties_the_dead_letters(client: Client, raw: redis.Redis,
+                                            keys: wire.Keys) -> None:
+    for n in range(3):
+        dead_letter(raw, keys, {"image": f"{n}.jpg"}, n)
+    assert client.dead_purge() == 3
+    assert raw.xlen(keys.dead) == 0 and client.dead_list() == []
+    assert client.dead_purge() == 0
+
+
+# -- outages ------------------------------------------------------------------
+
+def down_client(server: RedisServer) -> Client:
+    url = f"redis://:hunter2@127.0.0.1:{server.port}/0"  # the password must never show
+    return Client(RedisSettings(url=url, prefix="t-down", timeout_s=0.5), GROUP)
+
+
+def assert_transient(call: Callable[[], object], port: int, within_s: float) -> None:
+    started = time.monotonic()
+    with pytest.raises(TransientError) as raised:
+        call()
+    assert time.monotonic() - started < within_s
+    message = str(raised.value)
+    assert f"127.0.0.1:{port}" in message
+    assert "hunter2" not in message and "redis://" not in message
+
+
+def test_a_stopped_server_is_a_transient_error(
+        redis_server_factory: Callable[[], RedisServer]) -> None:
+    server = redis_server_factory()
+    server.stop()
+    with down_client(server) as client:
+        assert_transient(lambda: client.submit(data=b"x"), server.port, 1.0)
+        assert_transient(lambda: client.submit_many([{"data": b"x"}]), server.port, 1.0)
+        assert_transient(client.status, server.port, 1.0)
+        assert_transient(lambda: next(client.results(block_ms=100)), server.port, 1.0)
+        assert_transient(lambda: client.wait(["a"], stream="s", timeout_s=5), server.port, 1.0)
+        assert_transient(client.dead_retry, server.port, 1.0)
+        assert_transient(client.dead_purge, server.port, 1.0)
+
+
+def test_a_hung_server_is_a_transient_error_after_the_timeout(
+        redis_server_factory: Callable[[], RedisServer]) -> None:
+    server = redis_server_factory()
+    with down_client(server) as client, server.paused():
+        assert_transient(client.status, server.port, 2.0)

@@ -1,0 +1,107 @@
+"""`imgpipe serve` in a subprocess, for tests: start, wait until ready, signal, kill.
+
+    from tests.serve_daemon import daemon_factory  # fixture
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_LINE = "serving "
+START_TIMEOUT_S = 120.0
+
+
+class ServeProcess:
+    """One daemon; settings come as IMGPIPE_* environment variables."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.args = args
+        self.process: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self, wait_ready: bool = True) -> ServeProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "serve", *self.args],
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                env={**os.environ, **self.env}, start_new_session=True)
+        if wait_ready:
+            self.wait_for_log(READY_LINE, START_TIMEOUT_S)
+        return self
+
+    def wait_for_log(self, text: str, timeout_s: float = 30.0, count: int = 1) -> None:
+        """Until the log holds `text` `count` times; fail if the daemon exits first."""
+        deadline = time.monotonic() + timeout_s
+        while self.log().count(text) < count:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                pytest.fail(f"imgpipe serve exited ({self.process.returncode}) before "
+                            f"logging {text!r}:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"imgpipe serve did not log {text!r} in {timeout_s} s:\n"
+                            f"{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout=timeout_s)
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM and wait: the exit status."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL the daemon's main process only (its workers must notice and leave)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+DaemonFactory = Callable[..., ServeProcess]
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
+    """make(env, *args, start=True): a daemon with those IMGPIPE_* settings; all
+    killed (with their process groups) after the test."""
+    daemons: list[ServeProcess] = []
+
+    def make(env: dict[str, str], *args: str, start: bool = True) -> ServeProcess:
+        daemon = ServeProcess(env, tmp_path / f"serve-{len(daemons)}.log", *args)
+        daemons.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+    for daemon in daemons:
+        daemon.close()

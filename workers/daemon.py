@@ -1,0 +1,116 @@
+"""`imgpipe serve`: the engine fed from a Redis stream, its results back into Redis.
+
+Start-up: load and warm the model, start the preprocessing workers, then
+connect to Redis (waiting while it is down). The first SIGTERM or SIGINT stops
+reading; jobs in flight finish, are published and acknowledged, and the
+process exits 0, or 1 if that takes longer than `drain_grace_s`. A second
+signal exits at once; its pending jobs are taken over later, by another daemon
+or by this one's restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Optional
+
+from pipeline.broker import Outage, connect, describe_url
+from pipeline.config import Settings
+from pipeline.engine import Engine
+from pipeline.errors import ConfigError, TransientError
+from pipeline.sinks.redis_results import InFlight, ResultPublisher, Streams
+from pipeline.sources.redis_stream import StreamSource
+from pipeline.wire import JobRules, Keys
+
+log = logging.getLogger("imgpipe.serve")
+
+EXIT_DRAIN_TIMEOUT = 1
+
+
+class Shutdown:
+    """First signal: stop reading and drain, within a grace period. Second: exit now."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self.requested = threading.Event()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when a stop is requested (now, if it already was)."""
+        self._callbacks.append(callback)
+        if self.requested.is_set():
+            callback()
+
+    def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
+        name = signal.Signals(signum).name
+        if self.requested.is_set():
+            log.warning("%s again: exiting now; pending jobs will be taken over later", name)
+            os._exit(128 + signum)
+        self.requested.set()
+        log.warning("%s: finishing the jobs in flight (up to %g s), then exiting",
+                    name, self.grace_s)
+        timer = threading.Timer(self.grace_s, self._grace_over)
+        timer.daemon = True
+        timer.start()
+        for callback in self._callbacks:
+            callback()
+
+    def _grace_over(self) -> None:
+        log.error("jobs still in flight after %g s: exiting; they will be taken over later",
+                  self.grace_s)
+        os._exit(EXIT_DRAIN_TIMEOUT)
+
+
+def serve(settings: Settings) -> int:
+    """Run the daemon until a signal stops it; the process's exit status."""
+    cfg = settings.serve
+    shutdown = Shutdown(cfg.drain_grace_s)
+    shutdown.install()  # before the slow set-up: a stop during it is honoured
+    roots = _allowed_roots(settings)
+    keys = Keys(settings.redis.prefix)
+    streams = Streams(keys, cfg.group, cfg.results_maxlen, cfg.dead_maxlen)
+    consumer = cfg.consumer or f"{socket.gethostname()}-{os.getpid()}"
+    client = connect(settings.redis, extra_timeout_s=cfg.read_block_ms / 1000)
+    outage = Outage(describe_url(settings.redis.url), settings.redis.max_backoff_s)
+    engine = Engine(settings, max_topk=cfg.max_topk)
+    try:
+        engine.setup()
+        in_flight = InFlight()
+        publisher = ResultPublisher(client, streams, engine.model.name, in_flight, outage)
+        rules = JobRules(engine.model.name, cfg.max_topk, cfg.max_inline_bytes, roots,
+                         keys.results)
+        source = StreamSource(client, streams, consumer, cfg, rules,
+                              settings.preprocess.chunk_size, in_flight, publisher, outage)
+        shutdown.on_stop(source.stop)
+        try:
+            source.setup()
+        except TransientError:
+            return 0  # stopped while waiting for Redis: nothing was read
+        log.info("serving %s on %s: consumer %s of group %s reading %s at %s",
+                 engine.model.name, engine.device, consumer, cfg.group, keys.jobs,
+                 outage.location)
+        engine.run(source, publisher.write)
+    finally:
+        engine.close()
+        client.close()
+    log.info("stopped after answering %d jobs", publisher.published)
+    return 0
+
+
+def _allowed_roots(settings: Settings) -> list[str]:
+    roots = []
+    for root in settings.serve.allowed_roots:
+        real = os.path.realpath(root)
+        if not os.path.isdir(real):
+            raise ConfigError(f"serve.allowed_roots: {root} is not a directory")
+        roots.append(real)
+    return roots
