@@ -186,3 +186,28 @@ def test_an_invalid_redis_url_is_refused_without_echoing_its_password():
         load_settings(environ={"IMGPIPE_CACHE__REDIS_URL": "http://user:hunter2@host:6379"})
     assert "cache.redis_url" in str(raised.value)
     assert "hunter2" not in str(raised.value)
+
+
+# --- the Redis of jobs and results -------------------------------------------
+
+
+def test_short_redis_variables_set_the_url_and_password():
+    settings = load_settings(environ={"IMGPIPE_REDIS_URL": "rediss://queue:6380/2",
+                                      "IMGPIPE_REDIS_PASSWORD": "hunter2"})
+    assert settings.redis.url == "rediss://queue:6380/2"
+    assert settings.redis.password is not None
+    assert settings.redis.password.get_secret_value() == "hunter2"
+    assert "hunter2" not in repr(settings)
+
+
+def test_allowed_roots_from_the_environment_are_split_on_colons():
+    settings = load_settings(environ={"IMGPIPE_SERVE__ALLOWED_ROOTS": "/srv/images:/data"})
+    assert settings.serve.allowed_roots == [Path("/srv/images"), Path("/data")]
+
+
+def test_an_invalid_password_value_is_never_echoed():
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"IMGPIPE_REDIS__PASSWORD": "hunter2",
+                               "IMGPIPE_REDIS__URL": "http://user:hunter2@host"})
+    assert "redis.url" in str(raised.value)
+    assert "hunter2" not in str(raised.value)

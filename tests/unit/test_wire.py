@@ -1,0 +1,152 @@
+"""The Redis wire contract: jobs parsed (never raising), results encoded and decoded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import wire
+from pipeline.errors import InputError
+from pipeline.sources.files import resolve_allowed
+from pipeline.wire import JobRules
+
+NOW_MS = 1_800_000_000_000
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "cat.jpg").write_bytes(b"jpeg")
+    (tmp_path / "secret.jpg").write_bytes(b"secret")
+    (images / "escape.jpg").symlink_to(tmp_path / "secret.jpg")
+    (images / "inside.jpg").symlink_to(images / "cat.jpg")
+    return images
+
+
+@pytest.fixture
+def rules(root: Path) -> JobRules:
+    return JobRules("efficientnet_lite0", max_topk=20, max_inline_bytes=1000,
+                    allowed_roots=[str(root)], default_reply_to="p:results")
+
+
+def parse(rules: JobRules, **fields: str | bytes) -> wire.JobRequest:
+    raw = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
+    return wire.parse_job("1-0", raw, rules, NOW_MS)
+
+
+def test_a_full_path_job_is_parsed(rules: JobRules, root: Path) -> None:
+    job = parse(rules, v="1", image="cat.jpg", id="job-7", topk="3", reply_to="mine:results",
+                deadline_ms=str(NOW_MS + 1000), model="efficientnet_lite0")
+    assert job.error is None
+    assert (job.image, job.job_id, job.topk, job.reply_to, job.deadline_ms) == (
+        str(root / "cat.jpg"), "job-7", 3, "mine:results", NOW_MS + 1000)
+
+
+def test_defaults_id_is_the_entry_id_and_results_go_to_the_default_stream(
+        rules: JobRules) -> None:
+    job = parse(rules, data=b"\x00\xff")
+    assert job.error is None
+    assert (job.job_id, job.reply_to, job.data, job.topk) == ("1-0", "p:results", b"\x00\xff",
+                                                               None)
+
+
+@pytest.mark.parametrize(("fields", "code", "named"), [
+    ({}, "missing_field", "image"),
+    ({"image": "cat.jpg", "data": "x"}, "conflicting_fields", "data"),
+    ({"image": "cat.jpg", "size": "9"}, "unknown_field", "size"),
+    ({"image": "cat.jpg", "topk": "0"}, "invalid_field", "topk"),
+    ({"image": "cat.jpg", "topk": "21"}, "invalid_field", "topk"),
+    ({"image": "cat.jpg", "topk": "2.5"}, "invalid_field", "topk"),
+    ({"image": "cat.jpg", "deadline_ms": "-5"}, "invalid_field", "deadline_ms"),
+    ({"image": "cat.jpg", "id": ""}, "invalid_field", "id"),
+    ({"image": "cat.jpg", "id": "x" * 257}, "invalid_field", "id"),
+    ({"image": "cat.jpg", "reply_to": "a b"}, "invalid_field", "reply_to"),
+    ({"image": "cat.jpg", "model": "resnet50"}, "unknown_model", "resnet50"),
+    ({"image": "cat.jpg", "v": "2"}, "unsupported_version", "v"),
+    ({"data": "x" * 1001}, "data_too_large", "1,000"),
+    ({"image": b"\xff\xfe"}, "invalid_field", "image"),
+    ({"image": "cat.jpg", "deadline_ms": str(NOW_MS - 1)}, wire.EXPIRED, "deadline"),
+])
+def test_malformed_jobs_carry_an_error_naming_the_field(
+        rules: JobRules, fields: dict[str, str | bytes], code: str, named: str) -> None:
+    job = parse(rules, **fields)
+    assert job.error is not None
+    assert job.error.code == code
+    assert named in job.error.message
+
+
+def test_a_non_utf8_field_name_is_an_error_not_a_crash(rules: JobRules) -> None:
+    job = wire.parse_job("1-0", {b"\xff": b"1", b"image": b"cat.jpg"}, rules, NOW_MS)
+    assert job.error is not None and job.error.code == "invalid_field"
+
+
+def test_a_malformed_job_still_knows_where_its_result_goes(rules: JobRules) -> None:
+    job = parse(rules, id="mine", reply_to="me:results", topk="lots", image="cat.jpg")
+    assert job.error is not None
+    assert (job.job_id, job.reply_to) == ("mine", "me:results")
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../secret.jpg", "escape.jpg",
+                                  "cat.jpg\x00.png", "{root}/../secret.jpg"])
+def test_paths_outside_the_roots_are_refused(root: Path, path: str) -> None:
+    with pytest.raises(InputError) as refused:
+        resolve_allowed(path.format(root=root), [str(root)])
+    assert refused.value.code == "path_not_allowed"
+
+
+def test_paths_inside_the_roots_resolve_to_real_paths(root: Path) -> None:
+    assert resolve_allowed("inside.jpg", [str(root)]) == str(root / "cat.jpg")
+    assert resolve_allowed(str(root / "sub" / ".." / "cat.jpg"), [str(root)]) == \
+        str(root / "cat.jpg")
+
+
+def test_a_root_is_not_a_prefix_of_its_sibling(tmp_path: Path) -> None:
+    (tmp_path / "images-private").mkdir()
+    with pytest.raises(InputError):
+        resolve_allowed(str(tmp_path / "images-private" / "x.jpg"), [str(tmp_path / "images")])
+
+
+def test_without_roots_path_jobs_are_refused_with_a_hint() -> None:
+    with pytest.raises(InputError, match="allowed_roots"):
+        resolve_allowed("/anything.jpg", [])
+
+
+def test_job_fields_round_trip_through_the_parser(rules: JobRules, root: Path) -> None:
+    fields = wire.job_fields(image=str(root / "cat.jpg"), job_id="a", topk=2)
+    raw = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
+    job = wire.parse_job("5-0", raw, rules, NOW_MS)
+    assert job.error is None and (job.job_id, job.topk) == ("a", 2)
+    with pytest.raises(ValueError):
+        wire.job_fields(image="a", data=b"b")
+
+
+def test_results_encode_to_text_fields_and_decode_back(rules: JobRules) -> None:
+    job = parse(rules, image="cat.jpg", id="j")
+    ok = {"status": "ok", "model": "m", "predictions": [{"label": "cat", "index": 1,
+                                                         "score": 0.9}],
+          "timings_ms": {"preprocess": 1.5}, "cache": "tensor:local"}
+    fields = wire.result_fields(ok, job, "m", queue_wait_ms=2.25)
+    assert all(isinstance(value, str) for value in fields.values())
+    decoded = wire.decode_result({k.encode(): v.encode() for k, v in fields.items()})
+    assert decoded["predictions"] == ok["predictions"]
+    assert decoded["timings_ms"] == {"queue_wait": 2.25, "preprocess": 1.5}
+    assert (decoded["job_id"], decoded["entry_id"], decoded["cache"]) == ("j", "1-0",
+                                                                          "tensor:local")
+
+
+def test_an_expired_job_gets_status_expired(rules: JobRules) -> None:
+    job = parse(rules, image="cat.jpg", deadline_ms="1")
+    assert job.error is not None
+    record = {"status": "error", "error": {"code": job.error.code, "message": "late"}}
+    fields = wire.result_fields(record, job, "m", 0.0)
+    assert fields["status"] == "expired"
+    assert json.loads(fields["error"])["code"] == wire.EXPIRED
+
+
+def test_keys_share_the_prefix() -> None:
+    keys = wire.Keys("fleet-a")
+    assert (keys.jobs, keys.results, keys.dead) == ("fleet-a:jobs", "fleet-a:results",
+                                                    "fleet-a:dead")
