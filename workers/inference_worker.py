@@ -7,16 +7,22 @@ loop owns no I/O: records go to a sink callback.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
+import numpy as np
+import torch
+
 from pipeline.backends import TorchBackend
 from pipeline.batching import Batcher
+from pipeline.errors import TransientError
 from pipeline.items import Prepared
 from pipeline.predictions import Record, error_record, ok_record, top_k
 
 Remember = Callable[[Prepared, list[dict[str, Any]]], None]
+log = logging.getLogger("imgpipe.inference")
 
 
 class InferenceWorker:
@@ -44,7 +50,7 @@ class InferenceWorker:
 
     def _infer(self, ready: list[Prepared]) -> None:
         started = time.perf_counter()
-        logits = self.backend.predict([item.pixels for item in ready])  # type: ignore[misc]
+        logits = self._logits([item.pixels for item in ready])  # type: ignore[misc]
         predictions = top_k(logits, self.topk, self.backend.model.labels)
         per_item_ms = (time.perf_counter() - started) * 1000 / len(ready)
         for item, top in zip(ready, predictions, strict=True):
@@ -53,6 +59,19 @@ class InferenceWorker:
             if self.remember is not None:
                 self.remember(item, top)
         self.batches += 1
+
+    def _logits(self, pixels: list[np.ndarray]) -> torch.Tensor:
+        """The batch's logits; a batch too big for the device's free memory is halved."""
+        try:
+            return self.backend.predict(pixels)
+        except torch.cuda.OutOfMemoryError as exc:
+            if len(pixels) == 1:
+                raise TransientError("out of device memory on a single image") from exc
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("out of device memory on a batch of %d: running it in halves", len(pixels))
+        half = len(pixels) // 2
+        return torch.cat([self._logits(pixels[:half]), self._logits(pixels[half:])])
 
     def drain(self, batcher: Batcher[Prepared], sink: Callable[[list[Record]], None]) -> None:
         """Score batches until the batcher reports the end of its input."""
