@@ -65,7 +65,6 @@ IDLE_WAIT_S = 1.0  # ... and while none are
 def _init_worker(plan: WorkerPlan, log_queue: Any) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_with_parent()
     logs.send_to(log_queue)
     backend = create_backend(plan.backend, plan.spec, plan.limits, plan.device, plan.threads)
@@ -261,14 +260,29 @@ class PreprocessPool:
         try:
             prepared, counters = future.result()
         except BrokenProcessPool:
-            # A decoder crashed a process: fail the chunks it took down, keep going.
+            # A process died (a decoder crash, the OOM killer): the chunks it took
+            # down run again one job at a time, so only a culprit fails.
             if generation == self.generation:
                 self._restart()
-            crash = InputError("worker_crashed", "the preprocessing worker crashed on this chunk")
-            return [Prepared(job, error=crash) for job in chunk]
+            return [self._alone(job) for job in chunk]
+        self._count(counters)
+        return prepared
+
+    def _alone(self, job: Job) -> Prepared:
+        generation = self.generation
+        try:
+            prepared, counters = self._submit([job]).result()
+        except BrokenProcessPool:
+            if generation == self.generation:
+                self._restart()
+            return Prepared(job, error=InputError(
+                "worker_crashed", "the preprocessing worker crashed on this image"))
+        self._count(counters)
+        return prepared[0]
+
+    def _count(self, counters: TierCounters) -> None:
         for tier, delta in counters.items():
             self.cache_counters.setdefault(tier, Counter()).update(delta)
-        return prepared
 
     def _restart(self) -> None:
         if self.executor is not None:
