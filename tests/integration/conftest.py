@@ -7,14 +7,16 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+import redis
 import torch
 
 from tests.builders import MeanColour
+from tests.redis_server import RedisServer
 
 IMGPIPE = [sys.executable, "-m", "pipeline.cli"]
 
@@ -74,3 +76,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "mean_colour.pt"
     torch.jit.script(MeanColour()).save(str(path))
     return path
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    """Redis keys of the test's own on the shared session server."""
+    return f"t-{request.node.name}"
+
+
+@pytest.fixture
+def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A plain connection to the session server, to arrange and inspect keys."""
+    conn = redis.Redis.from_url(redis_server.url)
+    yield conn
+    conn.close()

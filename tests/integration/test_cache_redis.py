@@ -19,8 +19,6 @@ from pipeline.cache.redis_tier import RedisTier
 from pipeline.cache.tiered import MISS, TieredCache, verify_tier
 from pipeline.spec import PreprocessSpec
 from tests.redis_server import RedisServer, free_port
-from tests.redis_server import redis_server as redis_server  # noqa: F401  (fixture)
-from tests.redis_server import redis_server_factory as redis_server_factory  # noqa: F401
 
 SPEC = PreprocessSpec().digest()
 TTL_S = 600
@@ -36,17 +34,6 @@ def cache_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
             if r.name == LOGGER_NAME and r.levelno >= logging.WARNING]
 
 
-@pytest.fixture
-def prefix(request: pytest.FixtureRequest) -> str:
-    # One namespace per test on the shared session server.
-    return f"t-{request.node.name}"
-
-
-@pytest.fixture
-def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    yield client
-    client.close()
 
 
 @pytest.fixture

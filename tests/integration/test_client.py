@@ -26,30 +26,17 @@ from pipeline.client import Client, Consumer
 from pipeline.config import RedisSettings
 from pipeline.errors import TransientError
 from tests.redis_server import RedisServer
-from tests.redis_server import redis_server as redis_server  # noqa: F401  (fixture)
-from tests.redis_server import redis_server_factory as redis_server_factory  # noqa: F401
 
 GROUP = "workers"
 MODEL = "mean_colour"
 ALL_BYTES = bytes(range(256)) * 3 + b"\r\n\0"  # every byte value, CRLF and NUL included
 
 
-@pytest.fixture
-def prefix(request: pytest.FixtureRequest) -> str:
-    # One namespace per test on the shared session server.
-    return f"t-{request.node.name}"
-
 
 @pytest.fixture
 def keys(prefix: str) -> wire.Keys:
     return wire.Keys(prefix)
 
-
-@pytest.fixture
-def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    conn = redis.Redis.from_url(redis_server.url)
-    yield conn
-    conn.close()
 
 
 @pytest.fixture

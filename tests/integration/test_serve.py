@@ -26,16 +26,6 @@ from tests.serve_daemon import DaemonFactory, ServeProcess, daemon_factory  # no
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def prefix(request: pytest.FixtureRequest) -> str:
-    return f"serve-{request.node.name}"
-
-
-@pytest.fixture
-def raw(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    conn = redis.Redis.from_url(redis_server.url)
-    yield conn
-    conn.close()
 
 
 @pytest.fixture
