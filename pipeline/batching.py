@@ -61,11 +61,14 @@ class Batcher(Generic[T]):
     def _get_until(self, deadline: float) -> object:
         """The next item, or None once the deadline passed or nothing more is coming."""
         while True:
-            remaining = deadline - time.monotonic()
             try:
-                if remaining <= 0:
-                    return self.source.get_nowait()
+                return self.source.get_nowait()
+            except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.more_coming():
+                return None
+            try:
                 return self.source.get(timeout=min(remaining, WAIT_SLICE_S))
             except queue.Empty:
-                if remaining <= 0 or not self.more_coming():
-                    return None
+                continue

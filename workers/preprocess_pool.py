@@ -58,8 +58,8 @@ class _Worker:
 _worker: Optional[_Worker] = None
 LOG_QUEUE_RECORDS = 1000
 PARENT_CHECK_S = 1.0
-POLL_S = 0.005  # how long a source may block while chunks are in flight
-IDLE_WAIT_S = 1.0  # ... and while none are
+POLL_S = 0.005  # how often a source is polled while chunks are in flight
+IDLE_WAIT_S = 1.0  # how long it may block while none are
 
 
 def _init_worker(plan: WorkerPlan, log_queue: Any) -> None:
@@ -194,7 +194,7 @@ class PreprocessPool:
         self.executor: Optional[ProcessPoolExecutor] = None
         self.generation = 0  # bumped on every restart after a crash
         self.cache_counters: TierCounters = {}  # summed over every worker, per map()
-        self.outstanding = 0  # jobs submitted whose Prepared has not been taken yet
+        self.outstanding = 0  # jobs submitted whose Prepared has not been handed out yet
         self.context = multiprocessing.get_context("spawn")
         self.log_queue = self.context.Queue(LOG_QUEUE_RECORDS)
         self.log_listener: Optional[QueueListener] = None
@@ -222,15 +222,16 @@ class PreprocessPool:
     def map_chunks(self, source: ChunkSource) -> Iterator[Prepared]:
         """Yield one Prepared per job of `source`; never more than the window in flight.
 
-        While chunks are in flight the source is only polled briefly, so a
-        source with nothing new never delays collecting finished chunks.
+        While chunks are in flight the source is polled without waiting and
+        the pool waits on the chunks instead, so a source with nothing new
+        never delays collecting them.
         """
         self.cache_counters, self.outstanding = {}, 0
         in_flight: dict[ChunkFuture, tuple[list[Job], int]] = {}
         exhausted = False
         while in_flight or not exhausted:
             while not exhausted and len(in_flight) < self.max_chunks_in_flight:
-                chunk = source.next_chunk(POLL_S if in_flight else IDLE_WAIT_S)
+                chunk = source.next_chunk(0 if in_flight else IDLE_WAIT_S)
                 if chunk is None:
                     exhausted = True
                 elif not chunk:
@@ -240,12 +241,12 @@ class PreprocessPool:
                     self.outstanding += len(chunk)
             if in_flight:
                 window_open = not exhausted and len(in_flight) < self.max_chunks_in_flight
-                done, _ = wait(in_flight, timeout=0 if window_open else None,
+                done, _ = wait(in_flight, timeout=POLL_S if window_open else None,
                                return_when=FIRST_COMPLETED)
                 for future in done:
                     for item in self._collect(future, *in_flight.pop(future)):
+                        self.outstanding -= 1
                         yield item
-                        self.outstanding -= 1  # the consumer has taken it
 
     def _submit(self, chunk: list[Job]) -> ChunkFuture:
         assert self.executor is not None, "call start() first"

@@ -14,7 +14,8 @@ class ChunkSource(Protocol):
     """Jobs in chunks, from a source that may have nothing to give right now."""
 
     def next_chunk(self, wait_s: float) -> Optional[list[Job]]:
-        """Up to one chunk of jobs: [] if none came within `wait_s`, None at the end."""
+        """Up to one chunk of jobs: [] if none came within `wait_s` (0: do not
+        wait at all), None at the end."""
 
 
 class IterableSource:
