@@ -20,6 +20,7 @@ from redis.retry import Retry
 
 from pipeline.config import RedisSettings
 from pipeline.errors import ConfigError, TransientError
+from pipeline.logs import UNFOLDED
 
 log = logging.getLogger("imgpipe.redis")
 
@@ -100,7 +101,8 @@ class Outage:
                 self._backoff_s = FIRST_BACKOFF_S
                 # redis-py's connection errors name host:port only, never the password.
                 log.warning("Redis at %s unavailable (%s: %s); retrying with backoff up to "
-                            "%g s", self.location, type(exc).__name__, exc, self.max_backoff_s)
+                            "%g s", self.location, type(exc).__name__, exc, self.max_backoff_s,
+                            extra=UNFOLDED)
             wait = self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, self.max_backoff_s)
             return wait
@@ -110,7 +112,7 @@ class Outage:
             with self._lock:
                 if self.down:
                     self.down = False
-                    log.warning("Redis at %s is back", self.location)
+                    log.warning("Redis at %s is back", self.location, extra=UNFOLDED)
 
     def retry(self, operation: Callable[[], T], stop: Optional[threading.Event] = None) -> T:
         """Run `operation` until it gets through; TransientError once `stop` is set."""

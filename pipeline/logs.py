@@ -17,6 +17,9 @@ from typing import Any
 
 FORMAT = "imgpipe: %(levelname)s: %(message)s"
 REPEAT_WINDOW_S = 60.0
+# extra= for lines that are rare by construction and must each be printed
+# (one per outage, one per dead letter).
+UNFOLDED = {"fold": False}
 
 
 class OncePerWindow(logging.Filter):
@@ -28,6 +31,8 @@ class OncePerWindow(logging.Filter):
         self.last_seen: dict[tuple[str, str], float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "fold", True):
+            return True
         key = (record.name, str(record.msg))
         now = time.monotonic()
         if now - self.last_seen.get(key, float("-inf")) < self.window_s:

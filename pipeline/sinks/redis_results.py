@@ -21,6 +21,7 @@ import redis
 
 from pipeline import wire
 from pipeline.broker import Outage
+from pipeline.logs import UNFOLDED
 from pipeline.predictions import Record
 from pipeline.wire import JobRequest, Keys
 
@@ -118,7 +119,7 @@ class ResultPublisher:
         replies = self.outage.retry(send)
         self._rescue_failed([request], [result], replies[1:])
         log.warning("job %s (entry %s) dead-lettered after %d deliveries",
-                    request.job_id, request.entry_id, deliveries)
+                    request.job_id, request.entry_id, deliveries, extra=UNFOLDED)
 
     def acknowledge(self, entry_ids: list[str]) -> None:
         """Drop entries that need no answer (deleted from the stream while pending)."""

@@ -3,7 +3,8 @@
 Only as much is read as the pipeline asks for (a chunk at a time, while its
 window has room), so a backlog of any size stays in Redis. Before reading new
 entries a consumer takes back its own pending ones (a restart under the same
-name); every `reclaim_interval_s` it takes over entries that another consumer
+name), and after an outage those that a read whose reply was lost delivered to
+it; every `reclaim_interval_s` it takes over entries that another consumer
 has held longer than `claim_idle_ms` (XAUTOCLAIM), since that consumer has
 probably died. An entry delivered more than `max_deliveries` times is not run
 again: it goes to the dead-letter stream with an error result.
@@ -35,7 +36,18 @@ from pipeline.wire import JobRules
 log = logging.getLogger("imgpipe.serve")
 
 Entry = tuple[str, Mapping[bytes, bytes]]
+Read = tuple[str, Mapping[bytes, bytes], Optional[int]]  # with its delivery count, if known
 STALE_CONSUMER_FACTOR = 10  # a consumer idle this many claim timeouts, with nothing pending
+FORGET_STALE_CONSUMERS = """
+for _, row in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+    local consumer = {}
+    for i = 1, #row, 2 do consumer[row[i]] = row[i + 1] end
+    if consumer.name ~= ARGV[3] and consumer.pending == 0
+            and consumer.idle > tonumber(ARGV[2]) then
+        redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], consumer.name)
+    end
+end
+"""
 
 
 class StreamSource:
@@ -55,8 +67,14 @@ class StreamSource:
         self.outage = outage
         self.stopping = threading.Event()
         self.own_pending_cursor: Optional[str] = "0-0"  # None once our PEL is re-read
+        self.lost_cursor: Optional[str] = None  # set by an outage: look for lost replies
         self.reclaim_cursor = "0-0"
         self.next_reclaim = 0.0  # monotonic
+        # Logged once per pass, not per page: repeated warnings are folded, so a
+        # per-page line would understate how many jobs moved.
+        self.own_pending_read = 0
+        self.lost_found = 0
+        self.taken_over = 0
 
     def setup(self) -> None:
         """Create the group (and stream) if missing; waits for Redis, gives up on stop()."""
@@ -71,6 +89,8 @@ class StreamSource:
         try:
             entries = self._read(wait_s)
         except OUTAGE_ERRORS as exc:
+            # A read may have delivered entries to us although its reply was lost.
+            self.lost_cursor = "-"
             self.stopping.wait(min(self.outage.failed(exc), wait_s))
             return []
         except redis.ResponseError as exc:
@@ -83,19 +103,23 @@ class StreamSource:
         self.outage.recovered()
         return [job for job in map(self._admit, entries) if job is not None]
 
-    def _read(self, wait_s: float) -> list[tuple[str, Mapping[bytes, bytes], Optional[int]]]:
+    def _read(self, wait_s: float) -> list[Read]:
         """Entries with their delivery counts (None for a first delivery)."""
         if self.own_pending_cursor is not None:
             return self._own_pending()
+        if self.lost_cursor is not None:
+            return self._lost_deliveries()
         if time.monotonic() >= self.next_reclaim:
             return self._reclaim()
-        block_ms = max(1, min(int(wait_s * 1000), self.cfg.read_block_ms))
+        # Without BLOCK when asked not to wait: Redis ends a blocked read only on
+        # its timer tick (100 ms at the default hz), not after BLOCK's milliseconds.
+        block_ms = max(1, min(int(wait_s * 1000), self.cfg.read_block_ms)) if wait_s else None
         reply = self.client.xreadgroup(self.streams.group, self.consumer,
                                        {self.streams.keys.jobs: ">"},
                                        count=self.chunk_size, block=block_ms)
         return [(_text(entry_id), fields, None) for entry_id, fields in _entries(reply)]
 
-    def _own_pending(self) -> list[tuple[str, Mapping[bytes, bytes], Optional[int]]]:
+    def _own_pending(self) -> list[Read]:
         """Our own unacknowledged entries, from before a restart, one page per call."""
         assert self.own_pending_cursor is not None
         reply = self.client.xreadgroup(self.streams.group, self.consumer,
@@ -104,30 +128,66 @@ class StreamSource:
         entries = [(_text(entry_id), fields) for entry_id, fields in _entries(reply)]
         if not entries:
             self.own_pending_cursor = None
+            if self.own_pending_read:
+                log.info("re-read %d of this consumer's pending jobs", self.own_pending_read)
             return []
         self.own_pending_cursor = entries[-1][0]
-        log.info("re-reading %d of this consumer's pending jobs", len(entries))
+        self.own_pending_read += len(entries)
         return self._with_deliveries(entries)
 
-    def _reclaim(self) -> list[tuple[str, Mapping[bytes, bytes], Optional[int]]]:
+    def _lost_deliveries(self) -> list[Read]:
+        """Entries pending with us but not in the pipeline: a read whose reply an outage
+        swallowed delivered them. Without this they would wait for the claim timeout.
+
+        One page of our PEL per call; XPENDING then XCLAIM rather than a re-read,
+        so the jobs in flight keep their delivery counts.
+        """
+        assert self.lost_cursor is not None
+        jobs, group = self.streams.keys.jobs, self.streams.group
+        rows = self.client.xpending_range(jobs, group, self.lost_cursor, "+", self.chunk_size,
+                                          self.consumer)
+        if not rows:
+            self.lost_cursor = None
+            if self.lost_found:
+                log.warning("found %d jobs delivered to this consumer in a reply lost to "
+                            "the outage; running them", self.lost_found)
+                self.lost_found = 0
+            return []
+        ids = [_text(row["message_id"]) for row in rows]
+        self.lost_cursor = "(" + ids[-1]
+        lost = [entry_id for entry_id in ids if entry_id not in self.in_flight]
+        if not lost:
+            return []
+        # Entries deleted meanwhile are dropped from the PEL by XCLAIM (Redis 7).
+        claimed: Any = self.client.xclaim(jobs, group, self.consumer, 0,
+                                          lost)  # type: ignore[arg-type]
+        entries = [(_text(entry_id), fields) for entry_id, fields in claimed if entry_id]
+        self.lost_found += len(entries)
+        return self._with_deliveries(entries)
+
+    def _reclaim(self) -> list[Read]:
         """Take over entries idle too long with other (probably dead) consumers."""
         cursor, claimed, *_ = self.client.xautoclaim(
             self.streams.keys.jobs, self.streams.group, self.consumer,
             self.cfg.claim_idle_ms, self.reclaim_cursor, count=self.chunk_size)
-        self.reclaim_cursor = _text(cursor)
-        if self.reclaim_cursor == "0-0":  # one pass over the PEL done
-            self.next_reclaim = time.monotonic() + self.cfg.reclaim_interval_s
-            self._forget_stale_consumers()
         entries = [(_text(entry_id), fields) for entry_id, fields in claimed]
         entries = [(entry_id, fields) for entry_id, fields in entries
                    if entry_id not in self.in_flight]  # our own, still being worked on
-        if entries:
-            log.warning("took over %d jobs pending longer than %d ms", len(entries),
-                        self.cfg.claim_idle_ms)
+        self.taken_over += len(entries)
+        self.reclaim_cursor = _text(cursor)
+        if self.reclaim_cursor == "0-0":  # one pass over the PEL done
+            self._end_reclaim_pass()
         return self._with_deliveries(entries)
 
-    def _with_deliveries(self, entries: list[Entry]
-                         ) -> list[tuple[str, Mapping[bytes, bytes], Optional[int]]]:
+    def _end_reclaim_pass(self) -> None:
+        self.next_reclaim = time.monotonic() + self.cfg.reclaim_interval_s
+        if self.taken_over:
+            log.warning("took over %d jobs pending longer than %d ms", self.taken_over,
+                        self.cfg.claim_idle_ms)
+            self.taken_over = 0
+        self._forget_stale_consumers()
+
+    def _with_deliveries(self, entries: list[Entry]) -> list[Read]:
         if not entries:
             return []
         pending = self.client.xpending_range(
@@ -136,9 +196,11 @@ class StreamSource:
         counts = {_text(row["message_id"]): int(row["times_delivered"]) for row in pending}
         return [(entry_id, fields, counts.get(entry_id, 1)) for entry_id, fields in entries]
 
-    def _admit(self, entry: tuple[str, Mapping[bytes, bytes], Optional[int]]) -> Optional[Job]:
+    def _admit(self, entry: Read) -> Optional[Job]:
         """The entry as a Job for the pipeline, or None when it was dealt with here."""
         entry_id, fields, deliveries = entry
+        if entry_id in self.in_flight:  # delivered again while ours (the group was reset)
+            return None
         if not fields:  # deleted while pending: answered by someone already
             self.publisher.acknowledge([entry_id])
             return None
@@ -161,12 +223,13 @@ class StreamSource:
                 raise
 
     def _forget_stale_consumers(self) -> None:
-        """Remove consumers long gone with nothing pending, so `status` stays readable."""
-        limit_ms = self.cfg.claim_idle_ms * STALE_CONSUMER_FACTOR
-        for consumer in self.client.xinfo_consumers(self.streams.keys.jobs, self.streams.group):
-            name = _text(consumer["name"])
-            if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > limit_ms:
-                self.client.xgroup_delconsumer(self.streams.keys.jobs, self.streams.group, name)
+        """Remove consumers long gone with nothing pending, so `status` stays readable.
+
+        In one script: a consumer that read between a check and its removal
+        would lose its pending entries with it.
+        """
+        self.client.eval(FORGET_STALE_CONSUMERS, 1, self.streams.keys.jobs, self.streams.group,
+                         self.cfg.claim_idle_ms * STALE_CONSUMER_FACTOR, self.consumer)
 
 
 def _entries(reply: Any) -> list[tuple[Any, Mapping[bytes, bytes]]]:

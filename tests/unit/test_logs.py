@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.logs import OncePerWindow
+from pipeline.logs import UNFOLDED, OncePerWindow
 
 
 def _record(message: str, *args: object, name: str = "imgpipe.cache") -> logging.LogRecord:
@@ -29,3 +29,11 @@ def test_other_loggers_are_independent() -> None:
     once = OncePerWindow(window_s=60)
     assert once.filter(_record("same text", name="imgpipe.cache"))
     assert once.filter(_record("same text", name="imgpipe.engine"))
+
+
+def test_unfolded_lines_always_print() -> None:
+    once = OncePerWindow(window_s=60)
+    for _ in range(2):
+        record = _record("Redis at %s unavailable", "host:6379")
+        record.__dict__.update(UNFOLDED)
+        assert once.filter(record)
