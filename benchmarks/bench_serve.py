@@ -411,8 +411,9 @@ def configure_redis(url: str) -> dict[str, Any]:
 
 
 def warnings(daemon_log: str) -> list[str]:
+    """The daemon's warning and error lines (JSON lines, its stderr being a file)."""
     return [line for line in daemon_log.splitlines()
-            if ": WARNING: " in line or ": ERROR: " in line]
+            if '"level": "warning"' in line or '"level": "error"' in line]
 
 
 # ---------------------------------------------------------------- report

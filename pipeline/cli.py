@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     _engine_flags(score)
     score.add_argument("--recursive", action="store_true", help="descend into subdirectories")
     _cache_flags(score)
+    score.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve Prometheus /metrics (and /healthz, /readyz) while scoring")
     score.add_argument("--cache", dest="cache.enabled", action=argparse.BooleanOptionalAction,
                        default=None, help="use the tensor and result cache (default: on)")
     score.set_defaults(handler=_score)
@@ -141,8 +143,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _score(args: argparse.Namespace, stderr: Console) -> int:
     from pipeline.engine import Engine
+    from pipeline.metrics import Metrics
     from pipeline.sinks.results import JsonlStream, TerminalTable, open_result_file
     from pipeline.sources import directory
+    from pipeline.status_server import Health, start_configured
 
     settings = _settings(args)
     if not args.directory.is_dir():
@@ -157,10 +161,16 @@ def _score(args: argparse.Namespace, stderr: Console) -> int:
         sink, done = open_result_file(Path(args.out))
     skip = _skipper(done, args.out)
     root = str(args.directory)
-    engine = Engine(settings)
+    metrics, health = Metrics(), Health()
+    endpoint = None
+    if args.metrics_port is not None:
+        endpoint = start_configured(settings.metrics.model_copy(update={"port": args.metrics_port}),
+                                    metrics, health)
+    engine = Engine(settings, metrics=metrics if endpoint is not None else None)
     try:
         with stderr.status("loading model and starting workers"):
             engine.setup()
+        health.ready()
         total = directory.count(root, args.recursive, skip) if stderr.is_terminal else None
         jobs = directory.walk(root, args.recursive, skip)
         with _Progress(stderr, total) as advance:
@@ -171,6 +181,8 @@ def _score(args: argparse.Namespace, stderr: Console) -> int:
     finally:
         sink.close()
         engine.close()
+        if endpoint is not None:
+            endpoint.stop()
     _print_summary(stderr, summary, len(done), engine, args.out)
     return EXIT_INTERRUPTED if summary.interrupted else 0
 

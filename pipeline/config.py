@@ -140,6 +140,12 @@ class ServeSettings(Section):
     reclaim_interval_s: float = Field(5.0, gt=0)
     read_block_ms: int = Field(500, ge=1, le=60_000)
     drain_grace_s: float = Field(30.0, gt=0)
+    stall_timeout_s: float = Field(30.0, gt=0)
+
+
+class MetricsSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
 
 
 class Settings(Section):
@@ -149,6 +155,7 @@ class Settings(Section):
     cache: CacheSettings = CacheSettings()
     redis: RedisSettings = RedisSettings()
     serve: ServeSettings = ServeSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
 
 def load_settings(config_file: Optional[Path] = None,

@@ -13,19 +13,24 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
+from pipeline import __version__
 from pipeline.backends import TorchBackend, resolve_device
 from pipeline.batching import END, Batcher
 from pipeline.cache.lookup import CacheLookup, ResultScope
 from pipeline.config import Settings
 from pipeline.items import Job, Prepared
 from pipeline.models import load_model
+from pipeline.notify import Heartbeat
 from pipeline.predictions import Record
 from pipeline.preprocess.select import resolve_backend
 from pipeline.sources import ChunkSource, IterableSource
 from workers.inference_worker import InferenceWorker
 from workers.preprocess_pool import PreprocessPool, WorkerPlan
+
+if TYPE_CHECKING:
+    from pipeline.metrics import Metrics
 
 Sink = Callable[[list[Record]], None]
 
@@ -63,23 +68,31 @@ class Engine:
     """Loads the model and starts the pool in setup(); run() may be called repeatedly.
 
     `max_topk` is how many predictions are computed (and cached) per image when
-    jobs may ask for more than the configured `model.topk`.
+    jobs may ask for more than the configured `model.topk`. `progress` ticks
+    whenever a batch is delivered or nothing is waiting: a watchdog reads it.
     """
 
-    def __init__(self, settings: Settings, max_topk: Optional[int] = None) -> None:
+    def __init__(self, settings: Settings, max_topk: Optional[int] = None,
+                 metrics: Optional[Metrics] = None) -> None:
         self.settings = settings
         self.topk = max(max_topk or 0, settings.model.topk)
+        self.metrics = metrics
+        self.progress = Heartbeat()
         self.cores = os.cpu_count() or 1
 
     def setup(self) -> None:
         model_cfg, pre_cfg = self.settings.model, self.settings.preprocess
         self.device = resolve_device(model_cfg.device)
         self.preprocess_backend = resolve_backend(pre_cfg.backend, self.device.type)
+        started = time.perf_counter()
         self.model = load_model(model_cfg.name, model_cfg.weights, model_cfg.labels)
         self.inference = TorchBackend(self.model, self.device,
                                       self.settings.batching.max_batch_size,
                                       pre_cfg.spec().output_shape, model_cfg.threads)
         self.inference.setup()
+        if self.metrics is not None:
+            self.metrics.model_loaded(time.perf_counter() - started)
+            self.metrics.set_info(__version__, self.model.name, str(self.device))
         self.result_scope = ResultScope(self.model.name, self.model.weights_digest,
                                         self.topk,
                                         ResultScope.labels_digest_of(self.model.labels))
@@ -128,13 +141,20 @@ class Engine:
         def deliver(records: list[Record]) -> None:
             sink(records)
             summary.count(records)
+            self.progress.tick()
+            self._observe(records, prepared)
+
+        def idle() -> None:
+            if self.pool.outstanding == 0 and prepared.empty():
+                self.progress.tick()  # nothing waits: no progress is due
+            self._observe([], prepared)
 
         if self.cache is not None:
             self.cache.counters_since_last_call()  # count this run only
         feeder.start()
         try:
             self.worker.drain(Batcher(prepared, batching.max_batch_size, batching.max_delay_ms,
-                                      lambda: self.pool.outstanding > 0), deliver)
+                                      lambda: self.pool.outstanding > 0), deliver, idle)
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
@@ -145,6 +165,16 @@ class Engine:
         if feeder.error is not None and not summary.interrupted:
             raise feeder.error
         return summary
+
+    def _observe(self, records: list[Record], prepared: queue.Queue[object]) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.observe_records(records)
+        batch = sum(1 for record in records if "inference" in record.get("timings_ms", {}))
+        if batch:
+            self.metrics.observe_batch(batch)
+        self.metrics.set_queue_depth("preprocess", self.pool.outstanding)
+        self.metrics.set_queue_depth("batch", prepared.qsize())
 
     def _cache_counters(self) -> dict[str, Counter[str]]:
         """Every process's tier counters for this run, summed per tier."""

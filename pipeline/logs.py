@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import logging.handlers
 import queue
+import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 FORMAT = "imgpipe: %(levelname)s: %(message)s"
 REPEAT_WINDOW_S = 60.0
@@ -41,10 +43,28 @@ class OncePerWindow(logging.Filter):
         return True
 
 
-def configure(level: int = logging.WARNING) -> None:
-    """The command's logging: one stderr handler, repeated warnings folded."""
+class JsonLines(logging.Formatter):
+    """One JSON object per line, for journald and log shippers; a job's id, when
+    the line is about one job, in its own field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+                 "level": record.levelname.lower(), "logger": record.name,
+                 "message": record.getMessage()}
+        if hasattr(record, "job_id"):
+            entry["job_id"] = record.job_id
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure(level: int = logging.WARNING, json_lines: Optional[bool] = None) -> None:
+    """The command's logging: one stderr handler, repeated warnings folded;
+    JSON lines unless stderr is a terminal (or `json_lines` says otherwise)."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(FORMAT))
+    if json_lines is None:
+        json_lines = not sys.stderr.isatty()
+    handler.setFormatter(JsonLines() if json_lines else logging.Formatter(FORMAT))
     handler.addFilter(OncePerWindow())
     logging.basicConfig(level=level, handlers=[handler], force=True)
 

@@ -18,6 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = "serving "
+# Several daemons run at once in a test: no fixed metrics port unless asked for.
+METRICS_OFF = {"IMGPIPE_METRICS__PORT": "0"}
 START_TIMEOUT_S = 120.0
 
 
@@ -35,7 +37,7 @@ class ServeProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.cli", "serve", *self.args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                env={**os.environ, **self.env}, start_new_session=True)
+                env={**os.environ, **METRICS_OFF, **self.env}, start_new_session=True)
         if wait_ready:
             self.wait_for_log(READY_LINE, START_TIMEOUT_S)
         return self

@@ -1,11 +1,15 @@
 """`imgpipe serve`: the engine fed from a Redis stream, its results back into Redis.
 
-Start-up: load and warm the model, start the preprocessing workers, then
-connect to Redis (waiting while it is down). The first SIGTERM or SIGINT stops
-reading; jobs in flight finish, are published and acknowledged, and the
-process exits 0, or 1 if that takes longer than `drain_grace_s`. A second
-signal exits at once; its pending jobs are taken over later, by another daemon
-or by this one's restart.
+Start-up: the status endpoint (/healthz, /readyz, /metrics), then load and
+warm the model, start the preprocessing workers and connect to Redis (waiting
+while it is down); only then is the daemon ready (READY=1 to systemd, /readyz
+200). While the pipeline makes progress it pings systemd's watchdog; stuck
+with work pending for `stall_timeout_s`, it stops, and systemd restarts it.
+
+The first SIGTERM or SIGINT stops reading (STOPPING=1, /readyz 503); jobs in
+flight finish, are published and acknowledged, and the process exits 0, or 1
+if that takes longer than `drain_grace_s`. A second signal exits at once; its
+pending jobs are taken over later, by another daemon or by this one's restart.
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Optional
 
+from pipeline import notify, status_server
 from pipeline.broker import Outage, connect, describe_url
 from pipeline.config import Settings
 from pipeline.engine import Engine
 from pipeline.errors import ConfigError, TransientError
+from pipeline.metrics import Metrics
 from pipeline.sinks.redis_results import InFlight, ResultPublisher, Streams
 from pipeline.sources.redis_stream import StreamSource
 from pipeline.wire import JobRules, Keys
@@ -38,13 +45,13 @@ class Shutdown:
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
         self.requested = threading.Event()
-        self._callbacks: list[Callable[[], None]] = []
+        self._callbacks: list[Callable[[], object]] = []
 
     def install(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
 
-    def on_stop(self, callback: Callable[[], None]) -> None:
+    def on_stop(self, callback: Callable[[], object]) -> None:
         """Call `callback` when a stop is requested (now, if it already was)."""
         self._callbacks.append(callback)
         if self.requested.is_set():
@@ -73,19 +80,25 @@ class Shutdown:
 def serve(settings: Settings) -> int:
     """Run the daemon until a signal stops it; the process's exit status."""
     cfg = settings.serve
-    shutdown = Shutdown(cfg.drain_grace_s)
-    shutdown.install()  # before the slow set-up: a stop during it is honoured
     roots = _allowed_roots(settings)
+    metrics, health = Metrics(), status_server.Health()
+    endpoint = status_server.start_configured(settings.metrics, metrics, health)
+    shutdown = Shutdown(cfg.drain_grace_s)
+    shutdown.on_stop(health.draining)
+    shutdown.on_stop(notify.stopping)
+    shutdown.install()  # before the slow set-up: a stop during it is honoured
     keys = Keys(settings.redis.prefix)
     streams = Streams(keys, cfg.group, cfg.results_maxlen, cfg.dead_maxlen)
     consumer = cfg.consumer or f"{socket.gethostname()}-{os.getpid()}"
     client = connect(settings.redis, extra_timeout_s=cfg.read_block_ms / 1000)
     outage = Outage(describe_url(settings.redis.url), settings.redis.max_backoff_s)
-    engine = Engine(settings, max_topk=cfg.max_topk)
+    engine = Engine(settings, max_topk=cfg.max_topk, metrics=metrics)
+    watchdog: Optional[notify.Watchdog] = None
     try:
         engine.setup()
         in_flight = InFlight()
-        publisher = ResultPublisher(client, streams, engine.model.name, in_flight, outage)
+        publisher = ResultPublisher(client, streams, engine.model.name, in_flight, outage,
+                                    metrics)
         rules = JobRules(engine.model.name, cfg.max_topk, cfg.max_inline_bytes, roots,
                          keys.results)
         source = StreamSource(client, streams, consumer, cfg, rules,
@@ -95,15 +108,37 @@ def serve(settings: Settings) -> int:
             source.setup()
         except TransientError:
             return 0  # stopped while waiting for Redis: nothing was read
+        health.ready()
+        notify.ready(f"serving {engine.model.name} on {engine.device}")
+        watchdog = notify.Watchdog(lambda: engine.progress.age_s() < cfg.stall_timeout_s,
+                                   _describer(publisher, in_flight))
+        watchdog.start()
         log.info("serving %s on %s: consumer %s of group %s reading %s at %s",
                  engine.model.name, engine.device, consumer, cfg.group, keys.jobs,
                  outage.location)
         engine.run(source, publisher.write)
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         engine.close()
         client.close()
+        if endpoint is not None:
+            endpoint.stop()
     log.info("stopped after answering %d jobs", publisher.published)
     return 0
+
+
+def _describer(publisher: ResultPublisher, in_flight: InFlight) -> Callable[[], str]:
+    """systemd's STATUS= line: throughput since the previous call, and work in flight."""
+    last = [time.monotonic(), publisher.published]
+
+    def describe() -> str:
+        now, answered = time.monotonic(), publisher.published
+        rate = (answered - last[1]) / max(now - last[0], 1e-9)
+        last[:] = [now, answered]
+        return f"{rate:.1f} jobs/s, {len(in_flight)} in flight, {answered} answered"
+
+    return describe
 
 
 def _allowed_roots(settings: Settings) -> list[str]:

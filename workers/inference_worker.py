@@ -23,6 +23,7 @@ from pipeline.predictions import Record, error_record, ok_record, top_k
 
 Remember = Callable[[Prepared, list[dict[str, Any]]], None]
 log = logging.getLogger("imgpipe.inference")
+IDLE_S = 0.5
 
 
 class InferenceWorker:
@@ -53,7 +54,9 @@ class InferenceWorker:
         logits = self._logits([item.pixels for item in ready])  # type: ignore[misc]
         predictions = top_k(logits, self.topk, self.backend.model.labels)
         per_item_ms = (time.perf_counter() - started) * 1000 / len(ready)
+        h2d_ms = self.backend.last_staging_s * 1000 / len(ready)
         for item, top in zip(ready, predictions, strict=True):
+            item.timings_ms["h2d"] = h2d_ms
             item.timings_ms["inference"] = per_item_ms
             item.predictions = top
             if self.remember is not None:
@@ -73,8 +76,12 @@ class InferenceWorker:
         half = len(pixels) // 2
         return torch.cat([self._logits(pixels[:half]), self._logits(pixels[half:])])
 
-    def drain(self, batcher: Batcher[Prepared], sink: Callable[[list[Record]], None]) -> None:
-        """Score batches until the batcher reports the end of its input."""
-        while (batch := batcher.next_batch(timeout_s=0.5)) is not None:
+    def drain(self, batcher: Batcher[Prepared], sink: Callable[[list[Record]], None],
+              idle: Callable[[], None] = lambda: None) -> None:
+        """Score batches until the batcher reports the end of its input; `idle` is
+        called whenever half a second passes without one."""
+        while (batch := batcher.next_batch(timeout_s=IDLE_S)) is not None:
             if batch:
                 sink(self.score(batch))
+            else:
+                idle()

@@ -113,7 +113,10 @@ def preprocess_chunk(jobs: list[Job]) -> tuple[list[Prepared], TierCounters]:
                 to_read.append((item, info))
     to_decode = [(item, data) for item, info, data in _read_all(to_read)
                  if not _from_cache(item, info, data)]
+    decoding = time.perf_counter()
     outcomes = _worker.backend.run([data for _, data in to_decode])
+    decode_ms = (time.perf_counter() - decoding) * 1000 / max(len(to_decode), 1)
+    lookup_ms = (decoding - started) * 1000 / max(len(jobs), 1)
     for (item, _), outcome in zip(to_decode, outcomes, strict=True):
         if isinstance(outcome, InputError):
             item.error = outcome
@@ -123,7 +126,11 @@ def preprocess_chunk(jobs: list[Job]) -> tuple[list[Prepared], TierCounters]:
                 _worker.cache.store_tensor(item.digest, outcome)
     per_item_ms = (time.perf_counter() - started) * 1000 / max(len(jobs), 1)
     for item in prepared:
+        # Before decoding: stat, read, cache lookups. preprocess: the whole of it.
+        item.timings_ms["cache_lookup"] = lookup_ms
         item.timings_ms["preprocess"] = per_item_ms
+    for item, _ in to_decode:
+        item.timings_ms["decode"] = decode_ms
     counters = _worker.cache.counters_since_last_call() if _worker.cache is not None else {}
     return prepared, counters
 

@@ -39,6 +39,7 @@ class TorchBackend:
         self.sample_shape = sample_shape
         self.threads = threads
         self.warmup_s = 0.0
+        self.last_staging_s = 0.0  # the last batch's copy into the staging ring (and to the device)
 
     def setup(self) -> None:
         """Move to the device, build the staging ring, warm up."""
@@ -64,7 +65,9 @@ class TorchBackend:
     @torch.inference_mode()
     def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 CHW samples -> float logits on the device, one row per sample."""
+        started = time.perf_counter()
         batch = self.ring.stage(samples)
+        self.last_staging_s = time.perf_counter() - started
         x = batch.float().mul_(self.scale).add_(self.shift)
         x = x.contiguous(memory_format=torch.channels_last)
         logits = self.module(x)

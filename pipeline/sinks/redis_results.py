@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import redis
 
@@ -24,6 +24,9 @@ from pipeline.broker import Outage
 from pipeline.logs import UNFOLDED
 from pipeline.predictions import Record
 from pipeline.wire import JobRequest, Keys
+
+if TYPE_CHECKING:
+    from pipeline.metrics import Metrics
 
 log = logging.getLogger("imgpipe.serve")
 
@@ -79,12 +82,13 @@ class ResultPublisher:
     """Writes results, acknowledges jobs, and files dead letters."""
 
     def __init__(self, client: redis.Redis, streams: Streams, model: str,
-                 in_flight: InFlight, outage: Outage) -> None:
+                 in_flight: InFlight, outage: Outage, metrics: Optional[Metrics] = None) -> None:
         self.client = client
         self.streams = streams
         self.model = model
         self.in_flight = in_flight
         self.outage = outage
+        self.metrics = metrics
         self.published = 0
 
     def write(self, records: list[Record]) -> None:
@@ -93,10 +97,14 @@ class ResultPublisher:
         results = [wire.result_fields(record, d.request, self.model, d.queue_wait_ms)
                    for record, d in zip(records, deliveries, strict=True)]
         requests = [d.request for d in deliveries]
+        started = time.perf_counter()
         replies = self.outage.retry(lambda: self._answer(requests, results))
         self._rescue_failed(requests, results, replies)
         self.in_flight.remove([request.entry_id for request in requests])
         self.published += len(records)
+        if self.metrics is not None:
+            self.metrics.observe_stage("publish", time.perf_counter() - started)
+            self.metrics.set_in_flight(len(self.in_flight))
 
     def dead_letter(self, request: JobRequest, fields: Mapping[bytes, bytes],
                     deliveries: int) -> None:
@@ -118,8 +126,11 @@ class ResultPublisher:
 
         replies = self.outage.retry(send)
         self._rescue_failed([request], [result], replies[1:])
+        if self.metrics is not None:
+            self.metrics.dead_lettered()
         log.warning("job %s (entry %s) dead-lettered after %d deliveries",
-                    request.job_id, request.entry_id, deliveries, extra=UNFOLDED)
+                    request.job_id, request.entry_id, deliveries,
+                    extra={**UNFOLDED, "job_id": request.job_id})
 
     def acknowledge(self, entry_ids: list[str]) -> None:
         """Drop entries that need no answer (deleted from the stream while pending)."""
@@ -156,7 +167,8 @@ class ResultPublisher:
             if not isinstance(failure, redis.ResponseError):
                 continue
             log.warning("cannot write the result of job %s to %s (%s); writing it to %s",
-                        request.job_id, request.reply_to, failure, self.streams.keys.results)
+                        request.job_id, request.reply_to, failure, self.streams.keys.results,
+                        extra={"job_id": request.job_id})
             error = {"code": "reply_failed",
                      "message": f"result stream {request.reply_to!r} refused it: {failure}"}
             self._publish_to_default({**result, "status": "error", "error": json.dumps(error),

@@ -90,7 +90,8 @@ def test_path_and_data_jobs_score_like_imgpipe_score(efficientnet_daemon: ServeP
             assert [p["index"] for p in result["predictions"]] == \
                 [p["index"] for p in predictions]
             assert result["cache"] == "miss"
-            assert set(result["timings_ms"]) == {"queue_wait", "preprocess", "inference"}
+            assert set(result["timings_ms"]) == {"queue_wait", "cache_lookup", "decode",
+                                                  "preprocess", "h2d", "inference"}
 
 
 def test_job_options_topk_id_relative_path_and_deadline(efficientnet_daemon: ServeProcess,

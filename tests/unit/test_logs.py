@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
-from pipeline.logs import UNFOLDED, OncePerWindow
+from pipeline.logs import UNFOLDED, JsonLines, OncePerWindow
 
 
 def _record(message: str, *args: object, name: str = "imgpipe.cache") -> logging.LogRecord:
@@ -37,3 +38,13 @@ def test_unfolded_lines_always_print() -> None:
         record = _record("Redis at %s unavailable", "host:6379")
         record.__dict__.update(UNFOLDED)
         assert once.filter(record)
+
+
+def test_json_lines_carry_the_level_the_message_and_the_job_id() -> None:
+    record = _record("job %s dead-lettered", "order-17", name="imgpipe.serve")
+    record.job_id = "order-17"
+    entry = json.loads(JsonLines().format(record))
+    assert entry["level"] == "warning"
+    assert entry["logger"] == "imgpipe.serve"
+    assert entry["message"] == "job order-17 dead-lettered"
+    assert entry["job_id"] == "order-17"
