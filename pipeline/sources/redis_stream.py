@@ -66,6 +66,7 @@ class StreamSource:
         self.publisher = publisher
         self.outage = outage
         self.stopping = threading.Event()
+        self.group_missing = False
         self.own_pending_cursor: Optional[str] = "0-0"  # None once our PEL is re-read
         self.lost_cursor: Optional[str] = None  # set by an outage: look for lost replies
         self.reclaim_cursor = "0-0"
@@ -98,13 +99,17 @@ class StreamSource:
                 raise
             log.warning("consumer group %s is gone (Redis restarted without its data?); "
                         "creating it again", self.streams.group)
-            self._create_group()
+            self.group_missing = True
             return []
         self.outage.recovered()
         return [job for job in map(self._admit, entries) if job is not None]
 
     def _read(self, wait_s: float) -> list[Read]:
         """Entries with their delivery counts (None for a first delivery)."""
+        if self.group_missing:
+            self._create_group()
+            self.group_missing = False
+            return []
         if self.own_pending_cursor is not None:
             return self._own_pending()
         if self.lost_cursor is not None:

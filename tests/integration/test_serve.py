@@ -199,3 +199,19 @@ def _results_by_entry(raw: redis.Redis, stream: str, count: int,
     assert len(entries) == count, f"{len(entries)} results of {count}"
     results = [wire.decode_result(fields) for _, fields in entries]
     return {result["entry_id"]: result for result in results}
+
+
+def test_a_consumer_group_that_vanishes_is_created_again(
+        daemon_factory: DaemonFactory, redis_server: RedisServer, raw: redis.Redis,  # noqa: F811
+        prefix: str, samples_dir: Path, tiny_model: Path) -> None:
+    # given a serving daemon whose group is destroyed (as a Redis restart without data would)
+    daemon = daemon_factory(serve_env(redis_server, prefix, [samples_dir],
+                                      MODEL__NAME=str(tiny_model)))
+    raw.xgroup_destroy(f"{prefix}:jobs", "imgpipe")
+
+    # when a job comes
+    daemon.wait_for_log("creating it again")
+    entry = raw.xadd(f"{prefix}:jobs", {"image": "coffee.jpg"}).decode()
+
+    # then it is answered
+    assert _results_by_entry(raw, f"{prefix}:results", 1)[entry]["status"] == "ok"
