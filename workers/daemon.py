@@ -81,7 +81,15 @@ def serve(settings: Settings) -> int:
     """Run the daemon until a signal stops it; the process's exit status."""
     cfg = settings.serve
     roots = _allowed_roots(settings)
-    metrics, health = Metrics(), status_server.Health()
+    metrics = Metrics()
+    engine = Engine(settings, max_topk=cfg.max_topk, metrics=metrics)
+    serving = threading.Event()
+
+    def progressing() -> bool:
+        """Alive for /healthz and the watchdog: setting up, or not stuck with work."""
+        return not serving.is_set() or engine.progress.age_s() < cfg.stall_timeout_s
+
+    health = status_server.Health(progressing)
     endpoint = status_server.start_configured(settings.metrics, metrics, health)
     shutdown = Shutdown(cfg.drain_grace_s)
     shutdown.on_stop(health.draining)
@@ -92,7 +100,6 @@ def serve(settings: Settings) -> int:
     consumer = cfg.consumer or f"{socket.gethostname()}-{os.getpid()}"
     client = connect(settings.redis, extra_timeout_s=cfg.read_block_ms / 1000)
     outage = Outage(describe_url(settings.redis.url), settings.redis.max_backoff_s)
-    engine = Engine(settings, max_topk=cfg.max_topk, metrics=metrics)
     watchdog: Optional[notify.Watchdog] = None
     try:
         engine.setup()
@@ -110,8 +117,9 @@ def serve(settings: Settings) -> int:
             return 0  # stopped while waiting for Redis: nothing was read
         health.ready()
         notify.ready(f"serving {engine.model.name} on {engine.device}")
-        watchdog = notify.Watchdog(lambda: engine.progress.age_s() < cfg.stall_timeout_s,
-                                   _describer(publisher, in_flight))
+        engine.progress.tick()  # the set-up was progress too
+        serving.set()
+        watchdog = notify.Watchdog(progressing, _describer(publisher, in_flight))
         watchdog.start()
         log.info("serving %s on %s: consumer %s of group %s reading %s at %s",
                  engine.model.name, engine.device, consumer, cfg.group, keys.jobs,
