@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,7 +42,13 @@ def start_imgpipe(*args: str) -> subprocess.Popen[str]:
     group reach its workers too, as Ctrl-C on a terminal does."""
     return subprocess.Popen([*IMGPIPE, *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, errors="surrogateescape",
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    # A suite started in the background by a shell inherits SIGINT ignored, and
+    # Python keeps it so: give the command the terminal's default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def count_lines(path: Path) -> int:
