@@ -78,6 +78,7 @@ class Engine:
         self.topk = max(max_topk or 0, settings.model.topk)
         self.metrics = metrics
         self.progress = Heartbeat()
+        self._fallbacks_reported = 0
         self.cores = os.cpu_count() or 1
 
     def setup(self) -> None:
@@ -173,6 +174,8 @@ class Engine:
         batch = sum(1 for record in records if "inference" in record.get("timings_ms", {}))
         if batch:
             self.metrics.observe_batch(batch)
+        self.metrics.decode_fell_back(self.pool.decode_fallbacks - self._fallbacks_reported)
+        self._fallbacks_reported = self.pool.decode_fallbacks
         self.metrics.set_queue_depth("preprocess", self.pool.outstanding)
         self.metrics.set_queue_depth("batch", prepared.qsize())
 

@@ -95,13 +95,15 @@ def _ready() -> bool:
 
 
 TierCounters = dict[str, Counter[str]]
-ChunkFuture = Future[tuple[list[Prepared], TierCounters]]
+ChunkOutcome = tuple[list[Prepared], TierCounters, int]  # items, cache counters, fallbacks
+ChunkFuture = Future[ChunkOutcome]
 Stat = Optional[os.stat_result]  # a file's stat before reading, for the cache
 
 
-def preprocess_chunk(jobs: list[Job]) -> tuple[list[Prepared], TierCounters]:
-    """Read and preprocess a chunk of jobs: one Prepared per job, in order, and
-    how this worker's cache tiers' counters moved meanwhile."""
+def preprocess_chunk(jobs: list[Job]) -> ChunkOutcome:
+    """Read and preprocess a chunk of jobs: one Prepared per job, in order, how
+    this worker's cache tiers' counters moved meanwhile, and how many images
+    its decoder handed to its fallback (DALI to Pillow)."""
     assert _worker is not None, "worker not initialised"
     started = time.perf_counter()
     prepared = [Prepared(job, error=job.error) for job in jobs]
@@ -114,6 +116,7 @@ def preprocess_chunk(jobs: list[Job]) -> tuple[list[Prepared], TierCounters]:
     to_decode = [(item, data) for item, info, data in _read_all(to_read)
                  if not _from_cache(item, info, data)]
     decoding = time.perf_counter()
+    fallbacks_before = _worker.backend.fallbacks
     outcomes = _worker.backend.run([data for _, data in to_decode])
     decode_ms = (time.perf_counter() - decoding) * 1000 / max(len(to_decode), 1)
     lookup_ms = (decoding - started) * 1000 / max(len(jobs), 1)
@@ -132,7 +135,7 @@ def preprocess_chunk(jobs: list[Job]) -> tuple[list[Prepared], TierCounters]:
     for item, _ in to_decode:
         item.timings_ms["decode"] = decode_ms
     counters = _worker.cache.counters_since_last_call() if _worker.cache is not None else {}
-    return prepared, counters
+    return prepared, counters, _worker.backend.fallbacks - fallbacks_before
 
 
 def _read_all(items: list[tuple[Prepared, Stat]]) -> Iterator[tuple[Prepared, Stat, bytes]]:
@@ -201,6 +204,7 @@ class PreprocessPool:
         self.executor: Optional[ProcessPoolExecutor] = None
         self.generation = 0  # bumped on every restart after a crash
         self.cache_counters: TierCounters = {}  # summed over every worker, per map()
+        self.decode_fallbacks = 0  # summed over every worker, for good
         self.outstanding = 0  # jobs submitted whose Prepared has not been handed out yet
         self.context = multiprocessing.get_context("spawn")
         self.log_queue = self.context.Queue(LOG_QUEUE_RECORDS)
@@ -266,29 +270,30 @@ class PreprocessPool:
     def _collect(self, future: ChunkFuture, chunk: list[Job],
                  generation: int) -> list[Prepared]:
         try:
-            prepared, counters = future.result()
+            prepared, counters, fallbacks = future.result()
         except BrokenProcessPool:
             # A process died (a decoder crash, the OOM killer): the chunks it took
             # down run again one job at a time, so only a culprit fails.
             if generation == self.generation:
                 self._restart()
             return [self._alone(job) for job in chunk]
-        self._count(counters)
+        self._count(counters, fallbacks)
         return prepared
 
     def _alone(self, job: Job) -> Prepared:
         generation = self.generation
         try:
-            prepared, counters = self._submit([job]).result()
+            prepared, counters, fallbacks = self._submit([job]).result()
         except BrokenProcessPool:
             if generation == self.generation:
                 self._restart()
             return Prepared(job, error=InputError(
                 "worker_crashed", "the preprocessing worker crashed on this image"))
-        self._count(counters)
+        self._count(counters, fallbacks)
         return prepared[0]
 
-    def _count(self, counters: TierCounters) -> None:
+    def _count(self, counters: TierCounters, fallbacks: int) -> None:
+        self.decode_fallbacks += fallbacks
         for tier, delta in counters.items():
             self.cache_counters.setdefault(tier, Counter()).update(delta)
 

@@ -20,9 +20,13 @@ BACKENDS = ("pillow", "dali")
 
 
 class PreprocessBackend(Protocol):
-    """Decode and transform a batch; one outcome per input, in order."""
+    """Decode and transform a batch; one outcome per input, in order.
+
+    `fallbacks` counts the images handed to another decoder (DALI to Pillow).
+    """
 
     name: str
+    fallbacks: int
 
     def setup(self) -> None: ...
 

@@ -155,6 +155,7 @@ class PillowBackend:
     """Decodes one image at a time; parallelism comes from the worker pool."""
 
     name = "pillow"
+    fallbacks = 0  # Pillow is the last resort: it hands nothing on
 
     def __init__(self, spec: PreprocessSpec, limits: InputLimits) -> None:
         self.spec = spec

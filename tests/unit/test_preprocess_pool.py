@@ -14,6 +14,8 @@ from pipeline.items import Job, Prepared
 from pipeline.spec import InputLimits, PreprocessSpec
 from workers.preprocess_pool import PreprocessPool, WorkerPlan
 
+JOBS = 24  # about a second of decoding: the kill lands while work is in flight
+
 
 def slow_png(path: Path) -> Path:
     """A PNG big and noisy enough that decoding takes a noticeable time."""
@@ -36,11 +38,13 @@ def test_jobs_of_a_killed_worker_are_run_again(tmp_path: Path) -> None:
     results: list[Prepared] = []
     try:
         consumer = threading.Thread(target=lambda: results.extend(
-            pool.map([Job(str(image)) for _ in range(8)])))
+            pool.map([Job(str(image)) for _ in range(JOBS)])))
         consumer.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 60
+        while not pool.outstanding and time.monotonic() < deadline:
+            time.sleep(0.01)
 
-        # when the worker is killed mid-chunk (as the OOM killer would)
+        # when the worker is killed mid-run (as the OOM killer would)
         for worker in pool_workers():
             worker.kill()
         consumer.join(timeout=120)
@@ -49,7 +53,7 @@ def test_jobs_of_a_killed_worker_are_run_again(tmp_path: Path) -> None:
 
     # then the pool restarted, and every job was preprocessed all the same
     assert pool.generation >= 1
-    assert len(results) == 8
-    assert [item.error for item in results] == [None] * 8
+    assert len(results) == JOBS
+    assert [item.error for item in results] == [None] * JOBS
     assert all(item.pixels is not None and item.pixels.shape == (3, 224, 224)
                for item in results)
