@@ -269,8 +269,8 @@ def _print_summary(console: Console, summary: Any, skipped: int, engine: Any,
                       f"{counts['errors']} errors, {counts['bytes_read'] / 2**20:.1f} MiB read",
                       markup=False)
     pillow = pillow_implementation()
-    console.print(f"model {engine.model.name} on {engine.device}; preprocessing "
-                  f"{engine.preprocess_backend} ({pillow})", markup=False)
+    console.print(f"model {engine.model.name} on {engine.device} ({engine.inference.name}); "
+                  f"preprocessing {engine.preprocess_backend} ({pillow})", markup=False)
     if summary.interrupted and out not in (None, "-"):
         console.print(f"re-run the same command to resume; {out} is complete up to here",
                       markup=False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from pipeline import __version__
-from pipeline.backends import TorchBackend, resolve_device
+from pipeline.backends import create_inference_backend, resolve_device
 from pipeline.batching import END, Batcher
 from pipeline.cache.lookup import CacheLookup, ResultScope
 from pipeline.config import Settings
@@ -87,9 +87,9 @@ class Engine:
         self.preprocess_backend = resolve_backend(pre_cfg.backend, self.device.type)
         started = time.perf_counter()
         self.model = load_model(model_cfg.name, model_cfg.weights, model_cfg.labels)
-        self.inference = TorchBackend(self.model, self.device,
-                                      self.settings.batching.max_batch_size,
-                                      pre_cfg.spec().output_shape, model_cfg.threads)
+        self.inference = create_inference_backend(
+            model_cfg.backend, self.model, self.device, self.settings.batching.max_batch_size,
+            pre_cfg.spec().output_shape, model_cfg.threads, self.settings.cache.directory())
         self.inference.setup()
         if self.metrics is not None:
             self.metrics.model_loaded(time.perf_counter() - started)

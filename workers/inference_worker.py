@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pipeline.backends import TorchBackend
+from pipeline.backends import InferenceBackend
 from pipeline.batching import Batcher
 from pipeline.errors import TransientError
 from pipeline.items import Prepared
@@ -29,7 +29,7 @@ IDLE_S = 0.5
 class InferenceWorker:
     """Scores batches of Prepared items with one inference backend."""
 
-    def __init__(self, backend: TorchBackend, topk: int,
+    def __init__(self, backend: InferenceBackend, topk: int,
                  remember: Optional[Remember] = None, default_topk: Optional[int] = None) -> None:
         self.backend = backend
         self.topk = topk  # computed (and cached) per image; a job may ask for fewer

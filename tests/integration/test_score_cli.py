@@ -103,3 +103,31 @@ def test_environment_overrides_reach_the_command(run, samples_dir: Path, tmp_pat
                  env={"IMGPIPE_MODEL__TOPK": "2"})
     assert result.returncode == 0, result.stderr
     assert all(len(r["predictions"]) == 2 for r in read_jsonl(out) if r["status"] == "ok")
+
+
+def test_onnxruntime_backend_scores_like_torch_and_exports_once(
+        run, samples_dir: Path, tmp_path: Path) -> None:
+    # given the photos scored by eager PyTorch, and an empty artifact store
+    torch_out, first, second = (tmp_path / f"{n}.jsonl" for n in ("torch", "first", "second"))
+    cache = tmp_path / "cache"
+    assert run("score", str(samples_dir), "--no-cache", "--out", str(torch_out)).returncode == 0
+
+    # when ONNX Runtime scores them twice
+    env = {"IMGPIPE_MODEL__BACKEND": "onnxruntime", "IMGPIPE_CACHE__DIR": str(cache)}
+    written = []
+    for out in (first, second):
+        result = run("score", str(samples_dir), "--no-cache", "--out", str(out), env=env)
+        assert result.returncode == 0, result.stderr
+        assert "(onnxruntime)" in result.stderr
+        artifacts = list((cache / "artifacts").glob("*.onnx"))
+        written.append([(a, a.stat().st_mtime_ns) for a in artifacts])
+
+    # then the predictions match, and the model was exported once and reused
+    expected = {r["path"]: r["predictions"][0] for r in read_jsonl(torch_out)}
+    for out in (first, second):
+        for record in read_jsonl(out):
+            top = record["predictions"][0]
+            assert top["index"] == expected[record["path"]]["index"], record["path"]
+            assert abs(top["score"] - expected[record["path"]]["score"]) < 1e-4
+    assert len(written[0]) == 1
+    assert written[1] == written[0]  # not exported again
