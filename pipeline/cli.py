@@ -88,6 +88,19 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="the checks as JSON")
     doctor.set_defaults(handler=_doctor)
 
+    bench = commands.add_parser("bench", help="measure each backend on this machine: model "
+                                "only, preprocessing only, end to end")
+    _engine_flags(bench)
+    bench.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
+                       choices=["torch", "onnxruntime"], help="inference backends to compare")
+    bench.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
+    bench.add_argument("--images", type=Path, default=Path("samples"),
+                       help="directory of images for preprocessing and end to end")
+    bench.add_argument("--seconds", type=float, default=3.0, help="per model-only or "
+                       "preprocessing measurement (default 3)")
+    bench.add_argument("--json", action="store_true", help="the rows as JSON")
+    bench.set_defaults(handler=_bench)
+
     cache = commands.add_parser("cache", help="inspect or empty the cache")
     cache.add_argument("action", choices=["stats", "clear", "verify"])
     cache.add_argument("--config", type=Path, help="TOML settings file")
@@ -207,6 +220,23 @@ def _doctor(args: argparse.Namespace, stderr: Console) -> int:
     else:
         doctor.render(checks, stdout)
     return doctor.exit_code(checks)
+
+
+def _bench(args: argparse.Namespace, stderr: Console) -> int:
+    import json
+
+    from pipeline import bench
+
+    if not args.images.is_dir():
+        raise ConfigError(f"--images {args.images} is not a directory")
+    with stderr.status("measuring"):
+        rows = bench.run(_settings(args), args.backends, args.batch_sizes, args.images,
+                         args.seconds)
+    stdout = Console(highlight=False, soft_wrap=True)
+    lines = [json.dumps(bench.as_dicts(rows))] if args.json else bench.table(rows)
+    for line in lines:
+        stdout.print(line, markup=False)
+    return 0
 
 
 def _skipper(done: set[str], out: Optional[str]) -> Any:

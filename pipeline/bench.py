@@ -1,0 +1,148 @@
+"""`imgpipe bench`: what each backend does on this machine, measured in one run.
+
+Three measurements, each a table row per variant:
+- model only: random uint8 batches through each inference backend at each
+  batch size; images/s and the p50/p99 latency of one batch;
+- preprocessing only: the images of a directory, one at a time, through each
+  preprocessing backend in this process; images/s per core;
+- end to end: the engine over the directory (cache off), per inference backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from pipeline.config import Settings
+from pipeline.errors import ImgpipeError
+from pipeline.items import Job
+
+WARMUP_CALLS = 3
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured variant."""
+
+    stage: str  # "model", "preprocess" or "end to end"
+    variant: str  # e.g. "onnxruntime, batch 32"
+    images_per_s: float
+    p50_ms: Optional[float] = None
+    p99_ms: Optional[float] = None
+    note: str = ""
+
+
+def run(settings: Settings, backends: Sequence[str], batch_sizes: Sequence[int],
+        images: Path, seconds: float) -> list[Row]:
+    """Every measurement; a variant that cannot run here is a row saying why."""
+    files = sorted(str(p) for p in images.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ImgpipeError(f"{images} holds no files to measure with")
+    rows = []
+    for name in backends:
+        for size in batch_sizes:
+            rows.append(_guarded("model", f"{name}, batch {size}",
+                                 partial(_model_only, settings, name, size, seconds)))
+    for name in ("pillow", "dali"):
+        rows.append(_guarded("preprocess", name,
+                             partial(_preprocess, settings, name, files, seconds)))
+    for name in backends:
+        rows.append(_guarded("end to end", name, partial(_end_to_end, settings, name, files)))
+    return rows
+
+
+def _guarded(stage: str, variant: str, measure: Callable[[], Row]) -> Row:
+    try:
+        return measure()
+    except (ImgpipeError, ImportError, RuntimeError) as exc:
+        return Row(stage, variant, 0.0, note=f"not measured: {str(exc).splitlines()[0]}")
+
+
+def _model_only(settings: Settings, backend_name: str, batch_size: int, seconds: float) -> Row:
+    from pipeline.backends import create_inference_backend, resolve_device
+    from pipeline.models import load_model
+
+    cfg = settings.model
+    shape = settings.preprocess.spec().output_shape
+    model = load_model(cfg.name, cfg.weights, cfg.labels)
+    backend = create_inference_backend(backend_name, model, resolve_device(cfg.device),
+                                       batch_size, shape, cfg.threads,
+                                       settings.cache.directory())
+    backend.setup()
+    batch = list(np.random.default_rng(0).integers(0, 256, (batch_size, *shape), dtype=np.uint8))
+    for _ in range(WARMUP_CALLS):
+        backend.predict(batch)
+    latencies = _timed_calls(lambda: backend.predict(batch), seconds)
+    backend.close()
+    return Row("model", f"{backend_name}, batch {batch_size}",
+               batch_size * len(latencies) / sum(latencies), *_percentiles(latencies))
+
+
+def _preprocess(settings: Settings, backend_name: str, files: list[str], seconds: float) -> Row:
+    from pipeline.preprocess import create_backend
+    from pipeline.sources.files import read_file
+
+    pre = settings.preprocess
+    backend = create_backend(backend_name, pre.spec(), pre.limits())
+    backend.setup()
+    payloads = itertools.cycle([read_file(path, pre.max_file_bytes) for path in files])
+    latencies = _timed_calls(lambda: backend.run([next(payloads)]), seconds)
+    backend.close()
+    return Row("preprocess", backend_name, len(latencies) / sum(latencies),
+               *_percentiles(latencies), note="one process, one image per call")
+
+
+def _end_to_end(settings: Settings, backend_name: str, files: list[str]) -> Row:
+    from pipeline.engine import Engine
+
+    variant = settings.model_copy(update={
+        "model": settings.model.model_copy(update={"backend": backend_name}),
+        "cache": settings.cache.model_copy(update={"enabled": False})})
+    engine = Engine(variant)
+    try:
+        engine.setup()
+        summary = engine.run((Job(path) for path in files), lambda records: None)
+    finally:
+        engine.close()
+    return Row("end to end", backend_name, summary.images_per_s,
+               note=f"{summary.total} images, {engine.preprocess_backend} preprocessing")
+
+
+def _timed_calls(call: Callable[[], Any], seconds: float) -> list[float]:
+    """Seconds per call, calling until `seconds` have passed (at least 3 calls)."""
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(latencies) < 3 or time.perf_counter() < deadline:
+        started = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def _percentiles(latencies: list[float]) -> tuple[float, float]:
+    p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+    return float(p50), float(p99)
+
+
+def as_dicts(rows: list[Row]) -> list[dict[str, Any]]:
+    return [asdict(row) for row in rows]
+
+
+def table(rows: list[Row]) -> list[str]:
+    """The rows as aligned text lines, with the machine they ran on."""
+    lines = [f"{os.cpu_count()} cores; latency is per call (a batch, or one image)",
+             f"{'stage':<11} {'variant':<24} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8}  note"]
+    for row in rows:
+        p50 = f"{row.p50_ms:8.1f}" if row.p50_ms is not None else f"{'':>8}"
+        p99 = f"{row.p99_ms:8.1f}" if row.p99_ms is not None else f"{'':>8}"
+        lines.append(f"{row.stage:<11} {row.variant:<24} {row.images_per_s:9.1f} {p50} {p99}"
+                     f"  {row.note}")
+    return lines
