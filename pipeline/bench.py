@@ -80,10 +80,10 @@ def _model_only(settings: Settings, backend_name: str, batch_size: int, seconds:
     batch = list(np.random.default_rng(0).integers(0, 256, (batch_size, *shape), dtype=np.uint8))
     for _ in range(WARMUP_CALLS):
         backend.predict(batch)
-    latencies = _timed_calls(lambda: backend.predict(batch), seconds)
+    latencies = timed_calls(lambda: backend.predict(batch), seconds)
     backend.close()
     return Row("model", f"{backend_name}, batch {batch_size}",
-               batch_size * len(latencies) / sum(latencies), *_percentiles(latencies))
+               batch_size * len(latencies) / sum(latencies), *percentiles(latencies))
 
 
 def _preprocess(settings: Settings, backend_name: str, files: list[str], seconds: float) -> Row:
@@ -94,10 +94,10 @@ def _preprocess(settings: Settings, backend_name: str, files: list[str], seconds
     backend = create_backend(backend_name, pre.spec(), pre.limits())
     backend.setup()
     payloads = itertools.cycle([read_file(path, pre.max_file_bytes) for path in files])
-    latencies = _timed_calls(lambda: backend.run([next(payloads)]), seconds)
+    latencies = timed_calls(lambda: backend.run([next(payloads)]), seconds)
     backend.close()
     return Row("preprocess", backend_name, len(latencies) / sum(latencies),
-               *_percentiles(latencies), note="one process, one image per call")
+               *percentiles(latencies), note="one process, one image per call")
 
 
 def _end_to_end(settings: Settings, backend_name: str, files: list[str]) -> Row:
@@ -116,7 +116,7 @@ def _end_to_end(settings: Settings, backend_name: str, files: list[str]) -> Row:
                note=f"{summary.total} images, {engine.preprocess_backend} preprocessing")
 
 
-def _timed_calls(call: Callable[[], Any], seconds: float) -> list[float]:
+def timed_calls(call: Callable[[], Any], seconds: float) -> list[float]:
     """Seconds per call, calling until `seconds` have passed (at least 3 calls)."""
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -127,7 +127,7 @@ def _timed_calls(call: Callable[[], Any], seconds: float) -> list[float]:
     return latencies
 
 
-def _percentiles(latencies: list[float]) -> tuple[float, float]:
+def percentiles(latencies: list[float]) -> tuple[float, float]:
     p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
     return float(p50), float(p99)
 

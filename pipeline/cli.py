@@ -101,6 +101,22 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="the rows as JSON")
     bench.set_defaults(handler=_bench)
 
+    optimize = commands.add_parser("optimize", help="choose the fastest inference backend "
+                                   "that scores like eager fp32; score and serve use it")
+    _engine_flags(optimize)
+    optimize.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
+                          choices=["torch", "onnxruntime"])
+    optimize.add_argument("--images", type=Path, default=Path("samples"),
+                          help="validation images (real ones, like production's)")
+    optimize.add_argument("--threshold", type=float, default=0.99,
+                          help="least top-1 agreement with eager fp32 (default 0.99)")
+    optimize.add_argument("--latency-ms", type=float,
+                          help="most batch-of-one p50 latency a variant may have")
+    optimize.add_argument("--seconds", type=float, default=3.0,
+                          help="speed measurement per variant (default 3)")
+    _cache_dir_flag(optimize)
+    optimize.set_defaults(handler=_optimize)
+
     cache = commands.add_parser("cache", help="inspect or empty the cache")
     cache.add_argument("action", choices=["stats", "clear", "verify"])
     cache.add_argument("--config", type=Path, help="TOML settings file")
@@ -236,6 +252,30 @@ def _bench(args: argparse.Namespace, stderr: Console) -> int:
     lines = [json.dumps(bench.as_dicts(rows))] if args.json else bench.table(rows)
     for line in lines:
         stdout.print(line, markup=False)
+    return 0
+
+
+def _optimize(args: argparse.Namespace, stderr: Console) -> int:
+    from pipeline import optimize
+
+    if not args.images.is_dir():
+        raise ConfigError(f"--images {args.images} is not a directory")
+    if not 0 < args.threshold <= 1:
+        raise ConfigError("--threshold must be in (0, 1]")
+    with stderr.status("exporting, validating and measuring"):
+        candidates, chosen = optimize.run(_settings(args), args.backends, args.images,
+                                          args.threshold, args.latency_ms, args.seconds)
+    stdout = Console(highlight=False, soft_wrap=True)
+    for c in candidates:
+        verdict = "ok" if c.accepted else f"refused: {c.why}"
+        stdout.print(f"{c.backend:<12} top-1 agreement {c.top1_agreement:7.2%}, max score "
+                     f"drift {c.max_score_drift:.2g}, {c.images_per_s:7.1f} images/s, batch-of-"
+                     f"one p50 {c.batch1_p50_ms:.1f} ms: {verdict}", markup=False)
+    if chosen is None:
+        stderr.print("imgpipe: no variant met the requirements; nothing written", markup=False)
+        return 1
+    stdout.print(f"chosen: {chosen} (used by score and serve with model.backend = auto)",
+                 markup=False)
     return 0
 
 

@@ -59,7 +59,7 @@ class ModelSettings(Section):
     weights: UnsetIfBlank[Path] = None
     labels: UnsetIfBlank[Path] = None
     topk: int = Field(5, ge=1, le=1000)
-    backend: Literal["torch", "onnxruntime"] = "torch"
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     threads: int = Field(0, ge=0)
 

@@ -88,7 +88,8 @@ class Engine:
         started = time.perf_counter()
         self.model = load_model(model_cfg.name, model_cfg.weights, model_cfg.labels)
         self.inference = create_inference_backend(
-            model_cfg.backend, self.model, self.device, self.settings.batching.max_batch_size,
+            self._inference_backend(), self.model, self.device,
+            self.settings.batching.max_batch_size,
             pre_cfg.spec().output_shape, model_cfg.threads, self.settings.cache.directory())
         self.inference.setup()
         if self.metrics is not None:
@@ -101,6 +102,14 @@ class Engine:
         remember = None if self.cache is None else self._remember
         self.worker = InferenceWorker(self.inference, self.topk, remember, model_cfg.topk)
         self.pool = self._start_pool()
+
+    def _inference_backend(self) -> str:
+        """The configured backend; for "auto", what `imgpipe optimize` chose, else torch."""
+        if self.settings.model.backend != "auto":
+            return self.settings.model.backend
+        from pipeline.optimize import chosen_backend
+
+        return chosen_backend(self.settings.cache.directory(), self.model) or "torch"
 
     def _open_cache(self) -> Optional[CacheLookup]:
         cfg = self.settings.cache

@@ -20,6 +20,7 @@ class InferenceBackend(Protocol):
 
     name: str
     model: LoadedModel
+    max_batch_size: int
     warmup_s: float
     last_staging_s: float
 
