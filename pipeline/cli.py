@@ -90,30 +90,18 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure each backend on this machine: model "
                                 "only, preprocessing only, end to end")
-    _engine_flags(bench)
-    bench.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
-                       choices=["torch", "onnxruntime"], help="inference backends to compare")
+    _measurement_flags(bench, images="directory of images for preprocessing and end to end")
     bench.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
-    bench.add_argument("--images", type=Path, default=Path("samples"),
-                       help="directory of images for preprocessing and end to end")
-    bench.add_argument("--seconds", type=float, default=3.0, help="per model-only or "
-                       "preprocessing measurement (default 3)")
     bench.add_argument("--json", action="store_true", help="the rows as JSON")
     bench.set_defaults(handler=_bench)
 
     optimize = commands.add_parser("optimize", help="choose the fastest inference backend "
                                    "that scores like eager fp32; score and serve use it")
-    _engine_flags(optimize)
-    optimize.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
-                          choices=["torch", "onnxruntime"])
-    optimize.add_argument("--images", type=Path, default=Path("samples"),
-                          help="validation images (real ones, like production's)")
+    _measurement_flags(optimize, images="validation images (real ones, like production's)")
     optimize.add_argument("--threshold", type=float, default=0.99,
                           help="least top-1 agreement with eager fp32 (default 0.99)")
     optimize.add_argument("--latency-ms", type=float,
                           help="most batch-of-one p50 latency a variant may have")
-    optimize.add_argument("--seconds", type=float, default=3.0,
-                          help="speed measurement per variant (default 3)")
     _cache_dir_flag(optimize)
     optimize.set_defaults(handler=_optimize)
 
@@ -123,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     _cache_flags(cache)
     cache.set_defaults(handler=_cache)
     return parser
+
+
+def _measurement_flags(parser: argparse.ArgumentParser, images: str) -> None:
+    _engine_flags(parser)
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
+                        choices=["torch", "onnxruntime"], help="inference backends to compare")
+    parser.add_argument("--images", type=Path, default=Path("samples"), help=images)
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="time per speed measurement (default 3)")
 
 
 def _cache_dir_flag(parser: argparse.ArgumentParser) -> None:
