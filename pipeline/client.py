@@ -23,6 +23,7 @@ from pipeline import wire
 from pipeline.broker import OUTAGE_ERRORS, connect, describe_url
 from pipeline.config import RedisSettings, Settings
 from pipeline.errors import ConfigError, TransientError
+from pipeline.wire import reply_text
 
 DEFAULT_GROUP = "imgpipe"
 DEAD_PAGE = 100  # dead letters read per XRANGE while retrying them all
@@ -172,7 +173,7 @@ class Client:
         if not reply:
             return []
         _, entries = reply[0]
-        return [(_text(entry_id), wire.decode_result(fields)) for entry_id, fields in entries]
+        return [(reply_text(entry_id), wire.decode_result(fields)) for entry_id, fields in entries]
 
     def _blocking(self, block_ms: int) -> redis.Redis:
         if block_ms == 0:
@@ -209,11 +210,11 @@ class Client:
             groups: Any = self._redis.xinfo_groups(self.keys.jobs)
         except redis.ResponseError:  # no such stream
             return None
-        return next((g for g in groups if _text(g["name"]) == self.group), None)
+        return next((g for g in groups if reply_text(g["name"]) == self.group), None)
 
     def _consumers(self) -> list[Consumer]:
         rows: Any = self._redis.xinfo_consumers(self.keys.jobs, self.group)
-        return [Consumer(_text(row["name"]), int(row["pending"]), int(row["idle"]))
+        return [Consumer(reply_text(row["name"]), int(row["pending"]), int(row["idle"]))
                 for row in rows]
 
     # -- dead letters -------------------------------------------------------
@@ -222,7 +223,7 @@ class Client:
         """The oldest `count` dead letters, readable: `data` as its length, error parsed."""
         with self._translated():
             entries: Any = self._redis.xrange(self.keys.dead, count=count)
-        return [(_text(entry_id), _decode_dead(fields)) for entry_id, fields in entries]
+        return [(reply_text(entry_id), _decode_dead(fields)) for entry_id, fields in entries]
 
     def dead_retry(self, entry_ids: Optional[Iterable[str]] = None) -> int:
         """Queue dead letters (all when None) as jobs again; how many were moved."""
@@ -240,14 +241,14 @@ class Client:
             newest: Any = self._redis.xrevrange(self.keys.dead, count=1)
         if not newest:
             return
-        start, end = "-", _text(newest[0][0])
+        start, end = "-", reply_text(newest[0][0])
         while True:
             with self._translated():
                 page: Any = self._redis.xrange(self.keys.dead, start, end, count=DEAD_PAGE)
             if not page:
                 return
-            yield from (_text(entry_id) for entry_id, _ in page)
-            start = "(" + _text(page[-1][0])
+            yield from (reply_text(entry_id) for entry_id, _ in page)
+            start = "(" + reply_text(page[-1][0])
 
     def _retry_one(self, entry_id: str) -> bool:
         """Move one dead letter back to the jobs, exactly once even with rival retriers."""
@@ -260,7 +261,7 @@ class Client:
                     if not found:
                         return False
                     job = {k: v for k, v in found[0][1].items()
-                           if _text(k) not in _DEAD_FIELDS}
+                           if reply_text(k) not in _DEAD_FIELDS}
                     pipe.multi()
                     pipe.xadd(self.keys.jobs, job)
                     pipe.xdel(self.keys.dead, entry_id)
@@ -311,29 +312,26 @@ def _checked_ids(entry_ids: Iterable[str]) -> Iterator[str]:
     return iter(ids)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
 
 def _decode_dead(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     """A dead letter for people: text as str, `data` as its size, error and count parsed."""
     decoded: dict[str, Any] = {}
     for raw_name, value in fields.items():
-        name = _text(raw_name)
+        name = reply_text(raw_name)
         if name == "data":
             decoded[name] = f"<{len(value)} bytes>"
         elif name == "error":
-            decoded[name] = _json_or_text(value)
+            decoded[name] = _json_orreply_text(value)
         elif name == "deliveries" and value.isdigit():
             decoded[name] = int(value)
         else:
-            decoded[name] = _text(value)
+            decoded[name] = reply_text(value)
     return decoded
 
 
-def _json_or_text(value: bytes) -> Any:
+def _json_orreply_text(value: bytes) -> Any:
     # A dead letter is shown even if its error is not the JSON the contract promises.
     try:
         return json.loads(value)
     except ValueError:
-        return _text(value)
+        return reply_text(value)

@@ -203,6 +203,11 @@ def result_fields(record: Record, job: JobRequest, model: str,
     return fields
 
 
+def reply_text(value: Any) -> str:
+    """A value from a Redis reply (entry id, consumer name) as text."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def decode_result(fields: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
     """A result entry as a dict, JSON fields parsed (client side)."""
     result: dict[str, Any] = {}

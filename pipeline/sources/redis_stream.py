@@ -31,7 +31,7 @@ from pipeline.sinks.redis_results import (
     Streams,
     queue_wait_ms,
 )
-from pipeline.wire import JobRules
+from pipeline.wire import JobRules, reply_text
 
 log = logging.getLogger("imgpipe.serve")
 
@@ -122,7 +122,7 @@ class StreamSource:
         reply = self.client.xreadgroup(self.streams.group, self.consumer,
                                        {self.streams.keys.jobs: ">"},
                                        count=self.chunk_size, block=block_ms)
-        return [(_text(entry_id), fields, None) for entry_id, fields in _entries(reply)]
+        return [(reply_text(entry_id), fields, None) for entry_id, fields in _entries(reply)]
 
     def _own_pending(self) -> list[Read]:
         """Our own unacknowledged entries, from before a restart, one page per call."""
@@ -130,7 +130,7 @@ class StreamSource:
         reply = self.client.xreadgroup(self.streams.group, self.consumer,
                                        {self.streams.keys.jobs: self.own_pending_cursor},
                                        count=self.chunk_size)
-        entries = [(_text(entry_id), fields) for entry_id, fields in _entries(reply)]
+        entries = [(reply_text(entry_id), fields) for entry_id, fields in _entries(reply)]
         if not entries:
             self.own_pending_cursor = None
             if self.own_pending_read:
@@ -158,7 +158,7 @@ class StreamSource:
                             "the outage; running them", self.lost_found)
                 self.lost_found = 0
             return []
-        ids = [_text(row["message_id"]) for row in rows]
+        ids = [reply_text(row["message_id"]) for row in rows]
         self.lost_cursor = "(" + ids[-1]
         lost = [entry_id for entry_id in ids if entry_id not in self.in_flight]
         if not lost:
@@ -166,7 +166,7 @@ class StreamSource:
         # Entries deleted meanwhile are dropped from the PEL by XCLAIM (Redis 7).
         claimed: Any = self.client.xclaim(jobs, group, self.consumer, 0,
                                           lost)  # type: ignore[arg-type]
-        entries = [(_text(entry_id), fields) for entry_id, fields in claimed if entry_id]
+        entries = [(reply_text(entry_id), fields) for entry_id, fields in claimed if entry_id]
         self.lost_found += len(entries)
         return self._with_deliveries(entries)
 
@@ -175,11 +175,11 @@ class StreamSource:
         cursor, claimed, *_ = self.client.xautoclaim(
             self.streams.keys.jobs, self.streams.group, self.consumer,
             self.cfg.claim_idle_ms, self.reclaim_cursor, count=self.chunk_size)
-        entries = [(_text(entry_id), fields) for entry_id, fields in claimed]
+        entries = [(reply_text(entry_id), fields) for entry_id, fields in claimed]
         entries = [(entry_id, fields) for entry_id, fields in entries
                    if entry_id not in self.in_flight]  # our own, still being worked on
         self.taken_over += len(entries)
-        self.reclaim_cursor = _text(cursor)
+        self.reclaim_cursor = reply_text(cursor)
         if self.reclaim_cursor == "0-0":  # one pass over the PEL done
             self._end_reclaim_pass()
         return self._with_deliveries(entries)
@@ -198,7 +198,7 @@ class StreamSource:
         pending = self.client.xpending_range(
             self.streams.keys.jobs, self.streams.group, entries[0][0], entries[-1][0],
             len(entries) + len(self.in_flight), self.consumer)
-        counts = {_text(row["message_id"]): int(row["times_delivered"]) for row in pending}
+        counts = {reply_text(row["message_id"]): int(row["times_delivered"]) for row in pending}
         return [(entry_id, fields, counts.get(entry_id, 1)) for entry_id, fields in entries]
 
     def _admit(self, entry: Read) -> Optional[Job]:
@@ -241,6 +241,3 @@ def _entries(reply: Any) -> list[tuple[Any, Mapping[bytes, bytes]]]:
     """The entries of an XREADGROUP reply on one stream; a deleted one has no fields."""
     return [(entry_id, fields or {}) for _, entries in reply or [] for entry_id, fields in entries]
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
