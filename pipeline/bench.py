@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.config import Settings
 from pipeline.errors import ImgpipeError
 from pipeline.items import Job
+from pipeline.variants import Variant
 
 WARMUP_CALLS = 3
 
@@ -40,22 +41,30 @@ class Row:
     note: str = ""
 
 
-def run(settings: Settings, backends: Sequence[str], batch_sizes: Sequence[int],
+def run(settings: Settings, variants: Optional[Sequence[Variant]], batch_sizes: Sequence[int],
         images: Path, seconds: float) -> list[Row]:
-    """Every measurement; a variant that cannot run here is a row saying why."""
+    """Every measurement (by default of every variant the device runs); a variant
+    that cannot run here is a row saying why. int8 calibrates on `images`."""
+    from pipeline.backends import resolve_device
+    from pipeline.variants import candidates
+
     files = sorted(str(p) for p in images.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise ImgpipeError(f"{images} holds no files to measure with")
+    variants = variants or candidates(resolve_device(settings.model.device))
+    settings = settings.model_copy(update={"model": settings.model.model_copy(
+        update={"calibration_images": images})})
     rows = []
-    for name in backends:
+    for variant in variants:
         for size in batch_sizes:
-            rows.append(_guarded("model", f"{name}, batch {size}",
-                                 partial(_model_only, settings, name, size, seconds)))
+            rows.append(_guarded("model", f"{variant}, batch {size}",
+                                 partial(_model_only, settings, variant, size, seconds)))
     for name in ("pillow", "dali"):
         rows.append(_guarded("preprocess", name,
                              partial(_preprocess, settings, name, files, seconds)))
-    for name in backends:
-        rows.append(_guarded("end to end", name, partial(_end_to_end, settings, name, files)))
+    for variant in variants:
+        rows.append(_guarded("end to end", str(variant),
+                             partial(_end_to_end, settings, variant, files)))
     return rows
 
 
@@ -66,23 +75,22 @@ def _guarded(stage: str, variant: str, measure: Callable[[], Row]) -> Row:
         return Row(stage, variant, 0.0, note=f"not measured: {str(exc).splitlines()[0]}")
 
 
-def _model_only(settings: Settings, backend_name: str, batch_size: int, seconds: float) -> Row:
-    from pipeline.backends import create_inference_backend, resolve_device
+def _model_only(settings: Settings, variant: Variant, batch_size: int, seconds: float) -> Row:
+    from pipeline.backends import backend_for, resolve_device
     from pipeline.models import load_model
 
     cfg = settings.model
     shape = settings.preprocess.spec().output_shape
     model = load_model(cfg.name, cfg.weights, cfg.labels)
-    backend = create_inference_backend(backend_name, model, resolve_device(cfg.device),
-                                       batch_size, shape, cfg.threads,
-                                       settings.cache.directory())
+    backend = backend_for(settings, model, resolve_device(cfg.device), variant,
+                          cfg.calibration_images, batch_size)
     backend.setup()
     batch = list(np.random.default_rng(0).integers(0, 256, (batch_size, *shape), dtype=np.uint8))
     for _ in range(WARMUP_CALLS):
         backend.predict(batch)
     latencies = timed_calls(lambda: backend.predict(batch), seconds)
     backend.close()
-    return Row("model", f"{backend_name}, batch {batch_size}",
+    return Row("model", f"{variant}, batch {batch_size}",
                batch_size * len(latencies) / sum(latencies), *percentiles(latencies))
 
 
@@ -100,19 +108,19 @@ def _preprocess(settings: Settings, backend_name: str, files: list[str], seconds
                *percentiles(latencies), note="one process, one image per call")
 
 
-def _end_to_end(settings: Settings, backend_name: str, files: list[str]) -> Row:
+def _end_to_end(settings: Settings, variant: Variant, files: list[str]) -> Row:
     from pipeline.engine import Engine
 
-    variant = settings.model_copy(update={
-        "model": settings.model.model_copy(update={"backend": backend_name}),
-        "cache": settings.cache.model_copy(update={"enabled": False})})
-    engine = Engine(variant)
+    engine = Engine(settings.model_copy(update={
+        "model": settings.model.model_copy(update={"backend": variant.backend,
+                                                   "precision": variant.precision}),
+        "cache": settings.cache.model_copy(update={"enabled": False})}))
     try:
         engine.setup()
         summary = engine.run((Job(path) for path in files), lambda records: None)
     finally:
         engine.close()
-    return Row("end to end", backend_name, summary.images_per_s,
+    return Row("end to end", str(variant), summary.images_per_s,
                note=f"{summary.total} images, {engine.preprocess_backend} preprocessing")
 
 

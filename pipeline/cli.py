@@ -115,11 +115,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def _measurement_flags(parser: argparse.ArgumentParser, images: str) -> None:
     _engine_flags(parser)
-    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
-                        choices=["torch", "onnxruntime"], help="inference backends to compare")
+    parser.add_argument("--backends", nargs="+", type=_variant, metavar="BACKEND[:PRECISION]",
+                        help="inference variants to compare, e.g. torch torch:bf16 "
+                        "onnxruntime:int8 (default: every one this device runs)")
     parser.add_argument("--images", type=Path, default=Path("samples"), help=images)
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="time per speed measurement (default 3)")
+
+
+def _variant(text: str) -> Any:
+    from pipeline.variants import Variant
+
+    try:
+        return Variant.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _cache_dir_flag(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +146,11 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="labels file, one class name per line")
     parser.add_argument("--topk", dest="model.topk", type=int)
     parser.add_argument("--device", dest="model.device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--model-backend", dest="model.backend", help="auto, torch, "
+                        "torch-compile, torchscript or onnxruntime")
+    parser.add_argument("--precision", dest="model.precision", help="fp32, bf16, fp16 or int8")
+    parser.add_argument("--calibration-images", dest="model.calibration_images", type=Path,
+                        help="directory of real images to calibrate int8 on")
     parser.add_argument("--batch-size", dest="batching.max_batch_size", type=int)
     parser.add_argument("--max-delay-ms", dest="batching.max_delay_ms", type=float)
     parser.add_argument("--workers", dest="preprocess.workers", type=int,
@@ -265,9 +280,10 @@ def _optimize(args: argparse.Namespace, stderr: Console) -> int:
     stdout = Console(highlight=False, soft_wrap=True)
     for c in candidates:
         verdict = "ok" if c.accepted else f"refused: {c.why}"
-        stdout.print(f"{c.backend:<12} top-1 agreement {c.top1_agreement:7.2%}, max score "
-                     f"drift {c.max_score_drift:.2g}, {c.images_per_s:7.1f} images/s, batch-of-"
-                     f"one p50 {c.batch1_p50_ms:.1f} ms: {verdict}", markup=False)
+        measured = (f"top-1 agreement {c.top1_agreement:7.2%} on {c.images} images, max score "
+                    f"drift {c.max_score_drift:.2g}, {c.images_per_s:7.1f} images/s, "
+                    f"batch-of-one p50 {c.batch1_p50_ms:.1f} ms: " if c.images else "")
+        stdout.print(f"{c.variant:<18} {measured}{verdict}", markup=False)
     if chosen is None:
         stderr.print("imgpipe: no variant met the requirements; nothing written", markup=False)
         return 1
@@ -336,7 +352,7 @@ def _print_summary(console: Console, summary: Any, skipped: int, engine: Any,
                       f"{counts['errors']} errors, {counts['bytes_read'] / 2**20:.1f} MiB read",
                       markup=False)
     pillow = pillow_implementation()
-    console.print(f"model {engine.model.name} on {engine.device} ({engine.inference.name}); "
+    console.print(f"model {engine.model.name} on {engine.device} ({engine.variant}); "
                   f"preprocessing {engine.preprocess_backend} ({pillow})", markup=False)
     if summary.interrupted and out not in (None, "-"):
         console.print(f"re-run the same command to resume; {out} is complete up to here",

@@ -59,9 +59,26 @@ class ModelSettings(Section):
     weights: UnsetIfBlank[Path] = None
     labels: UnsetIfBlank[Path] = None
     topk: int = Field(5, ge=1, le=1000)
-    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    backend: Literal["auto", "torch", "torch-compile", "torchscript", "onnxruntime"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
+    calibration_images: UnsetIfBlank[Path] = None
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     threads: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _variant_exists(self) -> ModelSettings:
+        if self.backend == "auto":
+            if self.precision != "fp32":
+                raise ValueError("model.precision applies to a named backend; with backend "
+                                 "\"auto\" the precision comes from imgpipe optimize")
+            return self
+        from pipeline.variants import Variant
+
+        try:
+            Variant(self.backend, self.precision).validate()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class PreprocessSettings(Section):

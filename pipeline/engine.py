@@ -13,10 +13,11 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from pipeline import __version__
-from pipeline.backends import create_inference_backend, resolve_device
+from pipeline.backends import Variant, backend_for, resolve_device
 from pipeline.batching import END, Batcher
 from pipeline.cache.lookup import CacheLookup, ResultScope
 from pipeline.config import Settings
@@ -87,10 +88,9 @@ class Engine:
         self.preprocess_backend = resolve_backend(pre_cfg.backend, self.device.type)
         started = time.perf_counter()
         self.model = load_model(model_cfg.name, model_cfg.weights, model_cfg.labels)
-        self.inference = create_inference_backend(
-            self._inference_backend(), self.model, self.device,
-            self.settings.batching.max_batch_size,
-            pre_cfg.spec().output_shape, model_cfg.threads, self.settings.cache.directory())
+        self.variant, calibration_images = self._inference_variant()
+        self.inference = backend_for(self.settings, self.model, self.device, self.variant,
+                                     calibration_images)
         self.inference.setup()
         if self.metrics is not None:
             self.metrics.model_loaded(time.perf_counter() - started)
@@ -103,13 +103,18 @@ class Engine:
         self.worker = InferenceWorker(self.inference, self.topk, remember, model_cfg.topk)
         self.pool = self._start_pool()
 
-    def _inference_backend(self) -> str:
-        """The configured backend; for "auto", what `imgpipe optimize` chose, else torch."""
-        if self.settings.model.backend != "auto":
-            return self.settings.model.backend
-        from pipeline.optimize import chosen_backend
+    def _inference_variant(self) -> tuple[Variant, Optional[Path]]:
+        """The configured variant and its calibration images; for backend "auto",
+        what `imgpipe optimize` chose for this model and weights, else eager torch."""
+        cfg = self.settings.model
+        if cfg.backend != "auto":
+            return Variant(cfg.backend, cfg.precision), cfg.calibration_images
+        from pipeline.optimize import chosen
 
-        return chosen_backend(self.settings.cache.directory(), self.model) or "torch"
+        profile = chosen(self.settings.cache.directory(), self.model)
+        if profile is None:
+            return Variant("torch"), None
+        return profile.variant, profile.calibration_images
 
     def _open_cache(self) -> Optional[CacheLookup]:
         cfg = self.settings.cache

@@ -1,11 +1,14 @@
 """`imgpipe optimize`: pick the fastest inference variant that scores like eager fp32.
 
-Each candidate backend scores a validation set of real images (preprocessed
-like production) next to the eager fp32 reference; one under the agreement
-threshold is refused, whatever its speed. Of the rest, the fastest model-only
-throughput wins (within a batch-of-one latency target, if given). The choice
-is written as a profile, keyed by model and weights digest, which `score` and
-`serve` use when `model.backend = "auto"`.
+Each candidate variant (backend and precision) scores a validation set of real
+images, preprocessed like production, next to the eager fp32 reference; one
+under the agreement threshold is refused, whatever its speed. int8 variants
+calibrate on the first `CALIBRATION_IMAGES` files of the same directory and
+are validated on the others (on all of them when there are no others). Of the
+accepted variants the fastest model-only throughput wins, within a
+batch-of-one latency target if given. The choice is written as a profile,
+keyed by model and weights digest, which `score` and `serve` use when
+`model.backend = "auto"`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from pipeline.backends import InferenceBackend, TorchBackend, create_inference_backend
-from pipeline.backends.validation import Agreement, agreement
+from pipeline.backends import InferenceBackend, TorchBackend, Variant, backend_for
+from pipeline.backends.calibration import CALIBRATION_IMAGES, first_files, preprocessed
+from pipeline.backends.validation import agreement
 from pipeline.config import Settings
 from pipeline.errors import ImgpipeError
 from pipeline.models import LoadedModel
@@ -30,15 +34,24 @@ MAX_VALIDATION_IMAGES = 500
 
 @dataclass(frozen=True)
 class Candidate:
-    """One variant's accuracy and speed."""
+    """One variant's accuracy and speed (zeros when it could not run)."""
 
-    backend: str
+    variant: str
     top1_agreement: float
     max_score_drift: float
+    images: int  # validation images its agreement was measured on
     images_per_s: float
     batch1_p50_ms: float
     accepted: bool
     why: str = ""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What `optimize` chose for one model and its weights."""
+
+    variant: Variant
+    calibration_images: Optional[Path]
 
 
 def profile_path(cache_dir: Path, model: LoadedModel) -> Path:
@@ -46,67 +59,72 @@ def profile_path(cache_dir: Path, model: LoadedModel) -> Path:
     return cache_dir / PROFILES_SUBDIR / f"{slug}-{model.weights_digest[:16]}.json"
 
 
-def chosen_backend(cache_dir: Path, model: LoadedModel) -> Optional[str]:
-    """The backend `optimize` chose for this model and these weights, if it ran."""
+def chosen(cache_dir: Path, model: LoadedModel) -> Optional[Profile]:
+    """The profile `optimize` wrote for this model and these weights, if any (and valid)."""
     try:
-        profile = json.loads(profile_path(cache_dir, model).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        fields = json.loads(profile_path(cache_dir, model).read_text(encoding="utf-8"))
+        variant = Variant(str(fields["backend"]), str(fields.get("precision", "fp32")))
+        variant.validate()
+    except (OSError, ValueError, TypeError, KeyError, ImgpipeError):
         return None
-    backend = profile.get("backend") if isinstance(profile, dict) else None
-    return backend if isinstance(backend, str) else None
+    images = fields.get("calibration_images")
+    return Profile(variant, Path(images) if isinstance(images, str) else None)
 
 
-def run(settings: Settings, backends: list[str], images: Path, threshold: float,
-        latency_ms: Optional[float], seconds: float) -> tuple[list[Candidate], Optional[str]]:
-    """Every candidate measured, and the chosen backend (None when none qualifies)."""
+def run(settings: Settings, variants: Optional[list[Variant]], images: Path, threshold: float,
+        latency_ms: Optional[float], seconds: float) -> tuple[list[Candidate], Optional[Variant]]:
+    """Every candidate measured (by default, every variant the device runs), and
+    the chosen variant (None when none qualifies)."""
     from pipeline.backends import resolve_device
     from pipeline.models import load_model
+    from pipeline.variants import candidates as every_variant
 
     cfg = settings.model
     model = load_model(cfg.name, cfg.weights, cfg.labels)
     device = resolve_device(cfg.device)
-    shape = settings.preprocess.spec().output_shape
-    batch = settings.batching.max_batch_size
-    samples = validation_set(settings, images)
-    reference = TorchBackend(model, device, batch, shape, cfg.threads)
+    variants = variants or every_variant(device)
+    pre = settings.preprocess
+    files = first_files(images, MAX_VALIDATION_IMAGES)
+    calibration_files = set(files[:CALIBRATION_IMAGES])
+    every = [(path in calibration_files, sample) for path, sample in
+             preprocessed(files, pre.spec(), pre.limits()).items()]
+    if not every:
+        raise ImgpipeError(f"{images} holds no images to validate with")
+    reference = TorchBackend(model, device, settings.batching.max_batch_size,
+                             pre.spec().output_shape, cfg.threads)
     reference.setup()
     candidates = []
-    for name in backends:
-        backend = create_inference_backend(name, model, device, batch, shape, cfg.threads,
-                                           settings.cache.directory())
-        backend.setup()
-        candidates.append(_measure(name, backend, reference, samples, threshold, latency_ms,
-                                   seconds))
-        backend.close()
+    for variant in variants:
+        held_out = [s for used, s in every if not used] if variant.precision == "int8" else []
+        samples = held_out or [s for _, s in every]
+        candidates.append(_candidate(settings, model, device, variant, images, reference,
+                                     samples, threshold, latency_ms, seconds))
     reference.close()
     accepted = [c for c in candidates if c.accepted]
     best = max(accepted, key=lambda c: c.images_per_s, default=None)
-    if best is not None:
-        _write_profile(settings.cache.directory(), model, best, threshold, len(samples))
-    return candidates, best.backend if best is not None else None
+    if best is None:
+        return candidates, None
+    variant = Variant.parse(best.variant)
+    _write_profile(settings.cache.directory(), model, variant,
+                   images.resolve() if variant.precision == "int8" else None, best, threshold)
+    return candidates, variant
 
 
-def validation_set(settings: Settings, images: Path) -> list[np.ndarray]:
-    """The directory's images preprocessed as in production (pillow), undecodable ones skipped."""
-    from pipeline.preprocess import create_backend
-    from pipeline.sources import directory
-    from pipeline.sources.files import read_file
-
-    pre = settings.preprocess
-    backend = create_backend("pillow", pre.spec(), pre.limits())
-    samples = []
-    for job in directory.walk(str(images), recursive=True):
-        try:
-            outcome = backend.run([read_file(job.path, pre.max_file_bytes)])[0]
-        except ImgpipeError:
-            continue
-        if isinstance(outcome, np.ndarray):
-            samples.append(outcome)
-        if len(samples) >= MAX_VALIDATION_IMAGES:
-            break
-    if not samples:
-        raise ImgpipeError(f"{images} holds no images to validate with")
-    return samples
+def _candidate(settings: Settings, model: LoadedModel, device: Any, variant: Variant,
+               images: Path, reference: TorchBackend, samples: list[np.ndarray],
+               threshold: float, latency_ms: Optional[float], seconds: float) -> Candidate:
+    """A variant measured, or refused with the reason it cannot run here."""
+    try:
+        backend = backend_for(settings, model, device, variant, images)
+        backend.setup()
+    except (ImgpipeError, RuntimeError) as exc:
+        return Candidate(str(variant), 0.0, 0.0, 0, 0.0, 0.0, False,
+                         f"cannot run here: {str(exc).splitlines()[0]}")
+    try:
+        return _measure(str(variant), backend, reference, samples, threshold, latency_ms,
+                        seconds)
+    finally:
+        backend.close()
 
 
 def _measure(name: str, backend: InferenceBackend, reference: TorchBackend,
@@ -114,7 +132,7 @@ def _measure(name: str, backend: InferenceBackend, reference: TorchBackend,
              seconds: float) -> Candidate:
     from pipeline.bench import percentiles, timed_calls  # the same measures as `bench`
 
-    result: Agreement = agreement(reference, backend, samples)
+    result = agreement(reference, backend, samples)
     full = [samples[i % len(samples)] for i in range(reference.max_batch_size)]
     per_batch = timed_calls(lambda: backend.predict(full), seconds)
     single = timed_calls(lambda: backend.predict(full[:1]), seconds / 2)
@@ -124,18 +142,19 @@ def _measure(name: str, backend: InferenceBackend, reference: TorchBackend,
         why = f"top-1 agreement {result.top1:.2%} under the {threshold:.2%} threshold"
     elif latency_ms is not None and p50 > latency_ms:
         why = f"batch-of-one p50 {p50:.1f} ms over the {latency_ms:g} ms target"
-    return Candidate(name, result.top1, result.max_score_drift,
+    return Candidate(name, result.top1, result.max_score_drift, result.images,
                      len(full) * len(per_batch) / sum(per_batch), p50, not why, why)
 
 
-def _write_profile(cache_dir: Path, model: LoadedModel, best: Candidate, threshold: float,
-                   images: int) -> None:
+def _write_profile(cache_dir: Path, model: LoadedModel, variant: Variant,
+                   calibration_images: Optional[Path], best: Candidate, threshold: float) -> None:
     path = profile_path(cache_dir, model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    profile: dict[str, Any] = {"model": model.name, "weights_digest": model.weights_digest,
-                               "backend": best.backend, "threshold": threshold,
-                               "validation_images": images, "chosen_at": time.time(),
-                               "measured": asdict(best)}
+    profile: dict[str, Any] = {
+        "model": model.name, "weights_digest": model.weights_digest,
+        "backend": variant.backend, "precision": variant.precision,
+        "calibration_images": str(calibration_images) if calibration_images else None,
+        "threshold": threshold, "chosen_at": time.time(), "measured": asdict(best)}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)

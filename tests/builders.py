@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -30,6 +32,44 @@ class MeanColour(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x.mean(dim=(2, 3)))
+
+
+def random_mobilenet(seed: int) -> dict[str, torch.Tensor]:
+    """mobilenet_v3_small with random weights whose outputs depend on the input.
+
+    Freshly initialised, its activations vanish (logits ~1e-10, a uniform
+    softmax for every image); one pass in training mode over random inputs
+    sets the batch-norm statistics so that signals survive.
+    """
+    torch.manual_seed(seed)
+    model = torchvision.models.mobilenet_v3_small(weights=None)
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.momentum = None  # running statistics = this batch's statistics
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 224, 224))
+    return model.state_dict()
+
+
+def near_tie_mobilenet(seed: int) -> dict[str, torch.Tensor]:
+    """`random_mobilenet` whose logits are 100 plus a few hundredths: fp32 ranks the
+    classes differently per image, while bf16 (spacing 0.5 at 100) ties them all."""
+    weights = random_mobilenet(seed)
+    weights["classifier.3.weight"] *= 0.05
+    weights["classifier.3.bias"] = torch.full_like(weights["classifier.3.bias"], 100.0)
+    return weights
+
+
+def preprocessed_photos(samples_dir: Path) -> list[np.ndarray]:
+    """Every sample photograph, preprocessed by the Pillow backend as in production."""
+    from pipeline.backends.calibration import preprocessed
+    from pipeline.spec import InputLimits, PreprocessSpec
+
+    paths = sorted(str(p) for p in samples_dir.iterdir())
+    photos = list(preprocessed(paths, PreprocessSpec(), InputLimits()).values())
+    assert len(photos) == len(paths)
+    return photos
 
 
 def damaged_copies(data: bytes, count: int = 80, seed: int = 7) -> list[bytes]:

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
 
+from pipeline.backends.artifacts import ArtifactStore
+from pipeline.backends.calibration import CalibrationSet
 from pipeline.backends.torch import TorchBackend, resolve_device
+from pipeline.config import Settings
+from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel
+from pipeline.variants import Variant
 
-__all__ = ["InferenceBackend", "TorchBackend", "create_inference_backend", "resolve_device"]
+__all__ = ["InferenceBackend", "TorchBackend", "Variant", "backend_for",
+           "create_inference_backend", "resolve_device"]
+
+INDUCTOR_SUBDIR = "inductor"
 
 
 class InferenceBackend(Protocol):
@@ -31,14 +39,42 @@ class InferenceBackend(Protocol):
     def close(self) -> None: ...
 
 
-def create_inference_backend(name: str, model: LoadedModel, device: torch.device,
+def create_inference_backend(variant: Variant, model: LoadedModel, device: torch.device,
                              max_batch_size: int, sample_shape: tuple[int, int, int],
-                             threads: int, cache_dir: Path) -> InferenceBackend:
-    """The backend called `name`; exported artifacts are kept under cache_dir/artifacts."""
-    if name == "onnxruntime":
-        from pipeline.backends.artifacts import ArtifactStore
+                             threads: int, cache_dir: Path,
+                             calibration: Optional[CalibrationSet] = None) -> InferenceBackend:
+    """The backend for `variant`; built artifacts are kept under cache_dir/artifacts.
+
+    ModelLoadError when the variant cannot run on `device`.
+    """
+    variant.validate()
+    reason = variant.unavailable(device)
+    if reason is not None:
+        raise ModelLoadError(reason)
+    store = ArtifactStore.in_cache(cache_dir)
+    args = (model, device, max_batch_size, sample_shape, threads)
+    if variant.backend == "onnxruntime":
         from pipeline.backends.onnx import OnnxBackend
 
-        return OnnxBackend(model, device, max_batch_size, sample_shape, threads,
-                           store=ArtifactStore.in_cache(cache_dir))
-    return TorchBackend(model, device, max_batch_size, sample_shape, threads)
+        return OnnxBackend(*args, store=store, precision=variant.precision,
+                           calibration=calibration)
+    if variant.backend == "torchscript":
+        from pipeline.backends.torchscript import TorchScriptBackend
+
+        return TorchScriptBackend(*args, store=store)
+    compiled = variant.backend == "torch-compile"
+    return TorchBackend(*args, precision=variant.precision,
+                        compile_cache=store.directory / INDUCTOR_SUBDIR if compiled else None)
+
+
+def backend_for(settings: Settings, model: LoadedModel, device: torch.device, variant: Variant,
+                calibration_images: Optional[Path] = None,
+                max_batch_size: Optional[int] = None) -> InferenceBackend:
+    """`create_inference_backend` with everything else taken from `settings`."""
+    pre = settings.preprocess
+    calibration = None
+    if variant.precision == "int8" and calibration_images is not None:
+        calibration = CalibrationSet.from_directory(calibration_images, pre.spec(), pre.limits())
+    return create_inference_backend(
+        variant, model, device, max_batch_size or settings.batching.max_batch_size,
+        pre.spec().output_shape, settings.model.threads, settings.cache.directory(), calibration)

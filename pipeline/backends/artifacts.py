@@ -1,7 +1,7 @@
 """An on-disk store of compiled or exported models, one file per `ArtifactKey`.
 
 An artifact is whatever a backend builds from a model before it can run it
-(an ONNX graph today; a TensorRT engine would be another). Building is slow,
+(an ONNX graph, an int8 ONNX graph, a frozen TorchScript module). Building is slow,
 so the file is kept and reused across restarts, keyed by everything that
 determines its content: model, weights digest, backend, precision, input-shape
 policy, export recipe and library versions. Change any of them and the key,
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -30,14 +31,19 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pipeline.errors import ModelLoadError
+
+T = TypeVar("T")
 ARTIFACTS_SUBDIR = "artifacts"
-SUFFIXES = {"onnxruntime": ".onnx"}
+SUFFIXES = {"onnxruntime": ".onnx", "torchscript": ".pt"}
 DEFAULT_SUFFIX = ".artifact"
 TMP_SUFFIX = ".tmp"
 STALE_TMP_S = 3600.0  # a builder's temporary file this old belongs to a dead process
 SLUG_CHARS = 40
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+log = logging.getLogger("imgpipe.backends.artifacts")
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,36 @@ class ArtifactStore:
         self.built += 1
         return path
 
+    def open(self, key: ArtifactKey, build: Callable[[Path], None],
+             load: Callable[[Path], T]) -> tuple[Path, T]:
+        """`load` the artifact, building it first when missing. A stored artifact that
+        will not load (corrupt, truncated) is discarded and rebuilt once; a freshly
+        built one that will not load is a ModelLoadError, as is an unwritable store."""
+        built_before = self.built
+        path = self._get_or_build(key, build)
+        try:
+            return path, load(path)
+        except Exception as exc:  # loaders (onnxruntime, torch.jit) share no useful base class
+            if self.built > built_before:
+                raise ModelLoadError(f"cannot load the {key.backend} artifact built for "
+                                     f"{key.model!r} ({path.name}): {first_line(exc)}") from exc
+            log.warning("stored artifact %s does not load (%s): rebuilding it",
+                        path.name, first_line(exc))
+            self.discard(key)
+        path = self._get_or_build(key, build)
+        try:
+            return path, load(path)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load the {key.backend} artifact built for "
+                                 f"{key.model!r} ({path.name}): {first_line(exc)}") from exc
+
+    def _get_or_build(self, key: ArtifactKey, build: Callable[[Path], None]) -> Path:
+        try:
+            return self.get_or_build(key, build)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot write the model artifact store {self.directory}: "
+                                 f"{exc.strerror or exc}") from exc
+
     def discard(self, key: ArtifactKey) -> None:
         """Remove an artifact its user could not load, so the next call rebuilds it."""
         for path in (self.path_for(key), self.sidecar_for(key)):
@@ -158,6 +194,21 @@ class ArtifactStore:
             with suppress(OSError):
                 if tmp.stat().st_mtime < cutoff:
                     tmp.unlink()
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost cause's type and first line: exporters wrap the real reason
+    (e.g. a data-dependent branch) in a generic "Failed to export" error."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-blank line, without colour codes, for one-line reasons."""
+    text = ANSI_ESCAPE.sub("", str(exc)).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:300]
 
 
 def _fsync(path: Path) -> None:

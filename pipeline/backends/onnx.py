@@ -15,18 +15,25 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions
+from pipeline.backends.artifacts import (
+    ArtifactKey,
+    ArtifactStore,
+    first_line,
+    library_versions,
+    root_cause,
+)
+from pipeline.backends.calibration import CalibrationSet
+from pipeline.backends.normalised import Normalised, module_device
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel
 
@@ -36,29 +43,12 @@ OPSET = 18
 RECIPE_VERSION = 1  # bump when the export changes in a way the versions do not capture
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
+QUANT_RECIPE = "int8-qdq-minmax-per-channel/v1"  # bump when quantize_int8 changes
+CALIBRATION_BATCH = 8
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension whose example size is 0 or 1
 DYNAMO, TORCHSCRIPT = "dynamo", "torchscript"
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 # The exporters log every graph pass at INFO; imgpipe's own INFO lines should stay readable.
 EXPORTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")
-
-
-class Normalised(torch.nn.Module):
-    """uint8 NCHW in, logits out: ``model(x.float() * scale + shift)``."""
-
-    def __init__(self, module: torch.nn.Module, mean: Sequence[float],
-                 std: Sequence[float]) -> None:
-        super().__init__()
-        self.module = module
-        scale = 1.0 / torch.tensor(std, dtype=torch.float32)
-        # Frozen parameters rather than buffers: typed attributes that both exporters
-        # (and TorchScript, which cannot read postponed annotations) accept.
-        self.scale = torch.nn.Parameter(scale.reshape(1, 3, 1, 1), requires_grad=False)
-        self.shift = torch.nn.Parameter((-torch.tensor(mean) * scale).reshape(1, 3, 1, 1),
-                                        requires_grad=False)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.module(pixels.float() * self.scale + self.shift)
 
 
 def exporter_for(module: torch.nn.Module) -> str:
@@ -70,8 +60,7 @@ def export_onnx(model: LoadedModel, sample_shape: tuple[int, int, int], path: Pa
     """Write `model`, wrapped in `Normalised`, to `path` as one ONNX file (weights
     inside, so under 2 GB). Returns the exporter used; ModelLoadError on failure."""
     exporter = exporter_for(model.module)
-    parameter = next(model.module.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device = module_device(model.module)
     wrapper = Normalised(model.module, model.mean, model.std).to(device).eval()
     example = torch.zeros((EXAMPLE_BATCH, *sample_shape), dtype=torch.uint8, device=device)
     try:
@@ -119,19 +108,58 @@ def _quiet(names: Sequence[str]) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def root_cause(exc: BaseException) -> str:
-    """The innermost cause's type and first line: torch.onnx wraps the real reason
-    (e.g. a data-dependent branch) in a generic "Failed to export" error."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return f"{type(exc).__name__}: {first_line(exc)}"
+def quantize_int8(fp32: Path, path: Path, samples: Sequence[np.ndarray]) -> None:
+    """Static int8 quantization of the fp32 graph at `fp32`, written to `path`.
+
+    QDQ format with per-channel int8 weights and uint8 activations (what ORT's
+    CPU kernels run fastest with VNNI), ranges from MinMax over `samples`. The
+    input normalisation (Cast, Mul, Add) stays fp32.
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = (np.stack(samples[i:i + CALIBRATION_BATCH])
+                            for i in range(0, len(samples), CALIBRATION_BATCH))
+
+        def get_next(self) -> Optional[dict[str, np.ndarray]]:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    prepared = path.with_name(path.name + ".prepared")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            graph = onnx.load(str(prepared)).graph
+            head = _normalisation_nodes(graph)
+            quantize_static(str(prepared), str(path), Batches(),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head)
+    except Exception as exc:  # the quantization tool raises many types
+        raise ModelLoadError(f"cannot quantize {fp32.name} to int8: {root_cause(exc)}") from exc
+    finally:
+        prepared.unlink(missing_ok=True)
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's first non-blank line, without colour codes, for one-line reasons."""
-    text = ANSI_ESCAPE.sub("", str(exc)).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line[:300]
+def _normalisation_nodes(graph: Any) -> list[str]:
+    """The nodes between the uint8 input and the model proper (Cast, Mul, Add)."""
+    names, frontier = [], {INPUT_NAME}
+    for node in graph.node:
+        if node.op_type not in ("Cast", "Mul", "Add") or not frontier & set(node.input):
+            continue
+        names.append(node.name)
+        frontier |= set(node.output)
+    return names
 
 
 def _onnxruntime() -> tuple[Any, dict[str, str]]:
@@ -149,19 +177,32 @@ def _onnxruntime() -> tuple[Any, dict[str, str]]:
 
 
 class OnnxBackend:
-    """Runs a LoadedModel with ONNX Runtime. Export and session creation happen in setup()."""
+    """Runs a LoadedModel with ONNX Runtime. Export and session creation happen in setup().
+
+    precision "int8" quantizes the fp32 export statically (QDQ, per-channel
+    int8 weights, uint8 activations whose ranges come from `calibration`);
+    the input normalisation stays fp32, since quantizing it costs the most accuracy.
+    """
 
     name = "onnxruntime"
 
     def __init__(self, model: LoadedModel, device: torch.device, max_batch_size: int,
                  sample_shape: tuple[int, int, int], threads: int = 0, *,
-                 store: ArtifactStore) -> None:
+                 store: ArtifactStore, precision: str = "fp32",
+                 calibration: Optional[CalibrationSet] = None) -> None:
+        if precision not in ("fp32", "int8"):
+            raise ModelLoadError(f"onnxruntime runs fp32 or int8, not {precision!r}")
+        if precision == "int8" and calibration is None:
+            raise ModelLoadError("onnxruntime:int8 needs calibration images: set "
+                                 "model.calibration_images or run imgpipe optimize")
         self.model = model
         self.device = device
         self.max_batch_size = max_batch_size
         self.sample_shape = sample_shape
         self.threads = threads
         self.store = store
+        self.precision = precision
+        self.calibration = calibration
         self.exporter = exporter_for(model.module)
         self.warmup_s = 0.0
         self.export_s = 0.0  # time spent exporting in setup(); 0 when the artifact was reused
@@ -169,20 +210,27 @@ class OnnxBackend:
         self.artifact: Path | None = None
         self.providers: list[str] = []
 
-    def artifact_key(self) -> ArtifactKey:
+    def artifact_key(self, precision: Optional[str] = None) -> ArtifactKey:
         _, versions = _onnxruntime()
         c, h, w = self.sample_shape
+        precision = precision or self.precision
+        recipe = f"uint8-nchw-normalised/opset{OPSET}/{self.exporter}/v{RECIPE_VERSION}"
+        if precision == "int8":
+            assert self.calibration is not None
+            recipe += f"/{QUANT_RECIPE}/calibration:{self.calibration.digest()}"
         return ArtifactKey(
             model=self.model.name, weights_digest=self.model.weights_digest,
-            input_policy=f"dynamic-batch:{c}x{h}x{w}",
-            recipe=f"uint8-nchw-normalised/opset{OPSET}/{self.exporter}/v{RECIPE_VERSION}",
-            versions=library_versions(versions),
-            backend=self.name, precision="fp32")
+            input_policy=f"dynamic-batch:{c}x{h}x{w}", recipe=recipe,
+            versions=library_versions(versions), backend=self.name, precision=precision)
 
     def setup(self) -> None:
         """Export (or reuse) the artifact, open a session, warm up with 1 and max."""
         ort, _ = _onnxruntime()
-        self.session = self._open(ort)
+        if self.precision == "int8" and self.device.type != "cpu":
+            raise ModelLoadError("onnxruntime:int8 runs on the CPU only")
+        build = self._quantize if self.precision == "int8" else self._export
+        self.artifact, self.session = self.store.open(
+            self.artifact_key(), build, lambda path: self._session(ort, path))
         self.providers = list(self.session.get_providers())
         if self.device.type == "cuda" and "CUDAExecutionProvider" not in self.providers:
             log.warning("onnxruntime cannot use %s here (providers %s): running on the CPU",
@@ -196,40 +244,22 @@ class OnnxBackend:
             self.predict([blank] * size)
         self.warmup_s = time.perf_counter() - started
 
-    def _open(self, ort: Any) -> Any:
-        """A session over the artifact; a stored artifact that will not load is rebuilt once."""
-        key = self.artifact_key()
-        built_before = self.store.built
-        path = self._artifact(key)
-        try:
-            return self._session(ort, path)
-        except Exception as exc:  # onnxruntime's pybind errors share no useful base class
-            if self.store.built > built_before:
-                raise ModelLoadError(f"onnxruntime cannot load the exported {self.model.name!r} "
-                                     f"({path.name}): {first_line(exc)}") from exc
-            log.warning("stored artifact %s does not load (%s): rebuilding it",
-                        path.name, first_line(exc))
-            self.store.discard(key)
-        path = self._artifact(key)
-        try:
-            return self._session(ort, path)
-        except Exception as exc:
-            raise ModelLoadError(f"onnxruntime cannot load the exported {self.model.name!r} "
-                                 f"({path.name}): {first_line(exc)}") from exc
-
-    def _artifact(self, key: ArtifactKey) -> Path:
-        try:
-            self.artifact = self.store.get_or_build(key, self._export)
-        except OSError as exc:
-            raise ModelLoadError(f"cannot write the model artifact store {self.store.directory}: "
-                                 f"{exc.strerror or exc}") from exc
-        return self.artifact
-
     def _export(self, path: Path) -> None:
         started = time.perf_counter()
         export_onnx(self.model, self.sample_shape, path)
         self.export_s += time.perf_counter() - started
         log.info("exported %s to ONNX in %.1f s", self.model.name, self.export_s)
+
+    def _quantize(self, path: Path) -> None:
+        """The int8 graph, from the (stored) fp32 export and the calibration images."""
+        assert self.calibration is not None
+        fp32 = self.store.get_or_build(self.artifact_key("fp32"), self._export)
+        started = time.perf_counter()
+        samples = self.calibration.samples()
+        quantize_int8(fp32, path, samples)
+        self.export_s += time.perf_counter() - started
+        log.info("quantized %s to int8 on %d calibration images in %.1f s",
+                 self.model.name, len(samples), time.perf_counter() - started)
 
     def _session(self, ort: Any, path: Path) -> Any:
         options = ort.SessionOptions()

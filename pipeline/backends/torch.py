@@ -1,10 +1,19 @@
-"""PyTorch eager backend: normalisation on the device, batched, inference_mode."""
+"""PyTorch backends: eager (channels_last) or `torch.compile`d, in fp32, bf16 or fp16.
+
+bf16 and fp16 run the fp32 weights under autocast, so one loaded model
+serves every precision. `torch.compile` uses inductor, whose compiled
+kernels are kept under the artifact directory (``inductor/``): a restart
+traces the model again but reuses the generated code.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -14,6 +23,8 @@ from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel
 
 RING_BATCHES_AHEAD = 1
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -27,27 +38,36 @@ def resolve_device(requested: str) -> torch.device:
 
 
 class TorchBackend:
-    """Runs a LoadedModel on one device. Heavy work happens in setup()."""
+    """Runs a LoadedModel on one device. Heavy work happens in setup().
 
-    name = "torch"
+    `compile_cache` set means `torch.compile`, its kernels kept there.
+    """
 
     def __init__(self, model: LoadedModel, device: torch.device, max_batch_size: int,
-                 sample_shape: tuple[int, int, int], threads: int = 0) -> None:
+                 sample_shape: tuple[int, int, int], threads: int = 0, *,
+                 precision: str = "fp32", compile_cache: Optional[Path] = None) -> None:
+        if precision != "fp32" and precision not in AUTOCAST:
+            raise ModelLoadError(f"torch runs fp32, bf16 or fp16, not {precision!r}")
         self.model = model
         self.device = device
         self.max_batch_size = max_batch_size
         self.sample_shape = sample_shape
         self.threads = threads
+        self.precision = precision
+        self.compile_cache = compile_cache
+        self.name = "torch-compile" if compile_cache is not None else "torch"
         self.warmup_s = 0.0
         self.last_staging_s = 0.0  # the last batch's copy into the staging ring (and to the device)
 
     def setup(self) -> None:
-        """Move to the device, build the staging ring, warm up."""
+        """Move to the device, build the staging ring, compile if asked, warm up."""
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads or os.cpu_count() or 1)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.module = self.model.module.to(self.device).to(memory_format=torch.channels_last)
+        if self.compile_cache is not None:
+            self.module = self._compiled(self.module, self.compile_cache)
         shape = (1, 3, 1, 1)
         self.scale = (1.0 / torch.tensor(self.model.std)).reshape(shape).to(self.device)
         self.shift = (-torch.tensor(self.model.mean) * self.scale.cpu().flatten()
@@ -56,11 +76,22 @@ class TorchBackend:
                                 self.sample_shape, self.device)
         started = time.perf_counter()
         blank = np.zeros(self.sample_shape, dtype=np.uint8)
-        for size in (1, self.max_batch_size):
+        # With torch.compile, batch 1 gets its own graph; the second size >= 2
+        # compiles the dynamic-batch one, so no real batch waits for a compile.
+        for size in sorted({1, self.max_batch_size, min(2, self.max_batch_size)}):
             self.predict([blank] * size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warmup_s = time.perf_counter() - started
+
+    @staticmethod
+    def _compiled(module: Any, cache: Path) -> Any:
+        if isinstance(module, torch.jit.ScriptModule):
+            raise ModelLoadError("torch.compile cannot trace a TorchScript model; use "
+                                 "backend torch, torchscript or onnxruntime")
+        # Inductor reads this on every cache access; an operator's own setting wins.
+        os.environ.setdefault(INDUCTOR_CACHE_ENV, str(cache))
+        return torch.compile(module)
 
     @torch.inference_mode()
     def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
@@ -70,10 +101,16 @@ class TorchBackend:
         self.last_staging_s = time.perf_counter() - started
         x = batch.float().mul_(self.scale).add_(self.shift)
         x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.module(x)
+        with self._autocast():
+            logits = self.module(x)
         if logits.shape[0] != len(samples):
             raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(samples)} inputs")
-        return logits
+        return logits.float()
+
+    def _autocast(self) -> Any:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST[self.precision])
 
     def close(self) -> None:
         self.__dict__.pop("module", None)

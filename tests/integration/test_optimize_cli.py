@@ -15,14 +15,23 @@ def test_optimize_chooses_a_validated_backend_that_score_then_uses(
     result = run("optimize", "--model", str(tiny_model), "--images", str(samples_dir),
                  "--seconds", "0.3", "--cache-dir", str(cache))
 
-    # then both variants agree with eager fp32, one is chosen and written down ...
+    # then every variant is measured or refused with its reason ...
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("top-1 agreement 100.00%") == 2, result.stdout
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[:-1]}
+    assert set(rows) == {"torch", "torch:bf16", "torch-compile", "torch-compile:bf16",
+                         "torchscript", "onnxruntime", "onnxruntime:int8"}, result.stdout
+    assert "refused: cannot run here: torch.compile cannot trace" in rows["torch-compile"]
+    for fp32 in ("torch", "torchscript", "onnxruntime"):
+        assert "top-1 agreement 100.00% on 6 images" in rows[fp32], rows[fp32]
+    assert "on 6 images" in rows["onnxruntime:int8"]  # all of them calibrate it: too few
+
+    # ... the fastest accepted one is chosen and written down ...
     chosen = result.stdout.split("chosen: ")[1].split()[0]
-    assert chosen in ("torch", "onnxruntime")
+    assert rows[chosen].endswith(": ok")
     (profile_file,) = (cache / "profiles").glob("*.json")
     profile = json.loads(profile_file.read_text())
-    assert profile["backend"] == chosen and profile["validation_images"] == 6
+    assert f"{profile['backend']}:{profile['precision']}".removesuffix(":fp32") == chosen
+    assert profile["measured"]["images"] == 6
 
     # ... and score (model.backend = auto) runs the chosen one
     scored = run("score", str(samples_dir), "--model", str(tiny_model), "--cache-dir",

@@ -131,3 +131,26 @@ def test_onnxruntime_backend_scores_like_torch_and_exports_once(
             assert abs(top["score"] - expected[record["path"]]["score"]) < 1e-4
     assert len(written[0]) == 1
     assert written[1] == written[0]  # not exported again
+
+
+def test_score_runs_a_named_variant_and_int8_asks_for_calibration(
+        run, samples_dir: Path, tiny_model: Path, tmp_path: Path) -> None:
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--no-cache"]
+    base = ["score", str(samples_dir), "--model", str(tiny_model), *cache]
+
+    # int8 without calibration images: a clear error, nothing scored
+    refused = run(*base, "--model-backend", "onnxruntime", "--precision", "int8")
+    assert refused.returncode == 1
+    assert "needs calibration images: set model.calibration_images" in refused.stderr
+
+    # with them: calibrated, and every photo scored
+    out = tmp_path / "int8.jsonl"
+    scored = run(*base, "--model-backend", "onnxruntime", "--precision", "int8",
+                 "--calibration-images", str(samples_dir), "--out", str(out))
+    assert scored.returncode == 0, scored.stderr
+    assert "(onnxruntime:int8)" in scored.stderr
+    assert [r["status"] for r in read_jsonl(out)] == ["ok"] * 6
+
+    # an impossible pair is refused before anything loads
+    wrong = run(*base, "--model-backend", "torchscript", "--precision", "bf16")
+    assert wrong.returncode == 2 and "torchscript does not run in 'bf16'" in wrong.stderr

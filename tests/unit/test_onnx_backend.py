@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from pipeline.backends import TorchBackend
 from pipeline.backends.artifacts import ArtifactKey, ArtifactStore
@@ -18,9 +17,7 @@ from pipeline.backends.onnx import OnnxBackend
 from pipeline.backends.validation import Agreement, agreement, check
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel, load_model
-from pipeline.preprocess import create_backend
-from pipeline.spec import InputLimits, PreprocessSpec
-from tests.builders import MeanColour
+from tests.builders import MeanColour, preprocessed_photos, random_mobilenet
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -32,15 +29,7 @@ MAX_BATCH = 8
 
 @pytest.fixture(scope="module")
 def photos(samples_dir) -> list[np.ndarray]:
-    """Every sample photograph, preprocessed by the Pillow backend."""
-    backend = create_backend("pillow", PreprocessSpec(), InputLimits())
-    backend.setup()
-    try:
-        outcomes = backend.run([p.read_bytes() for p in sorted(samples_dir.iterdir())])
-    finally:
-        backend.close()
-    assert all(isinstance(o, np.ndarray) for o in outcomes), outcomes
-    return outcomes  # type: ignore[return-value]
+    return preprocessed_photos(samples_dir)
 
 
 def torch_backend(model: LoadedModel):
@@ -78,24 +67,6 @@ def lite0_onnx(lite0, lite0_store):
     backend = onnx_backend(lite0, lite0_store)
     yield backend
     backend.close()
-
-
-def random_mobilenet(seed: int) -> dict[str, torch.Tensor]:
-    """mobilenet_v3_small with random weights whose outputs depend on the input.
-
-    Freshly initialised, its activations vanish (logits ~1e-10, a uniform
-    softmax for every image); one pass in training mode over random inputs
-    sets the batch-norm statistics so that signals survive.
-    """
-    torch.manual_seed(seed)
-    model = torchvision.models.mobilenet_v3_small(weights=None)
-    for layer in model.modules():
-        if isinstance(layer, torch.nn.BatchNorm2d):
-            layer.momentum = None  # running statistics = this batch's statistics
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(16, *SHAPE))
-    return model.state_dict()
 
 
 @pytest.fixture(scope="module")

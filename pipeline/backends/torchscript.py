@@ -1,0 +1,112 @@
+"""TorchScript backend: the model traced with its normalisation, frozen, kept on disk.
+
+The artifact is the frozen module (weights folded in as constants), saved with
+``torch.jit.save``. Loading runs ``torch.jit.optimize_for_inference`` (conv-bn
+folding, oneDNN layouts on the CPU); its output cannot be saved and reloaded,
+so that pass runs on every load, in well under a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions, root_cause
+from pipeline.backends.normalised import Normalised
+from pipeline.backends.staging import StagingRing
+from pipeline.errors import ModelLoadError
+from pipeline.models import LoadedModel
+
+log = logging.getLogger("imgpipe.backends.torchscript")
+RECIPE = "uint8-nchw-normalised/trace-freeze/v1"  # bump when trace() changes
+TRACE_BATCH = 2
+
+
+def trace(model: LoadedModel, sample_shape: tuple[int, int, int], device: torch.device,
+          path: Path) -> None:
+    """Trace `model` wrapped in `Normalised` on `device`, freeze it, save it to `path`."""
+    wrapper = Normalised(model.module, model.mean, model.std).to(device).eval()
+    example = torch.zeros((TRACE_BATCH, *sample_shape), dtype=torch.uint8, device=device)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about Python values
+            frozen = torch.jit.freeze(torch.jit.trace(wrapper, example))
+            torch.jit.save(frozen, str(path))
+    except Exception as exc:  # tracing raises many types; this is the one place to translate
+        raise ModelLoadError(f"cannot trace model {model.name!r} to TorchScript: "
+                             f"{root_cause(exc)}") from exc
+
+
+class TorchScriptBackend:
+    """Runs the frozen TorchScript artifact of a LoadedModel (fp32)."""
+
+    name = "torchscript"
+
+    def __init__(self, model: LoadedModel, device: torch.device, max_batch_size: int,
+                 sample_shape: tuple[int, int, int], threads: int = 0, *,
+                 store: ArtifactStore) -> None:
+        self.model = model
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.sample_shape = sample_shape
+        self.threads = threads
+        self.store = store
+        self.warmup_s = 0.0
+        self.export_s = 0.0  # time spent tracing in setup(); 0 when the artifact was reused
+        self.last_staging_s = 0.0
+        self.artifact: Path | None = None
+
+    def artifact_key(self) -> ArtifactKey:
+        c, h, w = self.sample_shape
+        # A frozen graph holds device-specific constants: the device type is part of the key.
+        return ArtifactKey(
+            model=self.model.name, weights_digest=self.model.weights_digest,
+            input_policy=f"dynamic-batch:{c}x{h}x{w}", recipe=f"{RECIPE}/{self.device.type}",
+            versions=library_versions({"torch": torch.__version__}),
+            backend=self.name, precision="fp32")
+
+    def setup(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads or os.cpu_count() or 1)
+        self.artifact, self.module = self.store.open(self.artifact_key(), self._trace, self._load)
+        self.ring = StagingRing(3, self.max_batch_size, self.sample_shape, self.device)
+        started = time.perf_counter()
+        blank = np.zeros(self.sample_shape, dtype=np.uint8)
+        for size in (1, self.max_batch_size):
+            self.predict([blank] * size)
+        self.warmup_s = time.perf_counter() - started
+
+    def _trace(self, path: Path) -> None:
+        started = time.perf_counter()
+        trace(self.model, self.sample_shape, self.device, path)
+        self.export_s += time.perf_counter() - started
+        log.info("traced %s to TorchScript in %.1f s", self.model.name, self.export_s)
+
+    def _load(self, path: Path) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notices
+            module = torch.jit.load(str(path), map_location=self.device)
+            return torch.jit.optimize_for_inference(module)
+
+    @torch.inference_mode()
+    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 CHW samples -> float logits on the device, one row per sample."""
+        started = time.perf_counter()
+        batch = self.ring.stage(samples)
+        self.last_staging_s = time.perf_counter() - started
+        logits = self.module(batch)
+        if logits.shape[0] != len(samples):
+            raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(samples)} inputs")
+        return logits
+
+    def close(self) -> None:
+        self.__dict__.pop("module", None)
+        self.__dict__.pop("ring", None)
