@@ -89,8 +89,9 @@ class TorchBackend:
         if isinstance(module, torch.jit.ScriptModule):
             raise ModelLoadError("torch.compile cannot trace a TorchScript model; use "
                                  "backend torch, torchscript or onnxruntime")
-        # Inductor reads this on every cache access; an operator's own setting wins.
-        os.environ.setdefault(INDUCTOR_CACHE_ENV, str(cache))
+        # Inductor reads this on every cache access. Assigned, not defaulted: torch
+        # fills in a /tmp default the first time anything asks (loading a model may).
+        os.environ[INDUCTOR_CACHE_ENV] = str(cache)
         return torch.compile(module)
 
     @torch.inference_mode()
