@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,17 +58,6 @@ def near_tie_mobilenet(seed: int) -> dict[str, torch.Tensor]:
     weights["classifier.3.weight"] *= 0.05
     weights["classifier.3.bias"] = torch.full_like(weights["classifier.3.bias"], 100.0)
     return weights
-
-
-def preprocessed_photos(samples_dir: Path) -> list[np.ndarray]:
-    """Every sample photograph, preprocessed by the Pillow backend as in production."""
-    from pipeline.backends.calibration import preprocessed
-    from pipeline.spec import InputLimits, PreprocessSpec
-
-    paths = sorted(str(p) for p in samples_dir.iterdir())
-    photos = list(preprocessed(paths, PreprocessSpec(), InputLimits()).values())
-    assert len(photos) == len(paths)
-    return photos
 
 
 def damaged_copies(data: bytes, count: int = 80, seed: int = 7) -> list[bytes]:

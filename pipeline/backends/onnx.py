@@ -34,6 +34,7 @@ from pipeline.backends.artifacts import (
 )
 from pipeline.backends.calibration import CalibrationSet
 from pipeline.backends.normalised import Normalised, module_device
+from pipeline.backends.staging import warm_up
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel
 
@@ -238,11 +239,7 @@ class OnnxBackend:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.buffer = np.empty((self.max_batch_size, *self.sample_shape), dtype=np.uint8)
-        started = time.perf_counter()
-        blank = np.zeros(self.sample_shape, dtype=np.uint8)
-        for size in (1, self.max_batch_size):
-            self.predict([blank] * size)
-        self.warmup_s = time.perf_counter() - started
+        self.warmup_s = warm_up(self.predict, self.sample_shape, (1, self.max_batch_size))
 
     def _export(self, path: Path) -> None:
         started = time.perf_counter()

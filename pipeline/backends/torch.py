@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pipeline.backends.staging import StagingRing
+from pipeline.backends.staging import StagingRing, warm_up
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel
 
@@ -74,15 +74,12 @@ class TorchBackend:
                       ).reshape(shape).to(self.device)
         self.ring = StagingRing(RING_BATCHES_AHEAD + 2, self.max_batch_size,
                                 self.sample_shape, self.device)
-        started = time.perf_counter()
-        blank = np.zeros(self.sample_shape, dtype=np.uint8)
         # With torch.compile, batch 1 gets its own graph; the second size >= 2
         # compiles the dynamic-batch one, so no real batch waits for a compile.
-        for size in sorted({1, self.max_batch_size, min(2, self.max_batch_size)}):
-            self.predict([blank] * size)
+        sizes = sorted({1, self.max_batch_size, min(2, self.max_batch_size)})
+        self.warmup_s = warm_up(self.predict, self.sample_shape, sizes)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.warmup_s = time.perf_counter() - started
 
     @staticmethod
     def _compiled(module: Any, cache: Path) -> Any:

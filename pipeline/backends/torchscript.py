@@ -21,7 +21,7 @@ import torch
 
 from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions, root_cause
 from pipeline.backends.normalised import Normalised
-from pipeline.backends.staging import StagingRing
+from pipeline.backends.staging import StagingRing, warm_up
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel
 
@@ -78,11 +78,7 @@ class TorchScriptBackend:
             torch.set_num_threads(self.threads or os.cpu_count() or 1)
         self.artifact, self.module = self.store.open(self.artifact_key(), self._trace, self._load)
         self.ring = StagingRing(3, self.max_batch_size, self.sample_shape, self.device)
-        started = time.perf_counter()
-        blank = np.zeros(self.sample_shape, dtype=np.uint8)
-        for size in (1, self.max_batch_size):
-            self.predict([blank] * size)
-        self.warmup_s = time.perf_counter() - started
+        self.warmup_s = warm_up(self.predict, self.sample_shape, (1, self.max_batch_size))
 
     def _trace(self, path: Path) -> None:
         started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Shared fixtures for the unit tests: specs, in-memory image encoding, a large photo."""
+"""Shared fixtures for the unit tests: specs, in-memory image encoding, photos."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -43,3 +44,14 @@ def large_photo(samples_dir: Path) -> Image.Image:
     """A 4000x3000 RGB photograph, upscaled from a sample (real image statistics)."""
     with Image.open(samples_dir / "coffee.jpg") as source:
         return source.convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC)
+
+
+@pytest.fixture(scope="session")
+def photos(samples_dir: Path) -> list[np.ndarray]:
+    """Every sample photograph, preprocessed by the Pillow backend as in production."""
+    from pipeline.backends.calibration import preprocessed
+
+    paths = sorted(str(p) for p in samples_dir.iterdir())
+    samples = list(preprocessed(paths, PreprocessSpec(), InputLimits()).values())
+    assert len(samples) == len(paths)
+    return samples

@@ -6,7 +6,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,16 +18,11 @@ from pipeline.config import load_settings
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel, load_model
 from pipeline.spec import InputLimits, PreprocessSpec
-from tests.builders import near_tie_mobilenet, preprocessed_photos, random_mobilenet
+from tests.builders import near_tie_mobilenet, random_mobilenet
 
 CPU = torch.device("cpu")
 SHAPE = (3, 224, 224)
 MAX_BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def photos(samples_dir) -> list[np.ndarray]:
-    return preprocessed_photos(samples_dir)
 
 
 @pytest.fixture(scope="module")

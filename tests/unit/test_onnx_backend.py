@@ -7,7 +7,6 @@ import multiprocessing
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,7 +16,7 @@ from pipeline.backends.onnx import OnnxBackend
 from pipeline.backends.validation import Agreement, agreement, check
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel, load_model
-from tests.builders import MeanColour, preprocessed_photos, random_mobilenet
+from tests.builders import MeanColour, random_mobilenet
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -25,11 +24,6 @@ pytest.importorskip("onnxscript")
 CPU = torch.device("cpu")
 SHAPE = (3, 224, 224)
 MAX_BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def photos(samples_dir) -> list[np.ndarray]:
-    return preprocessed_photos(samples_dir)
 
 
 def torch_backend(model: LoadedModel):
