@@ -9,6 +9,10 @@ the file; later starts, in any process, load it (a session takes ~50 ms).
 Exporters: ``torch.export``-based (``dynamo=True``, the default since PyTorch
 2.9) for ordinary modules; TorchScript models cannot be traced by it, so they
 go through the TorchScript-based exporter on a scripted wrapper instead.
+
+int8 is a second artifact built from the stored fp32 one by ONNX Runtime's
+static quantization, calibrated on real preprocessed images; its key adds
+the calibration set's digest.
 """
 
 from __future__ import annotations

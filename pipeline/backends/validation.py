@@ -1,4 +1,4 @@
-"""Does a candidate backend (ONNX Runtime, later fp16 or TensorRT) score like the reference?
+"""Does a candidate variant (another backend, bf16, int8) score like the reference?
 
 The reference is the eager fp32 `TorchBackend`. Both score the same
 preprocessed samples; the candidate is accepted when its top-1 class agrees
