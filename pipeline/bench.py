@@ -22,7 +22,7 @@ from typing import Any, Optional
 import numpy as np
 
 from pipeline.config import Settings
-from pipeline.errors import ImgpipeError
+from pipeline.errors import ImgpipeError, first_line
 from pipeline.items import Job
 from pipeline.variants import Variant
 
@@ -72,7 +72,7 @@ def _guarded(stage: str, variant: str, measure: Callable[[], Row]) -> Row:
     try:
         return measure()
     except (ImgpipeError, ImportError, RuntimeError) as exc:
-        return Row(stage, variant, 0.0, note=f"not measured: {str(exc).splitlines()[0]}")
+        return Row(stage, variant, 0.0, note=f"not measured: {first_line(exc)}")
 
 
 def _model_only(settings: Settings, variant: Variant, batch_size: int, seconds: float) -> Row:

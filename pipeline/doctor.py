@@ -34,7 +34,7 @@ from rich.text import Text
 
 from pipeline.broker import connect, describe_url
 from pipeline.config import CacheSettings, ModelSettings, RedisSettings, Settings
-from pipeline.errors import ConfigError, ModelLoadError
+from pipeline.errors import ConfigError, ModelLoadError, first_line
 from pipeline.preprocess.select import pillow_implementation
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -132,7 +132,7 @@ def _cuda(torch: Any, requested: str) -> Check:
     try:  # a real kernel: catches builds without code for this GPU's architecture
         (torch.ones(8, device=f"cuda:{index}") * 2).sum().item()
     except RuntimeError as exc:
-        return Check("cuda", FAIL, f"cuda:{index} cannot run a kernel: {_first_line(exc)}")
+        return Check("cuda", FAIL, f"cuda:{index} cannot run a kernel: {first_line(exc)}")
     return Check("cuda", OK, f"{gpus}; inference on cuda:{index}")
 
 
@@ -178,13 +178,13 @@ def _dali(settings: Settings, serve: bool) -> list[Check]:
     except Exception as exc:  # DALI raises RuntimeError, CUDA libraries OSError, ...
         status = FAIL if needed else WARN
         return [version, Check("dali gpu", status, f"cannot decode on {device}: "
-                                                   f"{_first_line(exc)}")]
+                                                   f"{first_line(exc)}")]
     return [version, Check("dali gpu", OK, f"nvJPEG decodes on {device}")]
 
 
 def _dali_missing(backend: str, device: str, exc: Exception) -> Check:
     reason = "not installed" if isinstance(exc, ModuleNotFoundError) else (
-        f"import fails: {type(exc).__name__}: {_first_line(exc)}")
+        f"import fails: {type(exc).__name__}: {first_line(exc)}")
     install = "pip install 'imgpipe[dali]' (nvidia-dali-cuda120)"
     if backend == "dali":
         return Check("dali", FAIL, f"preprocess.backend = 'dali' but DALI is {reason}: "
@@ -388,11 +388,11 @@ def _redis_problem(exc: Exception) -> str:
     if isinstance(exc, ConfigError):
         return str(exc)
     if _rejected(exc):
-        return (f"authentication failed ({_first_line(exc)}): check the URL, "
+        return (f"authentication failed ({first_line(exc)}): check the URL, "
                 "redis.username, redis.password or redis.password_file")
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
-        return f"unreachable ({_first_line(exc)})"
-    return f"{type(exc).__name__}: {_first_line(exc)}"
+        return f"unreachable ({first_line(exc)})"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _rejected(exc: Exception) -> bool:
@@ -445,11 +445,6 @@ def _eviction(info: dict[str, Any]) -> Check:
 
 
 # --- helpers ------------------------------------------------------------------------
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _secrets(settings: Settings) -> list[str]:

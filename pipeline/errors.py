@@ -13,6 +13,11 @@ Third-party exceptions are translated where they are caught, with
 
 from __future__ import annotations
 
+import re
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+REASON_CHARS = 300
+
 
 class ImgpipeError(Exception):
     """Base of every error imgpipe raises on purpose."""
@@ -56,3 +61,18 @@ class ConfigError(PermanentError):
 
 class ModelLoadError(PermanentError):
     """A model cannot be built or its weights cannot be loaded."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-blank line, without colour codes, for one-line reasons."""
+    text = ANSI_ESCAPE.sub("", str(exc)).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:REASON_CHARS]
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost cause's type and first line: exporters wrap the real reason
+    (e.g. a data-dependent branch) in a generic "Failed to export" error."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {first_line(exc)}"

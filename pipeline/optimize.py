@@ -25,7 +25,7 @@ from pipeline.backends import InferenceBackend, TorchBackend, Variant, backend_f
 from pipeline.backends.calibration import CALIBRATION_IMAGES, first_files, preprocessed
 from pipeline.backends.validation import agreement
 from pipeline.config import Settings
-from pipeline.errors import ImgpipeError
+from pipeline.errors import ImgpipeError, first_line
 from pipeline.models import LoadedModel
 
 PROFILES_SUBDIR = "profiles"
@@ -119,7 +119,7 @@ def _candidate(settings: Settings, model: LoadedModel, device: Any, variant: Var
         backend.setup()
     except (ImgpipeError, RuntimeError) as exc:
         return Candidate(str(variant), 0.0, 0.0, 0, 0.0, 0.0, False,
-                         f"cannot run here: {str(exc).splitlines()[0]}")
+                         f"cannot run here: {first_line(exc)}")
     try:
         return _measure(str(variant), backend, reference, samples, threshold, latency_ms,
                         seconds)

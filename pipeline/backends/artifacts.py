@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.errors import ModelLoadError
+from pipeline.errors import ModelLoadError, first_line
 
 T = TypeVar("T")
 ARTIFACTS_SUBDIR = "artifacts"
@@ -42,7 +42,6 @@ DEFAULT_SUFFIX = ".artifact"
 TMP_SUFFIX = ".tmp"
 STALE_TMP_S = 3600.0  # a builder's temporary file this old belongs to a dead process
 SLUG_CHARS = 40
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 log = logging.getLogger("imgpipe.backends.artifacts")
 
 
@@ -194,21 +193,6 @@ class ArtifactStore:
             with suppress(OSError):
                 if tmp.stat().st_mtime < cutoff:
                     tmp.unlink()
-
-
-def root_cause(exc: BaseException) -> str:
-    """The innermost cause's type and first line: exporters wrap the real reason
-    (e.g. a data-dependent branch) in a generic "Failed to export" error."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return f"{type(exc).__name__}: {first_line(exc)}"
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first non-blank line, without colour codes, for one-line reasons."""
-    text = ANSI_ESCAPE.sub("", str(exc)).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line[:300]
 
 
 def _fsync(path: Path) -> None:

@@ -29,17 +29,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pipeline.backends.artifacts import (
-    ArtifactKey,
-    ArtifactStore,
-    first_line,
-    library_versions,
-    root_cause,
-)
+from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions
 from pipeline.backends.calibration import CalibrationSet
 from pipeline.backends.normalised import Normalised, module_device
 from pipeline.backends.staging import warm_up
-from pipeline.errors import ModelLoadError
+from pipeline.errors import ModelLoadError, first_line, root_cause
 from pipeline.models import LoadedModel
 
 log = logging.getLogger("imgpipe.backends.onnx")

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions, root_cause
+from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions
 from pipeline.backends.normalised import Normalised
 from pipeline.backends.staging import StagingRing, warm_up
-from pipeline.errors import ModelLoadError
+from pipeline.errors import ModelLoadError, root_cause
 from pipeline.models import LoadedModel
 
 log = logging.getLogger("imgpipe.backends.torchscript")

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from pipeline.errors import ModelLoadError
+from pipeline.errors import ModelLoadError, first_line
 from pipeline.models.labels import resolve_labels
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -101,7 +101,7 @@ def _torchscript(path: Path) -> tuple[Any, Path, Any, Any]:
         module = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"{path} is not a loadable TorchScript file: "
-                             f"{str(exc).splitlines()[0]}") from exc
+                             f"{first_line(exc)}") from exc
     return module, path, IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -112,7 +112,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         raise ModelLoadError(f"weights file {path} is not a PyTorch state_dict: "
-                             f"{str(exc).splitlines()[0]}") from exc
+                             f"{first_line(exc)}") from exc
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
