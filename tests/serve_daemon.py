@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +21,7 @@ READY_LINE = "serving "
 # Several daemons run at once in a test: no fixed metrics port unless asked for.
 METRICS_OFF = {"IMGPIPE_METRICS__PORT": "0"}
 START_TIMEOUT_S = 120.0
+POLL_S = 0.02
 
 
 class ServeProcess:
@@ -44,16 +45,8 @@ class ServeProcess:
 
     def wait_for_log(self, text: str, timeout_s: float = 30.0, count: int = 1) -> None:
         """Until the log holds `text` `count` times; fail if the daemon exits first."""
-        deadline = time.monotonic() + timeout_s
-        while self.log().count(text) < count:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                pytest.fail(f"imgpipe serve exited ({self.process.returncode}) before "
-                            f"logging {text!r}:\n{self.log()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"imgpipe serve did not log {text!r} in {timeout_s} s:\n"
-                            f"{self.log()[-3000:]}")
-            time.sleep(0.05)
+        wait_until(lambda: self.log().count(text) >= count, timeout_s,
+                   f"the log line {text!r}", [self])
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -91,6 +84,27 @@ class ServeProcess:
 
 
 DaemonFactory = Callable[..., ServeProcess]
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float,
+               what: str | Callable[[], str], watch: Sequence[ServeProcess] = ()) -> None:
+    """Poll `condition`; fail after `timeout_s`, or at once if a `watch`ed daemon exits.
+    `what` names what is awaited (a callable is asked only when failing)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        for daemon in watch:
+            assert daemon.process is not None
+            if daemon.process.poll() is not None:
+                pytest.fail(f"the daemon exited ({daemon.process.returncode}) while waiting "
+                            f"for {_described(what)}:\n{daemon.log()[-3000:]}")
+        if time.monotonic() > deadline:
+            tails = "".join(f":\n{daemon.log()[-3000:]}" for daemon in watch)
+            pytest.fail(f"timed out after {timeout_s} s waiting for {_described(what)}{tails}")
+        time.sleep(POLL_S)
+
+
+def _described(what: str | Callable[[], str]) -> str:
+    return what() if callable(what) else what
 
 
 @pytest.fixture

@@ -21,7 +21,12 @@ from pipeline.client import Client
 from pipeline.config import RedisSettings
 from tests.builders import damaged_copies
 from tests.redis_server import RedisServer
-from tests.serve_daemon import DaemonFactory, ServeProcess, daemon_factory  # noqa: F401
+from tests.serve_daemon import (  # noqa: F401
+    DaemonFactory,
+    ServeProcess,
+    daemon_factory,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -192,9 +197,7 @@ def test_a_reply_stream_that_refuses_results_falls_back_to_the_default_one(
 def _results_by_entry(raw: redis.Redis, stream: str, count: int,
                       timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
     """Wait for `count` results on `stream`; each decoded, by the job's entry id."""
-    deadline = time.monotonic() + timeout_s
-    while raw.xlen(stream) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: raw.xlen(stream) >= count, timeout_s, f"{count} results on {stream}")
     entries = raw.xrange(stream)
     assert len(entries) == count, f"{len(entries)} results of {count}"
     results = [wire.decode_result(fields) for _, fields in entries]

@@ -26,7 +26,12 @@ from pipeline import wire
 from pipeline.client import Client
 from pipeline.config import RedisSettings
 from tests.redis_server import RedisServer
-from tests.serve_daemon import DaemonFactory, ServeProcess, daemon_factory  # noqa: F401
+from tests.serve_daemon import (  # noqa: F401
+    DaemonFactory,
+    ServeProcess,
+    daemon_factory,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -116,32 +121,14 @@ class Tally:
         wanted = set(job_ids)
 
         def arrived() -> bool:
-            for daemon in serving:
-                assert daemon.process is not None
-                if daemon.process.poll() is not None:
-                    pytest.fail(f"the daemon exited ({daemon.process.returncode}):\n"
-                                f"{daemon.log()[-3000:]}")
             self.read()
             return wanted <= self.counts.keys()
 
-        if not _poll(arrived, timeout_s):
-            missing = wanted - self.counts.keys()
-            pytest.fail(f"{len(missing)} of {len(wanted)} jobs have no result after "
-                        f"{timeout_s} s, e.g. {sorted(missing)[:5]}")
+        def missing() -> str:
+            left = sorted(wanted - self.counts.keys())
+            return f"results for all {len(wanted)} jobs ({len(left)} missing, e.g. {left[:5]})"
 
-
-def _poll(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval_s)
-    return True
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    if not _poll(condition, timeout_s):
-        pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        wait_until(arrived, timeout_s, missing, serving)
 
 
 def pending(conn: redis.Redis, prefix: str) -> int:

@@ -28,7 +28,12 @@ from pipeline.client import Client
 from pipeline.config import RedisSettings
 from tests.builders import MeanColour
 from tests.redis_server import RedisServer, free_port
-from tests.serve_daemon import DaemonFactory, ServeProcess, daemon_factory  # noqa: F401
+from tests.serve_daemon import (  # noqa: F401
+    DaemonFactory,
+    ServeProcess,
+    daemon_factory,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs AF_UNIX")]
@@ -83,7 +88,7 @@ class NotifySocket:
                  since: float = 0.0, daemon: Optional[ServeProcess] = None) -> float:
         """When the `count`th datagram holding `assignment` (after `since`) arrived."""
         wait_until(lambda: len(self.times_of(assignment, since)) >= count, timeout_s,
-                   f"{count} x {assignment}", daemon)
+                   f"{count} x {assignment}", [daemon] if daemon else [])
         return self.times_of(assignment, since)[count - 1]
 
     def close(self) -> None:
@@ -155,21 +160,6 @@ def labels_of(samples: Samples, name: str) -> dict[str, str]:
 
 
 # -- helpers ----------------------------------------------------------------------
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str,
-               daemon: Optional[ServeProcess] = None) -> None:
-    """Poll `condition`; fail after `timeout_s`, or at once if `daemon` exits."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if daemon is not None and daemon.process is not None \
-                and daemon.process.poll() is not None:
-            pytest.fail(f"the daemon exited ({daemon.process.returncode}) while waiting "
-                        f"for {what}:\n{daemon.log()[-3000:]}")
-        if time.monotonic() > deadline:
-            tail = "" if daemon is None else f":\n{daemon.log()[-3000:]}"
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}{tail}")
-        time.sleep(0.02)
-
 
 def alive(daemon: ServeProcess) -> bool:
     return daemon.process is not None and daemon.process.poll() is None
@@ -270,7 +260,7 @@ def test_ready_after_warm_up_watchdog_while_serving_status_and_stopping(
     # and STATUS= lines describe the work: one soon reports every job answered
     wait_until(lambda: any(match and int(match[2]) == len(ids) for match in
                            map(STATUS_LINE.match, notify_socket.statuses(since=ready_at))),
-               30.0, f"a STATUS= line with {len(ids)} answered", daemon)
+               30.0, f"a STATUS= line with {len(ids)} answered", [daemon])
     statuses = notify_socket.statuses(since=ready_at)
     assert statuses[0].startswith("serving ")  # READY=1's own
     assert all(STATUS_LINE.match(line) for line in statuses[1:]), statuses
@@ -320,7 +310,7 @@ def test_watchdog_pings_stop_while_inference_is_stuck(
         client.submit(data=(images / "white.png").read_bytes())
         # then the pings stop: none for more than 3 s (WatchdogSec is 1 s) ...
         wait_until(lambda: time.monotonic() - max(notify_socket.times_of("WATCHDOG=1")) > 3.0,
-                   30.0, "the watchdog pings to stop", daemon)
+                   30.0, "the watchdog pings to stop", [daemon])
     # ... while the daemon is still running, stuck, and says so on /healthz
     assert alive(daemon)
     last_ping = max(notify_socket.times_of("WATCHDOG=1"))
@@ -353,7 +343,7 @@ def test_metrics_scraped_and_parsed_by_prometheus_move_with_the_jobs(
     # (results are published before the metrics count them: wait for the count)
     wait_until(lambda: value(scrape(port), "imgpipe_jobs_total", status="error")
                > value(before, "imgpipe_jobs_total", status="error"),
-               30.0, "the metrics to count the jobs", daemon)
+               30.0, "the metrics to count the jobs", [daemon])
     after = scrape(port)
 
     # then the counters moved by exactly the jobs answered
@@ -404,7 +394,7 @@ def test_health_and_readiness_flip_from_starting_to_ready_to_draining(
 
     # when Redis comes up, it is ready
     server.start()
-    wait_until(lambda: get(port, "/readyz") == (200, "ready"), 60.0, "/readyz 200", daemon)
+    wait_until(lambda: get(port, "/readyz") == (200, "ready"), 60.0, "/readyz 200", [daemon])
     assert get(port, "/healthz") == (200, "ok")
 
     # given jobs in flight, and a Redis that stops answering so that none of
@@ -412,14 +402,14 @@ def test_health_and_readiness_flip_from_starting_to_ready_to_draining(
     with client_for(server, prefix) as client:
         client.submit_many(({"image": coloured(images)[index % 3]} for index in range(2000)),
                            chunk=1000)
-        wait_until(lambda: client.status().results >= 50, WAIT_S, "50 results", daemon)
+        wait_until(lambda: client.status().results >= 50, WAIT_S, "50 results", [daemon])
     with server.paused():
         # when SIGTERM starts the drain
         daemon.signal(signal.SIGTERM)
         daemon.wait_for_log("finishing the jobs in flight")
         # then it is draining, not ready, while still up
         wait_until(lambda: get(port, "/readyz") == (503, "draining"), 10.0,
-                   "/readyz 503 draining", daemon)
+                   "/readyz 503 draining", [daemon])
         time.sleep(1.0)
         assert alive(daemon)
         assert get(port, "/readyz") == (503, "draining")
