@@ -198,20 +198,6 @@ def validation_samples(directory: Path, settings: Settings) -> dict[str, np.ndar
                         pre.limits())
 
 
-def judged_on(variant: Variant, directory: Path,
-              samples: dict[str, np.ndarray]) -> tuple[list[np.ndarray], bool]:
-    """The samples a variant's agreement is measured on, and whether they are held out:
-    int8 calibrates on the first files, so it is judged on the others (on all of
-    them when there are no others), as `imgpipe optimize` does."""
-    from pipeline.backends.calibration import CALIBRATION_IMAGES, first_files
-
-    if variant.precision != "int8":
-        return list(samples.values()), False
-    calibration = set(first_files(directory, CALIBRATION_IMAGES))
-    held_out = [sample for path, sample in samples.items() if path not in calibration]
-    return (held_out, True) if held_out else (list(samples.values()), False)
-
-
 def measure_model(variant: Variant, settings: Settings, model: LoadedModel,
                   reference: TorchBackend, directory: Path, samples: dict[str, np.ndarray],
                   options: Options) -> VariantResult:
@@ -220,7 +206,8 @@ def measure_model(variant: Variant, settings: Settings, model: LoadedModel,
     from pipeline.backends import backend_for
     from pipeline.backends.validation import agreement
     from pipeline.bench import timed_calls
-    from pipeline.errors import ImgpipeError
+    from pipeline.errors import ImgpipeError, first_line
+    from pipeline.optimize import judged_on
 
     result = VariantResult(str(variant))
     started = time.perf_counter()
@@ -228,11 +215,12 @@ def measure_model(variant: Variant, settings: Settings, model: LoadedModel,
         backend = backend_for(settings, model, reference.device, variant, directory, BATCH)
         backend.setup()
     except (ImgpipeError, RuntimeError, ImportError) as exc:
-        result.failed = f"cannot run here: {str(exc).splitlines()[0]}"
+        result.failed = f"cannot run here: {first_line(exc)}"
         return result
     result.build_s = time.perf_counter() - started
     try:
-        scored, result.held_out = judged_on(variant, directory, samples)
+        scored = judged_on(variant, directory, samples)
+        result.held_out = len(scored) < len(samples)
         found = agreement(reference, backend, scored)
         result.top1, result.max_score_drift = found.top1, found.max_score_drift
         result.agreement_images = found.images

@@ -84,10 +84,7 @@ def run(settings: Settings, variants: Optional[list[Variant]], images: Path, thr
     device = resolve_device(cfg.device)
     variants = variants or every_variant(device)
     pre = settings.preprocess
-    files = first_files(images, MAX_VALIDATION_IMAGES)
-    calibration_files = set(files[:CALIBRATION_IMAGES])
-    every = [(path in calibration_files, sample) for path, sample in
-             preprocessed(files, pre.spec(), pre.limits()).items()]
+    every = preprocessed(first_files(images, MAX_VALIDATION_IMAGES), pre.spec(), pre.limits())
     if not every:
         raise ImgpipeError(f"{images} holds no images to validate with")
     reference = TorchBackend(model, device, settings.batching.max_batch_size,
@@ -95,10 +92,9 @@ def run(settings: Settings, variants: Optional[list[Variant]], images: Path, thr
     reference.setup()
     candidates = []
     for variant in variants:
-        held_out = [s for used, s in every if not used] if variant.precision == "int8" else []
-        samples = held_out or [s for _, s in every]
         candidates.append(_candidate(settings, model, device, variant, images, reference,
-                                     samples, threshold, latency_ms, seconds))
+                                     judged_on(variant, images, every), threshold, latency_ms,
+                                     seconds))
     reference.close()
     accepted = [c for c in candidates if c.accepted]
     best = max(accepted, key=lambda c: c.images_per_s, default=None)
@@ -108,6 +104,18 @@ def run(settings: Settings, variants: Optional[list[Variant]], images: Path, thr
     _write_profile(settings.cache.directory(), model, variant,
                    images.resolve() if variant.precision == "int8" else None, best, threshold)
     return candidates, variant
+
+
+def judged_on(variant: Variant, images: Path,
+              samples: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The samples (by path, from `images`) a variant's agreement is measured on:
+    int8 calibrates on the first files, so it is judged on the others (on all of
+    them when there are no others)."""
+    if variant.precision != "int8":
+        return list(samples.values())
+    calibration = set(first_files(images, CALIBRATION_IMAGES))
+    held_out = [sample for path, sample in samples.items() if path not in calibration]
+    return held_out or list(samples.values())
 
 
 def _candidate(settings: Settings, model: LoadedModel, device: Any, variant: Variant,
