@@ -109,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("action", choices=["stats", "clear", "verify"])
     cache.add_argument("--config", type=Path, help="TOML settings file")
     _cache_flags(cache)
+    cache.add_argument("--yes", action="store_true", help="clear even when the cache's "
+                       "Redis also carries job streams (only cache entries are removed)")
     cache.set_defaults(handler=_cache)
     return parser
 
@@ -361,25 +363,51 @@ def _print_summary(console: Console, summary: Any, skipped: int, engine: Any,
 
 def _cache(args: argparse.Namespace, stderr: Console) -> int:
     from pipeline.cache.lookup import open_tiers
-    from pipeline.cache.tiered import verify_tier
 
     settings = _settings(args)
+    secret = settings.cache.hmac_key()
     stdout = Console(highlight=False, soft_wrap=True)
-    for tier in open_tiers(settings.cache):
-        if not tier.setup():
-            stdout.print(f"{tier.name}: unavailable", markup=False)
-            continue
-        if args.action == "stats":
-            stdout.print(f"{tier.name}: {tier.entry_count()} entries, "
-                         f"{tier.volume_bytes() / 2**20:.1f} MiB", markup=False)
-        elif args.action == "clear":
-            stdout.print(f"{tier.name}: removed {tier.clear()} entries", markup=False)
-        else:
-            report = verify_tier(tier)
-            stdout.print(f"{tier.name}: checked {report.checked}, removed {report.corrupt} "
-                         f"corrupt entries", markup=False)
-        tier.close()
+    tiers = open_tiers(settings.cache)
+    try:
+        usable = [tier for tier in tiers if tier.setup()]
+        if args.action == "clear" and not args.yes:
+            _refuse_clearing_beside_jobs(usable, settings)
+        for tier in tiers:
+            outcome = _cache_action(tier, args.action, secret) if tier in usable else "unavailable"
+            stdout.print(f"{tier.name}: {outcome}", markup=False)
+    finally:
+        for tier in tiers:
+            tier.close()
     return 0
+
+
+def _cache_action(tier: Any, action: str, secret: Optional[bytes]) -> str:
+    """Run `cache ACTION` on one tier; what to print after its name."""
+    from pipeline.cache.tiered import verify_tier
+
+    if action == "stats":
+        return f"{tier.entry_count()} entries, {tier.volume_bytes() / 2**20:.1f} MiB"
+    if action == "clear":
+        return f"removed {tier.clear()} entries"
+    report = verify_tier(tier, secret)
+    return f"checked {report.checked}, removed {report.corrupt} corrupt entries"
+
+
+def _refuse_clearing_beside_jobs(tiers: list[Any], settings: Settings) -> None:
+    """A Redis that carries job streams is a production queue: clearing its
+    cache wants a second thought (--yes), though it never touches the streams."""
+    if settings.cache.redis_url is None:
+        return
+    from pipeline.cache.redis_tier import RedisTier  # redis-py only when configured
+
+    for tier in tiers:
+        if isinstance(tier, RedisTier):
+            streams = tier.streams_under({settings.cache.prefix, settings.redis.prefix})
+            if streams:
+                shown = ", ".join(streams[:3]) + (", ..." if len(streams) > 3 else "")
+                raise ConfigError(f"the cache Redis at {tier.location} also carries job "
+                                  f"streams ({shown}); to remove its cache entries (and "
+                                  f"nothing else) run again with --yes")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,7 @@ class CacheSettings(Section):
     redis_timeout_s: float = Field(0.5, gt=0, le=60)
     redis_retry_interval_s: float = Field(5.0, ge=0)
     write_queue_items: int = Field(256, ge=1, le=100_000)
+    hmac_key_file: UnsetIfBlank[Path] = None
 
     def directory(self) -> Path:
         """The local tier's directory: `dir`, else $XDG_CACHE_HOME/imgpipe."""
@@ -130,6 +131,22 @@ class CacheSettings(Section):
             return self.dir
         base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         return Path(base) / "imgpipe"
+
+    def hmac_key(self) -> Optional[bytes]:
+        """The secret that signs cache entries, read from `hmac_key_file` (None
+        when unset); ConfigError when the file cannot be read or holds nothing."""
+        if self.hmac_key_file is None:
+            return None
+        try:
+            # Surrounding whitespace is dropped so that `echo KEY > file` and
+            # `printf KEY > file` give every host the same key.
+            key = self.hmac_key_file.read_bytes().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read cache.hmac_key_file {self.hmac_key_file}: "
+                              f"{exc.strerror}") from exc
+        if not key:
+            raise ConfigError(f"cache.hmac_key_file {self.hmac_key_file} is empty")
+        return key
 
 
 class RedisSettings(Section):

@@ -17,16 +17,29 @@ Result entry::
 
 The checksum is BLAKE2b-64 over the header (checksum zeroed) and the payload,
 so a flipped bit in the shape or the digest is caught as well as one in the
-pixels.
+pixels. A checksum only catches accidents: anyone who can write the cache
+can also write a valid one.
+
+Signed entry (with `cache.hmac_key_file`), around any entry above::
+
+    magic "IPS\0" | version u8 | reserved 3 bytes | HMAC-SHA256 32 bytes | entry
+
+The HMAC covers the header's first 8 bytes, the cache key, a NUL byte and the
+entry, so an entry forged without the secret is refused, and so is a signed
+one copied under another key (another image's predictions). A reader with the
+secret refuses unsigned entries; a reader without one reads signed entries
+unchecked, like any other.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import itertools
 import json
 import math
 import struct
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -35,10 +48,14 @@ from pipeline.cache.keys import FILE_KIND, RESULT_KIND, TENSOR_KIND, parse_key
 FORMAT_VERSION = 1
 TENSOR_MAGIC = b"IPT\x00"
 RESULT_MAGIC = b"IPR\x00"
+SIGNED_MAGIC = b"IPS\x00"
 MAX_NDIM = 8
+SIGNATURE_BYTES = 32  # HMAC-SHA256
 
 _TENSOR_HEAD = struct.Struct("<4sBBBB16sQ8s")
 _RESULT_HEAD = struct.Struct("<4sB3xI8s")
+_SIGNED_HEAD = struct.Struct("<4sB3x")  # then the signature
+_PREDICTION_FIELDS = {"label", "index", "score"}
 _NO_CHECKSUM = bytes(8)
 # One-byte dtype codes; only uint8 is cached today (tensors are uint8 CHW).
 _DTYPE_CODES = {np.dtype(np.uint8): 1}
@@ -93,6 +110,44 @@ def decode_result(blob: bytes) -> list[dict[str, Any]]:
     if _checksum(head, b"", payload) != checksum:
         raise CorruptEntry("result checksum mismatch")
     return _parse_predictions(payload)
+
+
+def sign_entry(secret: bytes, key: str, entry: bytes) -> bytes:
+    """`entry` behind a header carrying its HMAC, bound to `key`."""
+    head = _SIGNED_HEAD.pack(SIGNED_MAGIC, FORMAT_VERSION)
+    return head + _signature(secret, head, key, entry) + entry
+
+
+def open_entry(secret: Optional[bytes], key: str, blob: bytes) -> bytes:
+    """The entry inside a stored `blob`, its signature checked when there is a secret.
+
+    With a `secret`, an unsigned entry or a wrong signature is CorruptEntry;
+    without one, a signed entry is unwrapped unchecked and any other passes as is.
+    """
+    signed = blob.startswith(SIGNED_MAGIC)
+    if secret is None and not signed:
+        return blob
+    if not signed:
+        raise CorruptEntry("entry is not signed")
+    start = _SIGNED_HEAD.size + SIGNATURE_BYTES
+    if len(blob) < start:
+        raise CorruptEntry("signed entry is truncated")
+    magic, version = _SIGNED_HEAD.unpack_from(blob)
+    _check_magic_version(magic, SIGNED_MAGIC, version)
+    head, signature, entry = blob[:_SIGNED_HEAD.size], blob[_SIGNED_HEAD.size:start], blob[start:]
+    if secret is not None and not hmac.compare_digest(
+            signature, _signature(secret, head, key, entry)):
+        raise CorruptEntry("entry signature does not match")
+    return entry
+
+
+def _signature(secret: bytes, head: bytes, key: str, entry: bytes) -> bytes:
+    """HMAC-SHA256 over the signed header (reserved bytes too), the key, NUL, the entry."""
+    mac = hmac.new(secret, head, hashlib.sha256)
+    mac.update(key.encode())
+    mac.update(b"\x00")  # cache keys never hold NUL: key and entry cannot run together
+    mac.update(entry)
+    return mac.digest()
 
 
 def encode_file_digest(key: str, image_digest: str) -> bytes:
@@ -165,7 +220,26 @@ def _parse_predictions(payload: bytes) -> list[dict[str, Any]]:
         raise CorruptEntry(f"result payload is not JSON: {exc}") from exc
     if not isinstance(predictions, list) or not all(isinstance(p, dict) for p in predictions):
         raise CorruptEntry("result payload is not a list of objects")
+    if not all(_is_prediction(p) for p in predictions):
+        raise CorruptEntry("result payload holds an object that is not a prediction")
+    if not _is_ranking(predictions):
+        raise CorruptEntry("predictions are not distinct classes, best first")
     return predictions
+
+
+def _is_prediction(prediction: dict[str, Any]) -> bool:
+    """{"label": str, "index": int >= 0, "score": 0..1}, and nothing else."""
+    index, score = prediction.get("index"), prediction.get("score")
+    return (prediction.keys() == _PREDICTION_FIELDS and isinstance(prediction["label"], str)
+            and isinstance(index, int) and not isinstance(index, bool) and index >= 0
+            and isinstance(score, (int, float)) and not isinstance(score, bool)
+            and 0 <= score <= 1)
+
+
+def _is_ranking(predictions: list[dict[str, Any]]) -> bool:
+    scores = [p["score"] for p in predictions]
+    distinct = len({p["index"] for p in predictions}) == len(predictions)
+    return distinct and all(a >= b for a, b in itertools.pairwise(scores))
 
 
 def _check_magic_version(magic: bytes, expected: bytes, version: int) -> None:

@@ -1,11 +1,16 @@
 """Cache keys: content digests and short, namespaced key strings.
 
-Every key lives under one configurable prefix (default ``imgpipe``) and has
-four colon-separated parts::
+Every key lives under ``<prefix>:cache`` (the prefix is configurable, default
+``imgpipe``) and has three more colon-separated parts::
 
-    imgpipe:t:<spec16>:<image digest>      a preprocessed tensor
-    imgpipe:r:<scope16>:<image digest>     the predictions for one image
-    imgpipe:f:stat:<stat digest>           a file's image digest, by path and stat
+    imgpipe:cache:t:<spec16>:<image digest>      a preprocessed tensor
+    imgpipe:cache:r:<scope16>:<image digest>     the predictions for one image
+    imgpipe:cache:f:stat:<stat digest>           a file's image digest, by path and stat
+
+The ``cache`` part keeps the cache apart from the job queue, which uses the
+same default prefix in the same kind of Redis (``imgpipe:jobs``,
+``imgpipe:results``, ...): cache maintenance never sees a queue key, whatever
+the two prefixes are set to.
 
 ``<image digest>`` is BLAKE2b-128 of the file's bytes, so the same image under
 two names, on two hosts, is one entry. ``<spec16>`` is the first 16 hex digits
@@ -35,6 +40,7 @@ import os
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "imgpipe"
+NAMESPACE = "cache"
 TENSOR_KIND = "t"
 RESULT_KIND = "r"
 FILE_KIND = "f"
@@ -84,16 +90,23 @@ def file_key(prefix: str, path: str, info: os.stat_result) -> str:
     return _join(prefix, FILE_KIND, FILE_SCOPE, digest.hexdigest())
 
 
+def namespace(prefix: str) -> str:
+    """What every cache key under `prefix` starts with (then a colon)."""
+    return f"{prefix}:{NAMESPACE}"
+
+
 def parse_key(key: str) -> ParsedKey:
     """Split a key made by this module; ValueError when it is not one."""
-    parts = key.rsplit(":", 3)
+    parts = key.rsplit(":", 4)
     kinds = (TENSOR_KIND, RESULT_KIND, FILE_KIND)
-    if len(parts) != 4 or parts[1] not in kinds or not all(parts):
+    if (len(parts) != 5 or parts[1] != NAMESPACE or parts[2] not in kinds
+            or not all(parts)):
         raise ValueError(f"not an imgpipe cache key: {key!r}")
-    return ParsedKey(*parts)
+    prefix, _, kind, scope, digest = parts
+    return ParsedKey(prefix, kind, scope, digest)
 
 
 def _join(prefix: str, kind: str, scope: str, digest: str) -> str:
     if not prefix or not digest or not scope:
         raise ValueError("cache key parts must not be empty")
-    return f"{prefix}:{kind}:{scope}:{digest}"
+    return f"{namespace(prefix)}:{kind}:{scope}:{digest}"

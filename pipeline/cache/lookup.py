@@ -65,7 +65,7 @@ class CacheLookup:
         self.cfg = cfg
         self.spec_digest = spec_digest
         self.scope = scope if cfg.results else None
-        self.cache = TieredCache(open_tiers(cfg), cfg.write_queue_items)
+        self.cache = TieredCache(open_tiers(cfg), cfg.write_queue_items, cfg.hmac_key())
         self.results = ResultCache(self.cache)
         self._reported: dict[str, Counter[str]] = {}
 
@@ -94,7 +94,7 @@ class CacheLookup:
     def find_digest(self, digest: str) -> Found:
         """Lookups by the digest of an image's bytes."""
         if self.scope is not None:
-            predictions, tier = self.results.get(self._result_key(digest))
+            predictions, tier = self.results.get(self._result_key(digest), self.scope.topk)
             if predictions is not None:
                 return Found(digest, tier, predictions=predictions)
         pixels, tier = self.cache.get_tensor(self._tensor_key(digest), self.spec_digest)

@@ -6,6 +6,11 @@ or mid-run) the tier logs one warning, reports misses, skips writes and tries
 the server again at most once every `retry_interval_s`. While it is down a
 call costs one clock read. No redis exception ever reaches the caller, and
 only host:port is ever logged, never the URL (it may hold a password).
+
+The tier's keys are the string keys under `<prefix>:cache:` that parse as
+cache keys; listing, counting and clearing look at nothing else, so a job
+queue sharing the server and the prefix is never touched (SCAN's TYPE
+filter: Redis 6.0 or later).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional, TypeVar
 
 import redis
@@ -24,6 +29,7 @@ from redis.retry import Retry
 
 from pipeline.broker import describe_url
 from pipeline.cache import LOGGER_NAME, TierStats
+from pipeline.cache.keys import namespace, parse_key
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(LOGGER_NAME)
@@ -90,12 +96,12 @@ class RedisTier:
         self._attempt(lambda client: client.delete(key))
 
     def iter_keys(self) -> Iterator[str]:
-        """Every key under the prefix (SCAN: no blocking KEYS on a shared server)."""
+        """Every cache key under the prefix (SCAN: no blocking KEYS on a shared server)."""
         _, keys = self._attempt(self._scan_all)
         return iter(keys or [])
 
     def entry_count(self) -> int:
-        """How many keys are under the prefix."""
+        """How many cache keys are under the prefix."""
         return sum(1 for _ in self.iter_keys())
 
     def volume_bytes(self) -> int:
@@ -104,9 +110,18 @@ class RedisTier:
         return total or 0
 
     def clear(self) -> int:
-        """Delete the keys under the prefix and nothing else; how many went."""
+        """Delete the cache keys under the prefix and nothing else; how many went."""
         _, removed = self._attempt(self._unlink_all)
         return removed or 0
+
+    def streams_under(self, prefixes: Iterable[str]) -> list[str]:
+        """The stream keys under any of `prefixes`: a job queue shares this server."""
+        def scan(client: redis.Redis) -> list[str]:
+            return sorted({key.decode(errors="backslashreplace") for prefix in prefixes
+                           for key in client.scan_iter(match=_glob_under(prefix),
+                                                       count=SCAN_BATCH, _type="STREAM")})
+        _, streams = self._attempt(scan)
+        return streams or []
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -114,12 +129,20 @@ class RedisTier:
         with contextlib.suppress(redis.RedisError):
             self._client.close()
 
-    @property
-    def _pattern(self) -> str:
-        return re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + ":*"
-
     def _scan_all(self, client: redis.Redis) -> list[str]:
-        return [key.decode() for key in client.scan_iter(match=self._pattern, count=SCAN_BATCH)]
+        found = client.scan_iter(match=_glob_under(namespace(self.prefix)), count=SCAN_BATCH,
+                                 _type="STRING")
+        return [raw.decode() for raw in found if self._owns(raw)]
+
+    def _owns(self, raw_key: bytes) -> bool:
+        # The glob also matches keys no cache wrote, and those of a longer
+        # prefix such as "imgpipe:cache:x"; cache keys are ASCII.
+        if not raw_key.isascii():
+            return False
+        try:
+            return parse_key(raw_key.decode()).prefix == self.prefix
+        except ValueError:
+            return False
 
     def _sum_lengths(self, client: redis.Redis) -> int:
         keys = self._scan_all(client)
@@ -187,6 +210,11 @@ class RedisTier:
             self._down = False
             self.stats.available = True
         log.warning("Redis tier back at %s", self.location)
+
+
+def _glob_under(prefix: str) -> str:
+    """A SCAN pattern for the keys under `prefix:`, its glob characters escaped."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + ":*"
 
 
 def _make_client(url: str, timeout_s: float) -> redis.Redis:

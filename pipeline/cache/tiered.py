@@ -5,6 +5,9 @@ tiers before it. Writes are queued and stored by one daemon thread; when the
 queue is full the write is dropped and counted, because a cache write must
 never make inference wait. A corrupt entry is deleted from the tier that
 returned it, counted, and treated as a miss there (the next tier is asked).
+
+With a `secret` every entry is signed on its way in and checked on its way
+out (codec.sign_entry / open_entry): an unsigned or forged entry is corrupt.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from typing import Optional, TypeVar
 import numpy as np
 
 from pipeline.cache import LOGGER_NAME, CacheTier
-from pipeline.cache.codec import CorruptEntry, check_entry, decode_tensor, encode_tensor
+from pipeline.cache.codec import (
+    CorruptEntry,
+    check_entry,
+    decode_tensor,
+    encode_tensor,
+    open_entry,
+    sign_entry,
+)
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -53,10 +63,12 @@ class VerifyReport:
 class TieredCache:
     """Tiers in read order (e.g. [LocalTier, RedisTier]) behind one interface."""
 
-    def __init__(self, tiers: Sequence[CacheTier], write_queue_items: int = 256) -> None:
+    def __init__(self, tiers: Sequence[CacheTier], write_queue_items: int = 256,
+                 secret: Optional[bytes] = None) -> None:
         if write_queue_items < 1:
             raise ValueError(f"write_queue_items must be positive, got {write_queue_items}")
         self.tiers = tuple(tiers)
+        self.secret = secret
         self.stats = CacheStats()
         self._queue: queue.Queue[Optional[_Write]] = queue.Queue(write_queue_items)
         self._lock = threading.Lock()
@@ -84,12 +96,12 @@ class TieredCache:
             if blob is None:
                 continue
             try:
-                value = decode(blob)
+                value = decode(open_entry(self.secret, key, blob))
             except CorruptEntry as exc:
                 self._discard(tier, key, exc)
                 continue
             self._count_hit(tier.name)
-            if position:
+            if position:  # promoted as stored: a signed entry keeps its signature
                 self._enqueue(key, blob, self.tiers[:position])
             return value, tier.name
         with self._lock:
@@ -103,18 +115,18 @@ class TieredCache:
         if blob is None:
             return None
         try:
-            return decode(blob)
+            return decode(open_entry(self.secret, key, blob))
         except CorruptEntry as exc:
             self._discard(tier, key, exc)
             return None
 
     def put_local(self, key: str, value: bytes) -> bool:
         """Queue a write to the first tier only (see `get_local`)."""
-        return self._enqueue(key, value, self.tiers[:1])
+        return self._enqueue(key, self._sealed(key, value), self.tiers[:1])
 
     def put(self, key: str, value: bytes) -> bool:
         """Queue a write to every tier; False when it was dropped. Never blocks."""
-        return self._enqueue(key, value, self.tiers)
+        return self._enqueue(key, self._sealed(key, value), self.tiers)
 
     def put_tensor(self, key: str, array: np.ndarray, spec_digest: str) -> bool:
         """Encode and queue a tensor (see `put`)."""
@@ -148,6 +160,9 @@ class TieredCache:
                 log.warning("cache writer still busy after %g s; closing without it", timeout_s)
         for tier in self.tiers:
             tier.close()
+
+    def _sealed(self, key: str, value: bytes) -> bytes:
+        return value if self.secret is None else sign_entry(self.secret, key, value)
 
     def _enqueue(self, key: str, value: bytes, tiers: tuple[CacheTier, ...]) -> bool:
         with self._lock:
@@ -202,8 +217,9 @@ class TieredCache:
             self.stats.hits[tier_name] = self.stats.hits.get(tier_name, 0) + 1
 
 
-def verify_tier(tier: CacheTier) -> VerifyReport:
-    """Decode every entry of `tier` and delete the corrupt ones (`cache verify`)."""
+def verify_tier(tier: CacheTier, secret: Optional[bytes] = None) -> VerifyReport:
+    """Decode every entry of `tier` and delete the corrupt ones (`cache verify`);
+    with a `secret`, unsigned and forged entries are corrupt too."""
     report = VerifyReport()
     for key in tier.iter_keys():
         blob = tier.get(key)
@@ -212,7 +228,7 @@ def verify_tier(tier: CacheTier) -> VerifyReport:
             continue
         report.checked += 1
         try:
-            check_entry(key, blob)
+            check_entry(key, open_entry(secret, key, blob))
         except CorruptEntry:
             tier.delete(key)
             report.corrupt += 1

@@ -1,7 +1,10 @@
 """DALI backend: batched decode (nvJPEG on GPU) and one resample of the crop box.
 
 Inputs whose header DALI would not decode exactly like the pillow backend, and
-any single file DALI fails on, are handled by the pillow backend instead.
+any single file DALI fails on, are handled by the pillow backend instead. So
+is a JPEG whose last pixel (as stored) decodes to mid-grey luma, the mark of
+a file whose data ends before its pixels do: the pillow backend tells such a
+file from a real grey corner (pillow.refuse_incomplete_jpeg).
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ from PIL import Image
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.preprocess import Outcome
-from pipeline.preprocess.pillow import ORIENTATION_TAG, PillowBackend, open_image
+from pipeline.preprocess.pillow import (
+    ORIENTATION_TAG,
+    PillowBackend,
+    has_mid_grey_luma,
+    open_image,
+)
 from pipeline.spec import InputLimits, PreprocessSpec
 
 UINT8, FLOAT = types.DALIDataType.UINT8, types.DALIDataType.FLOAT
@@ -32,6 +40,12 @@ INTERP = {
 DALI_FORMATS = {"JPEG", "PNG", "BMP", "WEBP", "TIFF"}
 PLAIN_RAWMODES = {"RGB", "L", "BGR"}  # 8 bits per channel, no alpha, no inversion
 SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that transpose width and height
+# The graph's corners, in the order _graph stacks them: top left, top right,
+# bottom left, bottom right of the upright image.
+CORNERS = ((0, 0), (0, -1), (-1, 0), (-1, -1))
+# Per EXIF orientation, the corner of the upright image where the last pixel
+# the decoder wrote (bottom right as stored) ends up.
+LAST_PIXEL_CORNER = {1: 3, 2: 2, 3: 0, 4: 1, 5: 3, 6: 2, 7: 0, 8: 1}
 
 Roi = tuple[tuple[float, float], tuple[float, float]]
 
@@ -44,11 +58,13 @@ class _Job:
     data: bytes
     roi_start: tuple[float, float]
     roi_end: tuple[float, float]
+    last_pixel_corner: int | None  # for JPEGs: an index into CORNERS
 
 
 @pipeline_def(prefetch_queue_depth=1)
-def _graph(spec: PreprocessSpec, decoder_device: str) -> DataNode:
-    """Encoded bytes + per-sample crop ROI -> uint8 CHW crop."""
+def _graph(spec: PreprocessSpec, decoder_device: str) -> tuple[DataNode, DataNode]:
+    """Encoded bytes + per-sample crop ROI -> uint8 CHW crop, and the decoded
+    image's four corner pixels (4 x RGB, in CORNERS order)."""
     encoded = fn.external_source(name="encoded", dtype=UINT8, ndim=1)
     roi_start = fn.external_source(name="roi_start", dtype=FLOAT, ndim=1)
     roi_end = fn.external_source(name="roi_end", dtype=FLOAT, ndim=1)
@@ -60,8 +76,9 @@ def _graph(spec: PreprocessSpec, decoder_device: str) -> DataNode:
     cropped = cast(DataNode, fn.resize(
         decoded, size=(spec.crop, spec.crop), roi_start=roi_start, roi_end=roi_end,
         interp_type=INTERP[spec.interpolation], antialias=True))
+    corners = fn.stack(*(decoded[row, column] for row, column in CORNERS))
     return fn.crop_mirror_normalize(cropped, crop=(spec.crop, spec.crop), dtype=UINT8,
-                                    output_layout="CHW")
+                                    output_layout="CHW"), corners
 
 
 def _parse_device(device: str) -> tuple[str, int | None]:
@@ -93,20 +110,37 @@ def _orientation(image: Image.Image, data: bytes) -> int | None:
     return None if has_exif or tiff_rotated else 1
 
 
-def _crop_roi(image: Image.Image, data: bytes, spec: PreprocessSpec) -> Roi | None:
+def _job(index: int, image: Image.Image, data: bytes, spec: PreprocessSpec) -> _Job | None:
+    """The DALI job for one input; None means use pillow."""
+    orientation = _orientation(image, data)
+    if orientation is None:
+        return None
+    roi = _crop_roi(image, orientation, spec)
+    if roi is None:
+        return None
+    corner = LAST_PIXEL_CORNER[orientation] if image.format == "JPEG" else None
+    return _Job(index, data, *roi, corner)
+
+
+def _crop_roi(image: Image.Image, orientation: int, spec: PreprocessSpec) -> Roi | None:
     """The crop box as a (y, x) ROI for plain 8-bit RGB/L stills; None means use pillow."""
     if (image.format not in DALI_FORMATS or image.mode not in ("RGB", "L")
             or "transparency" in image.info or getattr(image, "n_frames", 1) != 1
             or not _rawmodes(image) <= PLAIN_RAWMODES):
-        return None
-    orientation = _orientation(image, data)
-    if orientation is None:
         return None
     width, height = image.size
     if orientation in SWAPS_AXES:
         width, height = height, width
     left, top, right, bottom = spec.crop_box(width, height)
     return (top, left), (bottom, right)
+
+
+def _may_be_incomplete(job: _Job, corners: np.ndarray) -> bool:
+    """Whether a JPEG's last decoded pixel has mid-grey luma (see the module doc)."""
+    if job.last_pixel_corner is None:
+        return False
+    red, green, blue = corners[job.last_pixel_corner].tolist()
+    return has_mid_grey_luma(red, green, blue)
 
 
 class DaliBackend:
@@ -139,14 +173,14 @@ class DaliBackend:
         jobs: list[_Job] = []
         for index, data in enumerate(images):
             try:
-                roi = _crop_roi(open_image(data, self.limits), data, self.spec)
+                job = _job(index, open_image(data, self.limits), data, self.spec)
             except InputError as exc:
                 outcomes[index] = exc
                 continue
-            if roi is None:
+            if job is None:
                 outcomes[index] = self._pillow(data)
             else:
-                jobs.append(_Job(index, data, *roi))
+                jobs.append(job)
         for start in range(0, len(jobs), self.batch_size):
             chunk = jobs[start:start + self.batch_size]
             for job, outcome in zip(chunk, self._run_batch(chunk), strict=True):
@@ -173,10 +207,11 @@ class DaliBackend:
         self._pipe.feed_input("encoded", [np.frombuffer(job.data, np.uint8) for job in jobs])
         self._pipe.feed_input("roi_start", [np.array(job.roi_start, np.float32) for job in jobs])
         self._pipe.feed_input("roi_end", [np.array(job.roi_end, np.float32) for job in jobs])
-        (batch,) = self._pipe.run()
+        batch, corners = self._pipe.run()
         if self._device_id is not None:
-            batch = batch.as_cpu()
-        return [np.array(batch[i]) for i in range(len(jobs))]
+            batch, corners = batch.as_cpu(), corners.as_cpu()
+        return [self._pillow(job.data) if _may_be_incomplete(job, np.array(corners[i]))
+                else np.array(batch[i]) for i, job in enumerate(jobs)]
 
     def _pillow(self, data: bytes) -> Outcome:
         # The pillow backend reproduces the spec for everything, and names the error.

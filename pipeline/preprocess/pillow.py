@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pipeline.errors import InputError
 from pipeline.preprocess import Outcome
@@ -36,6 +38,23 @@ UPRIGHT = {
 
 # We enforce our own pixel cap before decoding (InputLimits.max_image_pixels).
 Image.MAX_IMAGE_PIXELS = None
+# A file that ends early must fail ("truncated"), not decode with the rest
+# left blank; whatever another library in this process sets.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# libjpeg does not fail when a scan's data ends before the image does (its
+# header claims more pixels than the data holds, or a cut file got an end
+# marker): it warns, and decodes every block after that point as zero
+# coefficients, whose luma is exactly mid-grey, down to the bottom-right corner.
+MID_GREY = 128
+# Luma recomputed from 8-bit RGB is off by rounding; chroma cancels out in it.
+MID_GREY_TOLERANCE = 2
+SOS, DRI, EOI, RST0 = 0xDA, 0xDD, 0xD9, 0xD0
+# A marker: 0xFF then anything but a stuffed zero, a restart marker or more fill.
+JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# Entropy-coded bytes that a decoder reading them turns into anything but
+# mid-grey (no 0xFF, so never a marker).
+FILLER = bytes(range(1, 255))
 
 
 def open_image(data: bytes, limits: InputLimits) -> Image.Image:
@@ -86,12 +105,7 @@ def load_pixels(image: Image.Image, spec: PreprocessSpec) -> Decoded:
     the output within 1/255 of a full-resolution decode.
     """
     width, height = image.size
-    scale = 1.0
-    if image.format == "JPEG":
-        target = 2 * spec.resize_shorter
-        drafted = image.draft(image.mode, (target, target))
-        if drafted is not None:
-            scale = width / drafted[1][2]
+    scale = draft(image, spec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -105,6 +119,115 @@ def load_pixels(image: Image.Image, spec: PreprocessSpec) -> Decoded:
         raise InputError("decode_failed", f"cannot decode image: {exc}") from exc
     swapped = rotated.size != image.size
     return Decoded(rotated, (height, width) if swapped else (width, height), scale)
+
+
+def draft(image: Image.Image, spec: PreprocessSpec) -> float:
+    """Set a JPEG to decode at the most reduced DCT scale that still leaves
+    twice the resize size; that scale's denominator (1.0 for a full decode)."""
+    if image.format != "JPEG":
+        return 1.0
+    width = image.size[0]
+    target = 2 * spec.resize_shorter
+    drafted = image.draft(image.mode, (target, target))
+    return 1.0 if drafted is None else width / drafted[1][2]
+
+
+def refuse_incomplete_jpeg(image: Image.Image, data: bytes, spec: PreprocessSpec) -> None:
+    """InputError "truncated" for a decoded JPEG whose data ended before its pixels did.
+
+    Such an image ends in mid-grey luma (see MID_GREY). A real one may too, so
+    one that does is decoded again with filler data where each scan ends:
+    libjpeg skips bytes between a complete scan and the next marker, so the
+    pixels only change when a scan was short and the decoder read the filler.
+    """
+    if image.format != "JPEG" or not _ends_in_mid_grey(image):
+        return
+    probe = _with_filler_after_scans(data)
+    if probe is None or _decoded_bytes(probe, spec) in (None, image.tobytes()):
+        return
+    raise InputError("truncated", "image data is truncated: the JPEG's data ends before "
+                     "the pixels its header claims")
+
+
+def _ends_in_mid_grey(image: Image.Image) -> bool:
+    """Whether the last pixel decoded (bottom right, as stored) has mid-grey luma."""
+    if image.mode not in ("L", "RGB"):
+        return False
+    width, height = image.size
+    corner = np.asarray(image.crop((width - 1, height - 1, width, height))).reshape(-1).tolist()
+    red, green, blue = corner * 3 if image.mode == "L" else corner
+    return has_mid_grey_luma(red, green, blue)
+
+
+def has_mid_grey_luma(red: int, green: int, blue: int) -> bool:
+    """Whether an RGB pixel's luma (BT.601, as JPEG's YCbCr) is mid-grey."""
+    return abs(0.299 * red + 0.587 * green + 0.114 * blue - MID_GREY) <= MID_GREY_TOLERANCE
+
+
+def _with_filler_after_scans(data: bytes) -> Optional[bytes]:
+    """`data` with filler inserted where each scan's entropy-coded data ends;
+    None unless the marker walk reaches the end of the image."""
+    insertions = _scan_ends(data)
+    if not insertions:
+        return None
+    pieces, start = [], 0
+    for end, filler in insertions:
+        pieces += [data[start:end], filler]
+        start = end
+    pieces.append(data[start:])
+    return b"".join(pieces)
+
+
+def _scan_ends(data: bytes) -> list[tuple[int, bytes]]:
+    """Where each scan's entropy-coded data ends, and the filler to put there;
+    empty unless the walk over the markers reaches EOI."""
+    ends: list[tuple[int, bytes]] = []
+    position, restart_interval = 2, 0  # after SOI
+    while position + 2 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == EOI:
+            return ends
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if position + 6 > len(data):
+            break
+        if marker == DRI:
+            restart_interval = int.from_bytes(data[position + 4:position + 6], "big")
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        if marker == SOS:
+            found = JPEG_MARKER.search(data, position)
+            if found is None:
+                break
+            ends.append((found.start(), _filler(data, position, found.start(),
+                                                restart_interval)))
+            position = found.start()
+    return []
+
+
+def _filler(data: bytes, start: int, end: int, restart_interval: int) -> bytes:
+    """What to insert where the scan in data[start:end] ends: FILLER, and with
+    restart intervals first the restart marker a short scan expects next
+    (libjpeg skips any other bytes while it waits for that marker, and
+    ignores a stray restart marker after a complete scan)."""
+    if not restart_interval:
+        return FILLER
+    last = max(range(8), key=lambda n: data.rfind(bytes((0xFF, RST0 + n)), start, end))
+    seen = data.rfind(bytes((0xFF, RST0 + last)), start, end) >= 0
+    return bytes((0xFF, RST0 + ((last + 1) % 8 if seen else 0))) + FILLER
+
+
+def _decoded_bytes(data: bytes, spec: PreprocessSpec) -> Optional[bytes]:
+    """The pixels of `data` decoded as `load_pixels` does, before rotation."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                draft(image, spec)
+                image.load()
+                return image.tobytes()
+    except Exception:  # the probe is only evidence; a failure proves nothing
+        return None
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -147,7 +270,9 @@ def transform(image: Image.Image, box: tuple[float, float, float, float],
 
 def preprocess(data: bytes, spec: PreprocessSpec, limits: InputLimits) -> np.ndarray:
     """Encoded image bytes -> uint8 array of shape `spec.output_shape`."""
-    decoded = load_pixels(open_image(data, limits), spec)
+    image = open_image(data, limits)
+    decoded = load_pixels(image, spec)
+    refuse_incomplete_jpeg(image, data, spec)
     return transform(to_rgb_or_l(decoded.image), decoded.crop_box(spec), spec)
 
 

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import diskcache
 import pytest
+import redis
 from PIL import Image
 
+from pipeline.cache.codec import encode_result
 from tests.integration.conftest import read_jsonl, start_imgpipe, wait_for_lines
+from tests.integration.job_queue import add_job_queue, assert_job_queue_intact
 from tests.redis_server import RedisServer
 
 PHOTOS = ("coffee.jpg", "chelsea.jpg", "rocket.jpg", "camera.png")
@@ -26,8 +29,9 @@ def photos(samples_dir: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def _score(run, photos: Path, out: Path, *flags: str) -> dict[str, dict]:
-    result = run("score", str(photos), "--out", str(out), *flags)
+def _score(run, photos: Path, out: Path, *flags: str,
+           env: dict[str, str] | None = None) -> dict[str, dict]:
+    result = run("score", str(photos), "--out", str(out), *flags, env=env)
     assert result.returncode == 0, result.stderr
     return {Path(r["path"]).name: r for r in read_jsonl(out)}
 
@@ -173,3 +177,77 @@ def test_a_rewritten_file_is_never_served_stale(run, photos: Path, samples_dir: 
     assert again["coffee.jpg"]["cache"] == "miss"
     assert again["coffee.jpg"]["predictions"][0]["label"] != "espresso"
     assert again["chelsea.jpg"]["cache"] == "result:local"
+
+
+def test_cache_clear_beside_a_job_queue_refuses_then_removes_only_cache_entries(
+        run, photos: Path, tmp_path: Path, redis_server_factory) -> None:
+    # given a Redis that carries both the shared cache and the job queue, with
+    # the default prefixes (both "imgpipe")
+    server = redis_server_factory()
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--redis-url", server.url]
+    _score(run, photos, tmp_path / "r.jsonl", *cache)
+    raw = redis.Redis.from_url(server.url)
+    add_job_queue(raw, "imgpipe")
+    # when its cache is counted / then only the cache entries count
+    assert "redis: 8 entries" in run("cache", "stats", *cache).stdout  # tensors and results
+    # when it is cleared without --yes / then it refuses in one line, touching nothing
+    refused = run("cache", "clear", *cache)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and "imgpipe:jobs" in refused.stderr
+    assert "--yes" in refused.stderr
+    stats = run("cache", "stats", *cache).stdout
+    assert "local: 12 entries" in stats and "redis: 8 entries" in stats
+    # when it is cleared with --yes / then the cache is gone and the queue intact
+    cleared = run("cache", "clear", "--yes", *cache)
+    assert cleared.returncode == 0 and "redis: removed 8 entries" in cleared.stdout
+    assert_job_queue_intact(raw, "imgpipe")
+    assert "redis: 0 entries" in run("cache", "stats", *cache).stdout
+    raw.close()
+
+
+FORGED = [{"label": "assault rifle", "index": 413, "score": 0.99}] + [
+    {"label": f"class {index}", "index": index, "score": 0.001} for index in range(4)]
+
+
+def test_forged_predictions_in_a_shared_redis_are_not_served_with_an_hmac_key(
+        run, photos: Path, tmp_path: Path, redis_server_factory) -> None:
+    # given hosts sharing a Redis tier and an HMAC key, and one that scored the photos
+    server = redis_server_factory()
+    key_file = tmp_path / "cache.key"
+    key_file.write_text("a secret only the fleet knows\n")
+    signed = {"IMGPIPE_CACHE__HMAC_KEY_FILE": str(key_file)}
+    shared = ["--redis-url", server.url]
+    first = _score(run, photos, tmp_path / "a.jsonl", "--cache-dir", str(tmp_path / "a"),
+                   *shared, env=signed)
+    # when someone with write access to Redis replaces every cached result with a
+    # forgery whose checksum is valid
+    raw = redis.Redis.from_url(server.url)
+    forge_results(raw)
+    # then another host with the key does not serve them: it scores from the
+    # (genuine, signed) tensors, with the real predictions
+    other = _score(run, photos, tmp_path / "b.jsonl", "--cache-dir", str(tmp_path / "b"),
+                   *shared, env=signed)
+    assert {r["cache"] for r in other.values()} == {"tensor:redis"}
+    for name in PHOTOS:
+        assert other[name]["predictions"] == first[name]["predictions"]
+    # and `cache verify` with the key removes forgeries planted again
+    forge_results(raw)
+    verify = run("cache", "verify", "--cache-dir", str(tmp_path / "b"), *shared, env=signed)
+    assert "redis: checked 8, removed 4 corrupt entries" in verify.stdout
+    raw.close()
+
+
+def forge_results(raw: redis.Redis) -> None:
+    """Overwrite every cached result in Redis with FORGED, unsigned."""
+    keys = list(raw.scan_iter(match="imgpipe:cache:r:*"))
+    assert len(keys) == len(PHOTOS)
+    for key in keys:
+        raw.set(key, encode_result(FORGED))
+
+
+def test_an_unreadable_hmac_key_file_stops_cache_commands_in_one_line(
+        run, tmp_path: Path) -> None:
+    missing = {"IMGPIPE_CACHE__HMAC_KEY_FILE": str(tmp_path / "no-such.key")}
+    result = run("cache", "stats", "--cache-dir", str(tmp_path / "cache"), env=missing)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "cache.hmac_key_file" in result.stderr and "Traceback" not in result.stderr

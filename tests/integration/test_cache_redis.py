@@ -12,12 +12,14 @@ import pytest
 import redis
 
 from pipeline.cache import LOGGER_NAME
-from pipeline.cache.codec import encode_tensor
-from pipeline.cache.keys import image_digest, tensor_key
+from pipeline.cache.codec import encode_result, encode_tensor, sign_entry
+from pipeline.cache.keys import image_digest, result_key, tensor_key
 from pipeline.cache.local import LocalTier
 from pipeline.cache.redis_tier import RedisTier
+from pipeline.cache.results import ResultCache
 from pipeline.cache.tiered import MISS, TieredCache, verify_tier
 from pipeline.spec import PreprocessSpec
+from tests.integration.job_queue import add_job_queue, assert_job_queue_intact
 from tests.redis_server import RedisServer, free_port
 
 SPEC = PreprocessSpec().digest()
@@ -71,16 +73,18 @@ def test_oversized_entries_are_not_written(redis_server: RedisServer,
 def test_clear_and_listing_touch_only_the_prefix(tier: RedisTier, raw: redis.Redis,
                                                  prefix: str) -> None:
     # given keys of this tier and a neighbour's key that shares the prefix's start
-    for i in range(3):
-        tier.set(f"{prefix}:t:{i}", b"v")
-    raw.set(f"{prefix}x:t:0", b"neighbour")
+    own = sorted(tensor_key(prefix, image_digest(bytes([i])), SPEC) for i in range(3))
+    for key in own:
+        tier.set(key, b"v")
+    neighbour = tensor_key(prefix + "x", image_digest(b"0"), SPEC)
+    raw.set(neighbour, b"neighbour")
     # when the tier is listed and cleared
     listed = sorted(tier.iter_keys())
     removed = tier.clear()
     # then only its own keys were seen and removed
-    assert listed == [f"{prefix}:t:{i}" for i in range(3)] and removed == 3
-    assert raw.get(f"{prefix}x:t:0") == b"neighbour"
-    raw.delete(f"{prefix}x:t:0")
+    assert listed == own and removed == 3
+    assert raw.get(neighbour) == b"neighbour"
+    raw.delete(neighbour)
 
 
 def test_redis_down_at_start_costs_one_warning_and_nothing_else(
@@ -172,13 +176,14 @@ def test_put_never_blocks_on_a_stalled_redis(redis_server_factory: Factory) -> N
     cache = TieredCache([tier], write_queue_items=4)
     blob = encode_tensor(tensor_for(3), SPEC)
     with server.paused():
-        cache.put("imgpipe:t:first", blob)
+        cache.put(tensor_key("imgpipe", image_digest(b"first"), SPEC), blob)
         time.sleep(0.2)  # the writer thread is now stuck in that SET
         # when writes keep coming, slowly enough that a live writer would keep up
         accepted, waits = [], []
         for i in range(20):
             started = time.perf_counter()
-            accepted.append(cache.put(f"imgpipe:t:{i}", blob))
+            accepted.append(cache.put(tensor_key("imgpipe", image_digest(bytes([i])), SPEC),
+                                      blob))
             waits.append(time.perf_counter() - started)
             time.sleep(0.01)
         # then no put waited; the queue took 4 and the other 16 were dropped and counted
@@ -199,3 +204,118 @@ def test_verify_deletes_corrupt_redis_entries(tier: RedisTier, raw: redis.Redis,
     report = verify_tier(tier)
     assert (report.checked, report.corrupt) == (4, 1)
     assert sorted(tier.iter_keys()) == sorted(good)
+
+
+# --- beside a job queue -------------------------------------------------------
+
+def test_listing_and_clearing_skip_a_job_queue_under_the_same_prefix(
+        tier: RedisTier, raw: redis.Redis, prefix: str) -> None:
+    # given a job queue under the cache's prefix, cache entries, a reply stream a
+    # client named like a cache key, and a string no cache wrote under the namespace
+    add_job_queue(raw, prefix)
+    entries = sorted(tensor_key(prefix, image_digest(bytes([i])), SPEC) for i in range(3))
+    for key in entries:
+        tier.set(key, encode_tensor(tensor_for(5)[:, :4, :4], SPEC))
+    reply_stream = tensor_key(prefix, image_digest(b"reply"), SPEC)
+    raw.xadd(reply_stream, {"job_id": "job-1"})
+    raw.set(f"{prefix}:cache:notes", b"someone else's")
+    # when the tier is counted, listed, verified and cleared
+    counted, listed = tier.entry_count(), sorted(tier.iter_keys())
+    report = verify_tier(tier)
+    removed = tier.clear()
+    # then it saw and removed its three entries, and nothing else was touched
+    assert (counted, listed, report.checked, removed) == (3, entries, 3, 3)
+    assert_job_queue_intact(raw, prefix)
+    assert raw.xlen(reply_stream) == 1 and raw.get(f"{prefix}:cache:notes") is not None
+    assert sorted(tier.streams_under([prefix])) == sorted(
+        [reply_stream, *(f"{prefix}:{name}" for name in ("jobs", "results", "dead"))])
+    raw.delete(*raw.keys(f"{prefix}:*"))
+
+
+# --- signed entries -------------------------------------------------------------
+
+SECRET = b"a secret only the fleet knows"
+TOP2 = [{"label": "espresso", "index": 967, "score": 0.952457},
+        {"label": "cup", "index": 968, "score": 0.021}]
+FORGED = [{"label": "assault rifle", "index": 413, "score": 0.99},
+          {"label": "cup", "index": 968, "score": 0.001}]
+
+
+@pytest.fixture
+def other_host(redis_server: RedisServer, prefix: str) -> RedisTier:
+    """A second host's connection to the same Redis tier (closed by its cache)."""
+    return RedisTier(redis_server.url, prefix, ttl_s=TTL_S, max_entry_bytes=1 << 20)
+
+
+def result_key_for(prefix: str, image: bytes) -> str:
+    return result_key(prefix, image_digest(image), "efficientnet_lite0", "w", 2,
+                      spec_digest=SPEC, labels_digest="")
+
+
+def test_a_forged_result_planted_in_redis_is_refused_with_the_hmac_key(
+        tier: RedisTier, raw: redis.Redis, prefix: str, tmp_path: Path) -> None:
+    # given a result entry written straight into the shared Redis, checksum valid
+    key = result_key_for(prefix, b"coffee")
+    raw.set(key, encode_result(FORGED))
+    local = LocalTier(tmp_path / "local", max_bytes=64 << 20)
+    # when a host holding the HMAC key looks the image up
+    results = ResultCache(TieredCache([local, tier], secret=SECRET))
+    answer = results.get(key, 2)
+    assert results.cache.flush(5)
+    # then the forgery is not served: a miss, deleted from Redis, counted, not copied
+    assert answer == (None, MISS)
+    assert raw.exists(key) == 0 and local.entry_count() == 0
+    assert results.cache.stats.corrupt == 1 and tier.stats.errors == 1
+    results.cache.close()
+
+
+def test_without_the_hmac_key_a_forged_result_is_served(
+        tier: RedisTier, raw: redis.Redis, prefix: str) -> None:
+    # the threat the key answers: a valid checksum is all it takes
+    key = result_key_for(prefix, b"coffee")
+    raw.set(key, encode_result(FORGED))
+    results = ResultCache(TieredCache([tier]))
+    assert results.get(key, 2) == (FORGED, "redis")
+    results.cache.close()
+    raw.delete(key)
+
+
+def test_signed_results_are_served_and_keep_their_signature_when_promoted(
+        tier: RedisTier, other_host: RedisTier, raw: redis.Redis, prefix: str,
+        tmp_path: Path) -> None:
+    # given one host that wrote a result with the key
+    key = result_key_for(prefix, b"coffee")
+    writer = ResultCache(TieredCache([other_host], secret=SECRET))
+    writer.put(key, TOP2)
+    writer.cache.close()
+    # when another host with the key and an empty local tier reads it twice
+    local = LocalTier(tmp_path / "local", max_bytes=64 << 20)
+    reader = ResultCache(TieredCache([local, tier], secret=SECRET))
+    first = reader.get(key, 2)
+    assert reader.cache.flush(5)
+    second = reader.get(key, 2)
+    # then Redis served it, then the local copy, signed as written
+    assert (first, second) == ((TOP2, "redis"), (TOP2, "local"))
+    assert local.get(key) == raw.get(key)
+    # and a genuine entry copied under another image's key is refused there
+    other = result_key_for(prefix, b"rifle")
+    raw.set(other, raw.get(key))
+    assert reader.get(other, 2) == (None, MISS) and raw.exists(other) == 0
+    reader.cache.close()
+    raw.delete(key)
+
+
+def test_verify_with_the_hmac_key_removes_unsigned_and_forged_entries(
+        tier: RedisTier, other_host: RedisTier, raw: redis.Redis, prefix: str) -> None:
+    # given a signed entry, an unsigned one and one signed with another key
+    genuine, unsigned, forged = (result_key_for(prefix, name) for name in (b"a", b"b", b"c"))
+    writer = TieredCache([other_host], secret=SECRET)
+    writer.put(genuine, encode_result(TOP2))
+    writer.close()
+    raw.set(unsigned, encode_result(FORGED))
+    raw.set(forged, sign_entry(b"a guess", forged, encode_result(FORGED)))
+    # when the tier is verified with the key / then only the signed entry is left
+    report = verify_tier(tier, SECRET)
+    assert (report.checked, report.corrupt) == (3, 2)
+    assert list(tier.iter_keys()) == [genuine]
+    raw.delete(genuine)

@@ -15,6 +15,8 @@ from pipeline.cache.codec import (
     decode_tensor,
     encode_result,
     encode_tensor,
+    open_entry,
+    sign_entry,
 )
 from pipeline.cache.keys import image_digest, parse_key, result_key, tensor_key
 from pipeline.models.registry import file_digest
@@ -66,8 +68,8 @@ def test_tensor_key_is_short_and_namespaced() -> None:
     digest = image_digest(b"x")
     # when the key is made
     key = tensor_key("imgpipe", digest, SPEC)
-    # then it is prefix:t:<spec16>:<digest> and parses back
-    assert key == f"imgpipe:t:{SPEC[:16]}:{digest}"
+    # then it is prefix:cache:t:<spec16>:<digest> and parses back
+    assert key == f"imgpipe:cache:t:{SPEC[:16]}:{digest}"
     parsed = parse_key(key)
     assert (parsed.prefix, parsed.kind, parsed.scope, parsed.image_digest) == (
         "imgpipe", "t", SPEC[:16], digest)
@@ -83,12 +85,13 @@ def test_result_key_changes_with_everything_that_changes_predictions() -> None:
                 {**base, "topk": 3}, {**base, "spec_digest": OTHER_SPEC},
                 {**base, "labels_digest": "l"}]
     others = {result_key("imgpipe", "d" * 32, **v) for v in variants}  # type: ignore[arg-type]
-    # then every key differs, and all sit under prefix:r:
+    # then every key differs, and all sit under prefix:cache:r:
     assert key not in others and len(others) == len(variants)
-    assert key.startswith("imgpipe:r:") and parse_key(key).kind == "r"
+    assert key.startswith("imgpipe:cache:r:") and parse_key(key).kind == "r"
 
 
-@pytest.mark.parametrize("key", ["", "imgpipe", "imgpipe:x:abc:def", "imgpipe:t::def", "a:b:c"])
+@pytest.mark.parametrize("key", ["", "imgpipe", "imgpipe:cache:x:abc:def", "imgpipe:cache:t::def",
+                                 "a:b:c", "imgpipe:t:abc:def", "imgpipe:jobs:t:abc:def"])
 def test_parse_key_refuses_foreign_strings(key: str) -> None:
     with pytest.raises(ValueError):
         parse_key(key)
@@ -187,6 +190,84 @@ def test_well_formed_json_that_is_not_predictions_is_refused() -> None:
     blob = encode_result([1, 2])  # type: ignore[list-item]
     with pytest.raises(CorruptEntry, match="list of objects"):
         decode_result(blob)
+
+
+@pytest.mark.parametrize("malformed", [
+    {"label": "cup", "index": 968},                                       # a field missing
+    {"label": "cup", "index": 968, "score": 0.1, "note": "x"},            # a field too many
+    {"label": 968, "index": 968, "score": 0.1},                           # label not text
+    {"label": "cup", "index": "968", "score": 0.1},                       # index not a number
+    {"label": "cup", "index": True, "score": 0.1},                        # index a boolean
+    {"label": "cup", "index": -1, "score": 0.1},                          # negative index
+    {"label": "cup", "index": 968, "score": 1.5},                         # score above 1
+    {"label": "cup", "index": 968, "score": "0.1"},                       # score as text
+])
+def test_a_result_holding_something_else_than_a_prediction_is_refused(malformed) -> None:
+    # given a checksummed result whose second entry is not a prediction
+    blob = encode_result([PREDICTIONS[0], malformed])
+    # when it is decoded / then it is refused
+    with pytest.raises(CorruptEntry, match="not a prediction"):
+        decode_result(blob)
+
+
+@pytest.mark.parametrize("predictions", [
+    [PREDICTIONS[1], PREDICTIONS[0]],                                     # worst first
+    [PREDICTIONS[0], {**PREDICTIONS[1], "index": PREDICTIONS[0]["index"]}],  # one class twice
+])
+def test_predictions_that_are_not_a_ranking_are_refused(predictions) -> None:
+    with pytest.raises(CorruptEntry, match="best first"):
+        decode_result(encode_result(predictions))
+
+
+# --- signed entries ---------------------------------------------------------
+
+SECRET = b"a secret only the fleet knows"
+RESULT_KEY = result_key("imgpipe", image_digest(b"img"), "m", "w", 2, spec_digest=SPEC,
+                        labels_digest="")
+
+
+def test_a_signed_entry_opens_with_its_secret_under_its_key() -> None:
+    entry = encode_result(PREDICTIONS)
+    assert open_entry(SECRET, RESULT_KEY, sign_entry(SECRET, RESULT_KEY, entry)) == entry
+
+
+def test_with_a_secret_an_unsigned_entry_is_refused() -> None:
+    # given a result with a valid checksum, written by someone without the secret
+    forged = encode_result(PREDICTIONS)
+    # when it is opened with the secret / then it is refused
+    with pytest.raises(CorruptEntry, match="not signed"):
+        open_entry(SECRET, RESULT_KEY, forged)
+
+
+def test_an_entry_signed_with_another_secret_is_refused() -> None:
+    forged = sign_entry(b"a guess", RESULT_KEY, encode_result(PREDICTIONS))
+    with pytest.raises(CorruptEntry, match="signature"):
+        open_entry(SECRET, RESULT_KEY, forged)
+
+
+def test_a_signed_entry_moved_under_another_images_key_is_refused() -> None:
+    # given a genuine signed result of one image
+    signed = sign_entry(SECRET, RESULT_KEY, encode_result(PREDICTIONS))
+    other_image = RESULT_KEY[:-32] + image_digest(b"other")
+    # when it is copied under another image's key / then it is refused there
+    with pytest.raises(CorruptEntry, match="signature"):
+        open_entry(SECRET, other_image, signed)
+
+
+def test_every_byte_of_a_signed_entry_is_protected() -> None:
+    signed = sign_entry(SECRET, RESULT_KEY, encode_result(PREDICTIONS))
+    for offset in range(len(signed)):
+        with pytest.raises(CorruptEntry):
+            decode_result(open_entry(SECRET, RESULT_KEY, flipped(signed, offset)))
+    with pytest.raises(CorruptEntry):
+        open_entry(SECRET, RESULT_KEY, signed[:39])
+
+
+def test_without_a_secret_entries_are_read_as_before() -> None:
+    # a reader without the secret trusts the cache: signed entries are unwrapped
+    entry = encode_result(PREDICTIONS)
+    assert open_entry(None, RESULT_KEY, entry) == entry
+    assert open_entry(None, RESULT_KEY, sign_entry(SECRET, RESULT_KEY, entry)) == entry
 
 
 # --- verify -----------------------------------------------------------------

@@ -311,11 +311,11 @@ def test_close_stores_what_was_queued_then_drops(local: LocalTier) -> None:
 def test_result_cache_round_trip(local: LocalTier) -> None:
     results = ResultCache(TieredCache([local]))
     predictions = [{"label": "tripod", "index": 872, "score": 0.944}]
-    results.put("test:r:0123456789abcdef:" + "a" * 32, predictions)
+    results.put("test:cache:r:0123456789abcdef:" + "a" * 32, predictions)
     results.cache.flush(5)
-    assert results.get("test:r:0123456789abcdef:" + "a" * 32) == (predictions, "local")
-    local.set("test:r:0123456789abcdef:" + "b" * 32, encode_result(predictions)[:-1])
-    assert results.get("test:r:0123456789abcdef:" + "b" * 32) == (None, MISS)
+    assert results.get("test:cache:r:0123456789abcdef:" + "a" * 32, 1) == (predictions, "local")
+    local.set("test:cache:r:0123456789abcdef:" + "b" * 32, encode_result(predictions)[:-1])
+    assert results.get("test:cache:r:0123456789abcdef:" + "b" * 32, 1) == (None, MISS)
     results.cache.close()
 
 

@@ -8,14 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache.codec import CorruptEntry, decode_file_digest, encode_file_digest
+from pipeline.cache.codec import (
+    SIGNED_MAGIC,
+    CorruptEntry,
+    decode_file_digest,
+    encode_file_digest,
+    encode_result,
+)
 from pipeline.cache.keys import file_key, image_digest
 from pipeline.cache.lookup import CacheLookup, ResultScope
 from pipeline.config import CacheSettings
+from pipeline.errors import ConfigError
 from pipeline.spec import PreprocessSpec
 
-SCOPE = ResultScope("model", "weights", 5, "labels")
-PREDICTIONS = [{"label": "espresso", "index": 967, "score": 0.9}]
+SCOPE = ResultScope("model", "weights", 2, "labels")
+PREDICTIONS = [{"label": "espresso", "index": 967, "score": 0.9},
+               {"label": "cup", "index": 968, "score": 0.05}]
 
 
 @pytest.fixture
@@ -72,3 +80,63 @@ def test_counters_are_reported_as_deltas(lookup: CacheLookup, tmp_path: Path) ->
     assert first["local"]["misses"] == 2  # result, then tensor
     assert second["local"]["misses"] == 2
     assert lookup.counters_since_last_call()["local"]["misses"] == 0
+
+
+def test_a_cached_result_with_fewer_predictions_than_top_k_is_a_miss(
+        lookup: CacheLookup) -> None:
+    # given a result entry holding one prediction where top-2 was asked for
+    digest = image_digest(b"image bytes")
+    key = lookup._result_key(digest)
+    lookup.cache.put(key, encode_result(PREDICTIONS[:1]))
+    lookup.cache.flush()
+    # when the image is looked up
+    found = lookup.find_digest(digest)
+    # then no predictions are served: the entry is dropped, counted, and missed
+    assert found.predictions is None and found.tier == "miss"
+    assert lookup.cache.stats.corrupt == 1 and lookup.cache.get(key) == (None, "miss")
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cache.key"
+    path.write_bytes(b"a secret only the fleet knows\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_with_an_hmac_key_entries_are_signed_and_unsigned_ones_missed(
+        tmp_path: Path, key_file: Path) -> None:
+    # given a cache signing with a key file, and the same directory without the key
+    settings = CacheSettings(dir=tmp_path / "cache", hmac_key_file=key_file)
+    signing = CacheLookup(settings, PreprocessSpec().digest(), SCOPE)
+    digest = image_digest(b"image bytes")
+    signing.store_predictions(digest, PREDICTIONS)
+    signing.cache.flush()
+    # then what it wrote is signed and served to it
+    (stored,) = [signing.cache.tiers[0].get(key) for key in signing.cache.tiers[0].iter_keys()]
+    assert stored is not None and stored.startswith(SIGNED_MAGIC)
+    assert signing.find_digest(digest).predictions == PREDICTIONS
+    # and an entry written without the key is dropped by the signing reader
+    unsigned = CacheLookup(CacheSettings(dir=tmp_path / "cache"), PreprocessSpec().digest(),
+                           SCOPE)
+    unsigned.store_predictions(digest, PREDICTIONS)
+    unsigned.close()
+    assert signing.find_digest(digest).predictions is None
+    assert signing.cache.stats.corrupt == 1
+    signing.close()
+
+
+@pytest.mark.parametrize("content", [None, b"", b" \n"])
+def test_an_unreadable_or_empty_hmac_key_file_is_a_one_line_config_error(
+        tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "cache.key"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as raised:
+        CacheSettings(hmac_key_file=path).hmac_key()
+    assert "cache.hmac_key_file" in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_key_is_the_file_without_surrounding_whitespace(key_file: Path) -> None:
+    assert CacheSettings(hmac_key_file=key_file).hmac_key() == b"a secret only the fleet knows"
+    assert CacheSettings().hmac_key() is None

@@ -22,6 +22,13 @@ from pipeline.preprocess.pillow import (  # noqa: E402
 )
 from pipeline.spec import InputLimits, PreprocessSpec  # noqa: E402
 from tests.builders import damaged_copies  # noqa: E402
+from tests.truncated_jpegs import (  # noqa: E402
+    claimed_size,
+    claiming,
+    cut_with_end_marker,
+    imagenet_photos,
+    reencoded,
+)
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 SAMPLE_FILES = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".jpg", ".png"))
@@ -192,6 +199,44 @@ def test_exif_orientation_matches_pillow(backend: DaliBackend, orientation: int)
     assert mean_abs_diff(out, ref) <= 1
     if orientation != 1:  # the tag really changed the picture
         assert mean_abs_diff(out, plain) > 10
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpeg_claiming_more_pixels_than_its_data_holds_is_truncated(
+        backend: DaliBackend, orientation: int) -> None:
+    # given a real JPEG, turned by its EXIF tag, and copies whose header claims
+    # twice its width or 16 rows more than its data holds
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = orientation
+    data = reencoded((SAMPLES / "coffee.jpg").read_bytes(), exif=exif.tobytes())
+    width, height = claimed_size(data)
+    wider, taller = claiming(data, 2 * width, height), claiming(data, width, height + 16)
+    # when they are decoded in one batch
+    outcomes = backend.run([wider, data, taller])
+    # then the edited ones are truncated, the real one is scored
+    assert [getattr(out, "code", None) for out in outcomes] == ["truncated", None, "truncated"]
+
+
+def test_jpeg_claiming_10000x10000_pixels_is_truncated(backend: DaliBackend) -> None:
+    data = (SAMPLES / "coffee.jpg").read_bytes()
+    (outcome,) = backend.run([claiming(data, 10_000, 10_000)])
+    assert isinstance(outcome, InputError) and outcome.code == "truncated"
+
+
+def test_jpeg_cut_in_half_is_truncated_even_with_an_end_marker(backend: DaliBackend) -> None:
+    data = (SAMPLES / "coffee.jpg").read_bytes()
+    outcomes = backend.run([data[: len(data) // 2], cut_with_end_marker(data)])
+    assert [getattr(out, "code", None) for out in outcomes] == ["truncated", "truncated"]
+
+
+def test_no_real_photograph_is_taken_for_truncated(backend: DaliBackend) -> None:
+    # given the sample JPEGs and, where present, the 100 shared ImageNet photographs
+    paths = [p for p in SAMPLE_FILES if p.suffix == ".jpg"] + imagenet_photos()
+    # when DALI decodes them / then every one is scored, and at most one in
+    # twenty went to pillow for a second look at its grey last pixel
+    outcomes = backend.run([path.read_bytes() for path in paths])
+    assert all(isinstance(out, np.ndarray) for out in outcomes)
+    assert backend.fallbacks <= len(paths) // 20
 
 
 def test_rejects_unknown_device() -> None:

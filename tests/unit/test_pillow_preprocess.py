@@ -16,6 +16,13 @@ from pipeline.errors import InputError
 from pipeline.preprocess.pillow import PillowBackend, preprocess
 from pipeline.spec import InputLimits, PreprocessSpec
 from tests.builders import damaged_copies, png_claiming
+from tests.truncated_jpegs import (
+    claimed_size,
+    claiming,
+    cut_with_end_marker,
+    imagenet_photos,
+    reencoded,
+)
 
 RED = (200, 30, 40)
 GREEN = (20, 180, 90)
@@ -402,6 +409,65 @@ def test_truncated_jpeg_is_truncated(samples_dir, fraction):
 
     # when / then
     expect_code(data[: int(len(data) * fraction)], "truncated")
+
+
+JPEG_ENCODINGS = {"baseline": {}, "progressive": {"progressive": True},
+                  "restart markers": {"restart_marker_rows": 1}, "greyscale": {"grey": True}}
+
+
+def sample_jpeg(samples_dir, encoding: str) -> bytes:
+    """coffee.jpg as it is (baseline) or saved again with `encoding`'s options."""
+    data = (samples_dir / "coffee.jpg").read_bytes()
+    options = dict(JPEG_ENCODINGS[encoding])
+    if options.pop("grey", False):
+        with Image.open(io.BytesIO(data)) as image:
+            buffer = io.BytesIO()
+            image.convert("L").save(buffer, "JPEG", quality=90)
+            return buffer.getvalue()
+    return reencoded(data, **options) if options else data
+
+
+@pytest.mark.parametrize("encoding", JPEG_ENCODINGS)
+@pytest.mark.parametrize("claim", ["10000x10000", "twice as wide", "16 rows more"])
+def test_jpeg_claiming_more_pixels_than_its_data_holds_is_truncated(samples_dir, encoding,
+                                                                    claim):
+    # given a real 600x400 JPEG whose header was edited to claim more pixels
+    data = sample_jpeg(samples_dir, encoding)
+    width, height = claimed_size(data)
+    claimed = {"10000x10000": (10_000, 10_000), "twice as wide": (2 * width, height),
+               "16 rows more": (width, height + 16)}[claim]
+
+    # when / then: the decoder ran out of data, so it is truncated, not scored
+    expect_code(claiming(data, *claimed), "truncated")
+
+
+@pytest.mark.parametrize("encoding", ["baseline", "restart markers", "greyscale"])
+def test_jpeg_cut_in_half_is_truncated_even_with_an_end_marker(samples_dir, encoding):
+    data = sample_jpeg(samples_dir, encoding)
+    expect_code(data[: len(data) // 2], "truncated")
+    expect_code(cut_with_end_marker(data), "truncated")
+
+
+@pytest.mark.parametrize("grey", [128, 127])
+def test_jpeg_that_really_ends_in_mid_grey_is_scored(encode, spec, limits, grey):
+    # given a complete JPEG whose bottom quarter is flat mid-grey, as a cut one's is
+    image = Image.new("RGB", (640, 480), RED)
+    image.paste((grey, grey, grey), (0, 360, 640, 480))
+    data = encode(image, "JPEG", quality=95)
+
+    # when it is preprocessed / then it is scored, its grey corner checked and kept
+    out = preprocess(data, spec, limits)
+    assert out.shape == (3, 224, 224)
+    assert_colour(out[:, -1, -1], (grey, grey, grey), tolerance=1)
+
+
+def test_no_real_photograph_is_taken_for_truncated(samples_dir, spec, limits):
+    # given every sample and, where present, the 100 shared ImageNet photographs
+    paths = sorted(samples_dir.iterdir()) + imagenet_photos()
+
+    # when each is preprocessed / then none is refused
+    for path in paths:
+        assert preprocess(path.read_bytes(), spec, limits).shape == (3, 224, 224), path
 
 
 def test_truncated_png_is_truncated(samples_dir, encode):
