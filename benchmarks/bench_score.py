@@ -318,7 +318,8 @@ def measure_cli(model: str, directory: Path) -> dict[str, Any]:
         done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True,
                               check=True, env=env)
         wall_s = time.perf_counter() - started
-        lines = len(out.read_text(encoding="utf-8").splitlines())
+        lines = sum(1 for line in out.read_text(encoding="utf-8").splitlines()
+                    if not line.startswith('{"imgpipe_results"'))  # the settings header
     reported = re.search(r"([\d.]+) images/s", done.stderr)
     return {"model": model, "images": lines, "wall_s": wall_s,
             "images_per_s_wall": lines / wall_s,

@@ -25,6 +25,8 @@ from pipeline.errors import ConfigError, ImgpipeError
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
+    from pipeline.engine import Engine
+    from pipeline.sinks.results import ResultFile, ResultSink
 
 EXIT_INTERRUPTED = 130
 
@@ -60,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("directory", type=Path)
     score.add_argument("--out", help="results file: .jsonl or .csv (resumable); - for "
                        "JSONL on stdout; default: a top-1 table on stdout")
+    score.add_argument("--overwrite", action="store_true", help="with --out FILE: start "
+                       "FILE afresh instead of resuming it (needed when the settings changed)")
     _engine_flags(score)
     score.add_argument("--recursive", action="store_true", help="descend into subdirectories")
     _cache_flags(score)
@@ -187,22 +191,18 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _score(args: argparse.Namespace, stderr: Console) -> int:
     from pipeline.engine import Engine
     from pipeline.metrics import Metrics
-    from pipeline.sinks.results import JsonlStream, TerminalTable, open_result_file
+    from pipeline.sinks.results import inspect_result_file
     from pipeline.sources import directory
     from pipeline.status_server import Health, start_configured
 
     settings = _settings(args)
     if not args.directory.is_dir():
         raise ConfigError(f"{args.directory} is not a directory")
-    stdout = Console(highlight=False, soft_wrap=True)
-    done: set[str] = set()
-    if args.out is None:
-        sink: Any = TerminalTable(lambda line: stdout.print(line, markup=False))
-    elif args.out == "-":
-        sink = JsonlStream()
-    else:
-        sink, done = open_result_file(Path(args.out))
-    skip = _skipper(done, args.out)
+    # Read before the model loads, so a wrong --out fails at once.
+    results = (inspect_result_file(Path(args.out), args.overwrite)
+               if args.out not in (None, "-") else None)
+    done = results.done if results is not None else set()
+    skip = _skipper(done, results.own_files() if results is not None else [])
     root = str(args.directory)
     metrics, health = Metrics(), Health()
     endpoint = None
@@ -210,9 +210,11 @@ def _score(args: argparse.Namespace, stderr: Console) -> int:
         endpoint = start_configured(settings.metrics.model_copy(update={"port": args.metrics_port}),
                                     metrics, health)
     engine = Engine(settings, metrics=metrics if endpoint is not None else None)
+    sink: Any = None
     try:
         with stderr.status("loading model and starting workers"):
             engine.setup()
+        sink = _sink(args.out, results, engine)
         health.ready()
         total = directory.count(root, args.recursive, skip) if stderr.is_terminal else None
         jobs = directory.walk(root, args.recursive, skip)
@@ -222,12 +224,45 @@ def _score(args: argparse.Namespace, stderr: Console) -> int:
                 advance(len(records))
             summary = engine.run(jobs, write)
     finally:
-        sink.close()
+        if sink is not None:
+            sink.close()
         engine.close()
         if endpoint is not None:
             endpoint.stop()
     _print_summary(stderr, summary, len(done), engine, args.out)
+    if not args.recursive:
+        _hint_subdirectories(stderr, root)
     return EXIT_INTERRUPTED if summary.interrupted else 0
+
+
+def _sink(out: Optional[str], results: Optional[ResultFile], engine: Engine) -> ResultSink:
+    """Where the records go; a results file first checks the settings that shape
+    them, known only now that the model has loaded."""
+    from pipeline.sinks.results import JsonlStream, TerminalTable
+
+    if results is not None:
+        return results.open(_record_settings(engine))
+    if out == "-":
+        return JsonlStream()
+    stdout = Console(highlight=False, soft_wrap=True)
+    return TerminalTable(lambda line: stdout.print(line, markup=False))
+
+
+def _record_settings(engine: Engine) -> dict[str, Any]:
+    """Everything besides the image that shapes a record: one results file keeps to one."""
+    scope, settings = engine.result_scope, engine.settings
+    return {"model": scope.model_id, "weights_digest": scope.weights_digest,
+            "topk": settings.model.topk, "labels_digest": scope.labels_digest,
+            "preprocess_digest": settings.preprocess.spec().digest()}
+
+
+def _hint_subdirectories(console: Console, root: str) -> None:
+    from pipeline.sources import directory
+
+    count = directory.count_subdirectories(root)
+    if count:
+        noun = "subdirectory" if count == 1 else "subdirectories"
+        console.print(f"skipped {count} {noun}; use --recursive to score them", markup=False)
 
 
 def _serve(args: argparse.Namespace, stderr: Console) -> int:
@@ -294,11 +329,12 @@ def _optimize(args: argparse.Namespace, stderr: Console) -> int:
     return 0
 
 
-def _skipper(done: set[str], out: Optional[str]) -> Any:
-    out_real = os.path.realpath(out) if out and out != "-" else None
+def _skipper(done: set[str], own_files: list[Path]) -> Any:
+    """Skip what the results file holds, and the results file itself."""
+    own = {os.path.realpath(path) for path in own_files}
 
     def skip(path: str) -> bool:
-        return path in done or (out_real is not None and os.path.realpath(path) == out_real)
+        return path in done or (bool(own) and os.path.realpath(path) in own)
 
     return skip
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import time
 import uuid
@@ -22,13 +23,15 @@ import redis
 from pipeline import wire
 from pipeline.broker import OUTAGE_ERRORS, connect, describe_url
 from pipeline.config import RedisSettings, Settings
-from pipeline.errors import ConfigError, TransientError
+from pipeline.errors import ConfigError, ImgpipeError, TransientError
 from pipeline.wire import reply_text
 
 DEFAULT_GROUP = "imgpipe"
 DEAD_PAGE = 100  # dead letters read per XRANGE while retrying them all
 _DEAD_FIELDS = frozenset(wire.DEAD_FIELDS)
 ENTRY_ID = re.compile(r"^[0-9]+(-[0-9]+)?$")
+# redis-py names a pipeline's failing command, binary arguments and all: keep the reason only.
+PIPELINE_ERROR = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
 Entry = tuple[str, dict[str, Any]]
 
 
@@ -122,9 +125,28 @@ class Client:
 
     # -- results ------------------------------------------------------------
 
-    def reply_stream(self) -> str:
-        """A fresh stream name for one caller's results (`reply_to`), under the prefix."""
-        return f"{self.keys.results}:{uuid.uuid4().hex}"
+    def reply_stream(self, ttl_s: Optional[float] = None) -> str:
+        """A fresh stream name for one caller's results (`reply_to`), under the prefix.
+
+        With `ttl_s` the stream is made now, empty, and expires `ttl_s` after
+        this call or the last `keep_stream`: a caller that dies before
+        `delete_stream` leaves nothing behind for long. (Results written to a
+        stream keep its expiry; one written after it expired makes a new stream
+        that does not expire.)
+        """
+        name = f"{self.keys.results}:{uuid.uuid4().hex}"
+        if ttl_s is not None:
+            with self._translated():
+                pipe = self._redis.pipeline(transaction=True)
+                pipe.xadd(name, {"v": str(wire.VERSION)}, maxlen=0)  # a stream with no entries
+                pipe.expire(name, _whole_seconds(ttl_s))
+                self._execute(pipe)
+        return name
+
+    def keep_stream(self, name: str, ttl_s: float) -> None:
+        """Expire stream `name` `ttl_s` from now instead (while its reader still reads)."""
+        with self._translated():
+            self._redis.expire(name, _whole_seconds(ttl_s))
 
     def delete_stream(self, name: str) -> None:
         with self._translated():
@@ -273,11 +295,8 @@ class Client:
     def dead_purge(self) -> int:
         """Delete every dead letter; how many there were."""
         with self._translated():
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.xlen(self.keys.dead)
-            pipe.delete(self.keys.dead)
-            length, _ = self._execute(pipe)
-        return int(length)
+            # XTRIM, not DEL: a key of another type under the prefix is refused, not lost.
+            return int(self._redis.xtrim(self.keys.dead, maxlen=0, approximate=False))
 
     # -- plumbing -----------------------------------------------------------
 
@@ -297,10 +316,28 @@ class Client:
             # redis-py's messages name host:port, never the password.
             raise TransientError(f"Redis at {self.location} unavailable "
                                  f"({type(exc).__name__}: {exc})") from exc
+        except redis.ResponseError as exc:
+            raise self._refused(exc) from exc
+
+    def _refused(self, exc: redis.ResponseError) -> ImgpipeError:
+        """A command the server refused, as one line naming the reason."""
+        reason = PIPELINE_ERROR.sub("", str(exc)).strip()
+        if reason.startswith("WRONGTYPE"):
+            return ConfigError(f"Redis at {self.location}: a key under the prefix "
+                               f"{self.keys.prefix!r} is not a stream ({reason}); "
+                               "use another redis.prefix")
+        if reason.startswith("NOPERM"):
+            return ConfigError(f"Redis at {self.location} does not allow this user "
+                               f"that command ({reason})")
+        return TransientError(f"Redis at {self.location} refused the command: {reason}")
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
+
+
+def _whole_seconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
 
 
 def _checked_ids(entry_ids: Iterable[str]) -> Iterator[str]:
@@ -310,7 +347,6 @@ def _checked_ids(entry_ids: Iterable[str]) -> Iterator[str]:
     if bad:
         raise ValueError(f"not stream entry ids: {', '.join(map(repr, bad[:5]))}")
     return iter(ids)
-
 
 
 def _decode_dead(fields: Mapping[bytes, bytes]) -> dict[str, Any]:

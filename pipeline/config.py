@@ -6,9 +6,10 @@ key joined by a double underscore: ``IMGPIPE_BATCHING__MAX_BATCH_SIZE=64``.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, TypeVar
 
@@ -198,8 +199,14 @@ def load_settings(config_file: Optional[Path] = None,
                   overrides: Optional[Mapping[str, Any]] = None) -> Settings:
     """Merge every layer and validate once; raise ConfigError naming the key."""
     merged: dict[str, Any] = {}
-    _deep_merge(merged, _read_toml(config_file or DEFAULT_CONFIG))
-    _deep_merge(merged, _env_layer(os.environ if environ is None else environ))
+    config_file = config_file or DEFAULT_CONFIG
+    environ = os.environ if environ is None else environ
+    file_layer = _read_toml(config_file)
+    unknown = _unknown_in_file(file_layer, config_file) + _unknown_in_environment(environ)
+    if unknown:
+        raise ConfigError("; ".join(unknown))
+    _deep_merge(merged, file_layer)
+    _deep_merge(merged, _env_layer(environ))
     _deep_merge(merged, _nest(overrides or {}))
     try:
         return Settings.model_validate(merged)
@@ -224,6 +231,67 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+
+
+def _section_keys(section: str) -> Optional[list[str]]:
+    """The keys of settings section `section`; None when there is no such section."""
+    field = Settings.model_fields.get(section)
+    return None if field is None else list(field.annotation.model_fields)  # type: ignore[union-attr]
+
+
+def _unknown_in_file(table: Mapping[str, Any], path: Path) -> list[str]:
+    """One message per name in a TOML file that is no setting, with the closest ones."""
+    problems = []
+    for name, value in table.items():
+        keys = _section_keys(name)
+        if keys is None and isinstance(value, Mapping):
+            problems.append(f"unknown section `[{name}]` in {path}"
+                            + _did_you_mean(_close(name, Settings.model_fields), "`[{}]`"))
+        elif keys is None:
+            problems.append(f"unknown key `{name}` in {path} (keys go in a section)"
+                            + _did_you_mean(_close_anywhere(name), "`{}`"))
+        elif isinstance(value, Mapping):
+            problems += [f"unknown key `{name}.{key}` in {path}"
+                         + _did_you_mean(_close(key, keys), "`{}`")
+                         for key in value if key not in keys]
+    return problems
+
+
+def _unknown_in_environment(environ: Mapping[str, str]) -> list[str]:
+    """One message per IMGPIPE_SECTION__KEY variable that names no setting."""
+    problems = []
+    for variable in environ:
+        if not variable.startswith(ENV_PREFIX) or "__" not in variable:
+            continue
+        section, _, key = variable[len(ENV_PREFIX):].lower().partition("__")
+        keys = _section_keys(section)
+        if keys is None:
+            spelled = [f"{ENV_PREFIX}{match.upper()}__{key.upper()}"
+                       for match in _close(section, Settings.model_fields)]
+            problems.append(f"unknown setting {variable}: no section `{section}`"
+                            + _did_you_mean(spelled, "{}"))
+        elif key not in keys:
+            spelled = [f"{ENV_PREFIX}{section.upper()}__{match.upper()}"
+                       for match in _close(key, keys)]
+            problems.append(f"unknown setting {variable}: no key `{key}` in section "
+                            f"`[{section}]`" + _did_you_mean(spelled, "{}"))
+    return problems
+
+
+def _close(name: str, known: Iterable[str]) -> list[str]:
+    return difflib.get_close_matches(name, list(known), n=3)
+
+
+def _close_anywhere(key: str) -> list[str]:
+    """`section.key` for the keys of any section that look like `key`."""
+    return [f"{section}.{match}" for section in Settings.model_fields
+            for match in _close(key, _section_keys(section) or [])][:3]
+
+
+def _did_you_mean(matches: list[str], shape: str) -> str:
+    if not matches:
+        return ""
+    return "; did you mean " + " or ".join(shape.format(match) for match in matches) + "?"
 
 
 def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:

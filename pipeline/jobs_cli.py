@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from rich.console import Console
 
-from pipeline.client import Client, new_job_id
+from pipeline.client import ENTRY_ID, Client, new_job_id
 from pipeline.config import settings_from_flags
 from pipeline.errors import ConfigError, InputError
 from pipeline.sources import directory
@@ -20,6 +20,9 @@ from pipeline.sources.files import read_file
 from pipeline.wire import MAX_TEXT_CHARS
 
 EXIT_MISSING_RESULTS = 1
+# Least lifetime of a reply stream after its last refresh (--timeout when longer):
+# covers the submission, and ends the stream of a client killed outright.
+REPLY_TTL_S = 300.0
 Handler = Callable[[argparse.Namespace, Console], int]
 
 
@@ -56,12 +59,16 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _submit(args: argparse.Namespace, stderr: Console) -> int:
+    _check_submit_flags(args)
     stdout = Console(highlight=False, soft_wrap=True)
     limit = settings_from_flags(vars(args)).serve.max_inline_bytes
     unreadable: list[str] = []
     with _client(args) as client:
-        reply_to = client.reply_stream() if args.wait else None
+        reply_to: Optional[str] = None
         try:
+            # Made with an expiry and deleted however the wait ends (timeout,
+            # Ctrl-C, error): killed outright, it still expires.
+            reply_to = client.reply_stream(_reply_ttl_s(args)) if args.wait else None
             jobs = _jobs(args, limit, reply_to, unreadable.append)
             submitted = len(client.submit_many(jobs))
             for line in unreadable:
@@ -75,6 +82,17 @@ def _submit(args: argparse.Namespace, stderr: Console) -> int:
                 client.delete_stream(reply_to)
 
 
+def _check_submit_flags(args: argparse.Namespace) -> None:
+    if args.topk is not None and args.topk < 1:
+        raise ConfigError(f"--topk must be at least 1, not {args.topk}")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout must be more than 0 seconds, not {args.timeout:g}")
+
+
+def _reply_ttl_s(args: argparse.Namespace) -> float:
+    return max(args.timeout, REPLY_TTL_S)
+
+
 def _jobs(args: argparse.Namespace, limit: int, reply_to: Optional[str],
           unreadable: Callable[[str], None]) -> Iterator[dict[str, Any]]:
     """One job per input file; files that cannot be sent are reported, not queued."""
@@ -82,6 +100,10 @@ def _jobs(args: argparse.Namespace, limit: int, reply_to: Optional[str],
         job: dict[str, Any] = {"job_id": _job_id(path), "topk": args.topk,
                                "reply_to": reply_to}
         if args.paths:
+            if not _is_text(path):
+                unreadable(f"{path}: the name is not valid UTF-8, which jobs carry; "
+                           "send its bytes instead (without --paths)")
+                continue
             job["image"] = os.path.abspath(path)
         else:
             try:
@@ -104,11 +126,16 @@ def _files(inputs: list[Path], recursive: bool) -> Iterator[str]:
 
 def _job_id(path: str) -> str:
     """The path itself when it fits the contract (readable results), else a fresh id."""
+    return path if _is_text(path) and len(path) <= MAX_TEXT_CHARS else new_job_id()
+
+
+def _is_text(path: str) -> bool:
+    """False for a name that is not UTF-8 (os.fsdecode's \\udcXX escapes)."""
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
-        return new_job_id()
-    return path if len(path) <= MAX_TEXT_CHARS else new_job_id()
+        return False
+    return True
 
 
 def _print_results(client: Client, stream: str, expected: int, args: argparse.Namespace,
@@ -116,6 +143,7 @@ def _print_results(client: Client, stream: str, expected: int, args: argparse.Na
     received, after = 0, "0-0"
     deadline = time.monotonic() + args.timeout
     while received < expected:
+        client.keep_stream(stream, _reply_ttl_s(args))
         remaining_ms = int((deadline - time.monotonic()) * 1000)
         if remaining_ms <= 0:
             stderr.print(f"imgpipe: {expected - received} of {expected} results still "
@@ -156,6 +184,7 @@ def _status(args: argparse.Namespace, stderr: Console) -> int:
 
 
 def _dead(args: argparse.Namespace, stderr: Console) -> int:
+    _check_dead_args(args)
     stdout = Console(highlight=False, soft_wrap=True)
     with _client(args) as client:
         if args.action == "list":
@@ -167,6 +196,17 @@ def _dead(args: argparse.Namespace, stderr: Console) -> int:
         else:
             stdout.print(f"removed {client.dead_purge()} dead letters", markup=False)
     return 0
+
+
+def _check_dead_args(args: argparse.Namespace) -> None:
+    if args.count < 1:
+        raise ConfigError(f"--count must be at least 1, not {args.count}")
+    if args.ids and args.action != "retry":
+        raise ConfigError(f"dead {args.action} takes no ids (only dead retry does)")
+    malformed = [entry_id for entry_id in args.ids if not ENTRY_ID.match(entry_id)]
+    if malformed:
+        raise ConfigError(f"not dead letter ids: {', '.join(malformed[:5])} (ids look like "
+                          "1716200000000-0; imgpipe dead list shows them)")
 
 
 def _dead_line(entry_id: str, letter: dict[str, Any]) -> str:

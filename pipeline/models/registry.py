@@ -4,6 +4,10 @@ classification architecture with a local state_dict, or a TorchScript file."""
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +23,9 @@ IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 # EfficientNet-Lite was trained on (x - 127) / 128, per its reference builder.
 LITE_MEAN = (127.0, 127.0, 127.0)
 LITE_STD = (128.0, 128.0, 128.0)
+PICKLED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+JIT_DEPRECATION = r"`torch\.jit\.load` is deprecated"
+TORCH_ENFORCE = re.compile(r"^\[enforce fail at [^\]]*\]\s*\.?\s*")  # C++ source location
 
 
 @dataclass
@@ -40,6 +47,9 @@ def load_model(name: str = DEFAULT_MODEL, weights: Optional[Path] = None,
         module, weights_path, mean, std = _efficientnet_lite0(weights)
     elif Path(name).is_file():
         module, weights_path, mean, std = _torchscript(Path(name))
+    elif _looks_like_path(name):
+        raise ModelLoadError(f"no such file: {name}" if not Path(name).exists()
+                             else f"not a file: {name}")
     elif name in _torchvision_names():
         module, weights_path, mean, std = _torchvision(name, weights)
     else:
@@ -50,6 +60,11 @@ def load_model(name: str = DEFAULT_MODEL, weights: Optional[Path] = None,
     num_classes = _num_outputs(module)
     return LoadedModel(name, module, mean, std, resolve_labels(labels, num_classes),
                        file_digest(weights_path))
+
+
+def _looks_like_path(name: str) -> bool:
+    """A separator or an extension: model names have neither, file names usually do."""
+    return os.sep in name or "/" in name or Path(name).suffix != ""
 
 
 def file_digest(path: Path) -> str:
@@ -98,7 +113,10 @@ def _torchvision(name: str, weights: Optional[Path]) -> tuple[Any, Path, Any, An
 
 def _torchscript(path: Path) -> tuple[Any, Path, Any, Any]:
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            # A notice for PyTorch developers, not for someone scoring images.
+            warnings.filterwarnings("ignore", JIT_DEPRECATION, FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"{path} is not a loadable TorchScript file: "
                              f"{first_line(exc)}") from exc
@@ -111,14 +129,34 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise ModelLoadError(f"weights file {path} is not a PyTorch state_dict: "
-                             f"{first_line(exc)}") from exc
+        raise ModelLoadError(_unloadable(path, exc)) from exc
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict):
-        raise ModelLoadError(f"weights file {path} does not hold a state_dict")
+        raise ModelLoadError(f"weights file {path} holds a {type(state).__name__}, "
+                             "not a state_dict (a dict of tensors)")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ModelLoadError(f"weights file {path} is not a state_dict: {not_tensors[0]!r} "
+                             "is not a tensor")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _unloadable(path: Path, exc: Exception) -> str:
+    """Why torch.load refused a weights file, in one line."""
+    if path.stat().st_size == 0:
+        return f"weights file {path} is empty"
+    # weights_only refuses pickled code, e.g. a whole model saved with torch.save(model).
+    pickled = PICKLED_GLOBAL.search(str(exc))
+    if pickled:
+        return (f"weights file {path} holds a pickled {pickled[1]} object, not a state_dict: "
+                "save model.state_dict() instead (weights are never unpickled as code)")
+    # The unpickler's own reason is the context of torch's long advice.
+    reason = exc.__context__ if isinstance(exc, pickle.UnpicklingError) else None
+    detail = TORCH_ENFORCE.sub("", first_line(reason or exc))
+    return (f"weights file {path} is not a PyTorch state_dict or checkpoint "
+            f"(could not unpickle: {detail})")
 
 
 def _load_state_dict(module: torch.nn.Module, path: Path, name: str,

@@ -60,6 +60,11 @@ def _identity(path: str) -> tuple[int, int]:
     return (info.st_dev, info.st_ino)
 
 
+def count_subdirectories(root: str) -> int:
+    """How many visible subdirectories `root` has (not walked: a hint for --recursive)."""
+    return sum(1 for entry in _entries(root) if not entry.name.startswith(".") and _is_dir(entry))
+
+
 def count(root: str, recursive: bool = False,
           skip: Callable[[str], bool] = lambda path: False) -> int:
     """How many jobs `walk` would yield (a cheap pass for progress bars)."""

@@ -51,10 +51,14 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+RESULTS_HEADER = b'{"imgpipe_results"'  # a results file's first line: its settings
+
+
 def count_lines(path: Path) -> int:
+    """Records in a results file (its settings header is not one)."""
     try:
         with open(path, "rb") as handle:
-            return sum(1 for _ in handle)
+            return sum(1 for line in handle if not line.startswith(RESULTS_HEADER))
     except FileNotFoundError:
         return 0
 
@@ -68,8 +72,10 @@ def wait_for_lines(path: Path, lines: int, process: subprocess.Popen[str],
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL results file, without its settings header."""
     with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-        return [json.loads(line) for line in handle]
+        return [json.loads(line) for line in handle
+                if not line.encode("utf-8", "surrogateescape").startswith(RESULTS_HEADER)]
 
 
 @pytest.fixture

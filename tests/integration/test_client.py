@@ -24,7 +24,7 @@ from pipeline import client as client_module
 from pipeline import wire
 from pipeline.client import Client, Consumer
 from pipeline.config import RedisSettings
-from pipeline.errors import TransientError
+from pipeline.errors import ConfigError, TransientError
 from tests.redis_server import RedisServer
 
 GROUP = "workers"
@@ -200,6 +200,25 @@ def test_wait_with_nothing_to_come_times_out_empty(client: Client) -> None:
     assert time.monotonic() - started < 1.5
 
 
+def test_a_reply_stream_with_a_ttl_exists_empty_and_expires(client: Client, daemon: Daemon,
+                                                           raw: redis.Redis) -> None:
+    # given a reply stream made with a time to live
+    stream = client.reply_stream(ttl_s=60)
+    # then it exists at once, holds nothing a reader would see, and expires
+    assert raw.type(stream) == b"stream" and raw.xlen(stream) == 0
+    assert 0 < raw.ttl(stream) <= 60
+    assert client.wait(["nope"], stream=stream, timeout_s=0.1) == {}
+    # and a result written into it keeps the expiry, which keep_stream pushes back
+    job = client.submit(data=b"x", reply_to=stream)
+    daemon.serve(1)
+    assert set(client.wait([job], stream=stream, timeout_s=5)) == {job}
+    assert 0 < raw.ttl(stream) <= 60
+    client.keep_stream(stream, 3600)
+    assert 60 < raw.ttl(stream) <= 3600
+    client.delete_stream(stream)
+    assert raw.exists(stream) == 0
+
+
 def test_results_follows_the_stream(client: Client, daemon: Daemon, keys: wire.Keys) -> None:
     # given two finished jobs on the default result stream
     first = [client.submit(image="/elsewhere/a.jpg"), client.submit(data=b"y")]
@@ -301,6 +320,26 @@ def test_dead_purge_empties_the_dead_letters(client: Client, raw: redis.Redis,
     assert client.dead_purge() == 3
     assert raw.xlen(keys.dead) == 0 and client.dead_list() == []
     assert client.dead_purge() == 0
+
+
+def test_a_key_of_another_type_under_the_prefix_is_one_line_and_kept(
+        client: Client, raw: redis.Redis, keys: wire.Keys) -> None:
+    # given keys under the prefix that are not streams
+    raw.set(keys.jobs, "someone else's")
+    raw.set(keys.dead, "someone else's")
+    # when each command meets them
+    calls: list[Callable[[], object]] = [
+        lambda: client.submit(data=ALL_BYTES), lambda: client.submit_many([{"data": ALL_BYTES}]),
+        client.status, client.dead_list, client.dead_retry, client.dead_purge]
+    for call in calls:
+        with pytest.raises(ConfigError) as raised:
+            call()
+        # then a one-line error names the prefix, without the command's bytes
+        message = str(raised.value)
+        assert f"prefix {keys.prefix!r} is not a stream" in message
+        assert "\n" not in message and "Command #" not in message
+    # and nothing was deleted
+    assert raw.get(keys.jobs) == raw.get(keys.dead) == b"someone else's"
 
 
 # -- outages ------------------------------------------------------------------

@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 import shutil
 from pathlib import Path
 
 from tests.integration.conftest import read_jsonl
 
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
+HEADER_KEY = "imgpipe_results"
+
+
+def result_records(path: Path) -> list[dict]:
+    """The records of a JSONL results file, without its settings header."""
+    return [r for r in read_jsonl(path) if HEADER_KEY not in r]
+
+
+def header(path: Path) -> dict:
+    """The first line of a JSONL results file: the settings its records were made with."""
+    with open(path, encoding="utf-8") as handle:
+        return json.loads(handle.readline())
+
+
+def assert_one_line(stderr: str) -> None:
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
 
 
 def test_scores_the_samples_with_real_labels(run, samples_dir: Path, tmp_path: Path) -> None:
@@ -18,7 +37,7 @@ def test_scores_the_samples_with_real_labels(run, samples_dir: Path, tmp_path: P
     result = run("score", str(samples_dir), "--out", str(out), "--topk", "3")
     # then every file has a record with three predictions and the labels are right
     assert result.returncode == 0, result.stderr
-    records = {Path(r["path"]).name: r for r in read_jsonl(out)}
+    records = {Path(r["path"]).name: r for r in result_records(out)}
     assert set(records) == {p.name for p in samples_dir.iterdir()}
     assert records["coffee.jpg"]["predictions"][0]["label"] == "espresso"
     assert records["chelsea.jpg"]["predictions"][0]["label"] in CATS
@@ -66,8 +85,8 @@ def test_dali_backend_gives_the_same_top1(run, samples_dir: Path, tmp_path: Path
     assert reference_run.returncode == 0
     result = run("score", str(samples_dir), "--backend", "dali", "--no-cache", "--out", str(dali))
     assert result.returncode == 0, result.stderr
-    reference = {r["path"]: r["predictions"] for r in read_jsonl(pillow) if r["status"] == "ok"}
-    scored = {r["path"]: r["predictions"] for r in read_jsonl(dali) if r["status"] == "ok"}
+    reference = {r["path"]: r["predictions"] for r in result_records(pillow) if r["status"] == "ok"}
+    scored = {r["path"]: r["predictions"] for r in result_records(dali) if r["status"] == "ok"}
     # then the top-1 is the same wherever the model is decided (a margin of 5 points);
     # on a near tie (chelsea: 0.367 vs 0.364) any resampler flips it, so there
     # the other backend's top-1 must still be among the reference's top 3
@@ -88,13 +107,112 @@ def test_fatal_errors_are_one_line_without_traceback(run, tmp_path: Path) -> Non
         (["score", str(tmp_path), "--batch-size", "0"], 2, "batching.max_batch_size"),
         (["score", str(tmp_path), "--weights", str(tmp_path / "w.pt"),
           "--model", "resnet18"], 1, "does not exist"),
+        (["score", str(tmp_path), "--model", "./nope.pt"], 1, "no such file: ./nope.pt"),
+        (["score", str(tmp_path), "--out", str(tmp_path / "results.txt")], 2,
+         "unsupported type .txt; use .jsonl, .csv, or - for JSONL on stdout"),
     ]
     for args, code, message in cases:
         result = run(*args)
         assert result.returncode == code, (args, result.stderr)
         assert message in result.stderr
-        assert "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert_one_line(result.stderr)
+
+
+def test_a_config_typo_is_one_line_naming_the_key_meant(run, tmp_path: Path) -> None:
+    config = tmp_path / "imgpipe.toml"
+    config.write_text("[batching]\nmax_batchsize = 8\n")
+    result = run("score", str(tmp_path), "--config", str(config))
+    assert result.returncode == 2
+    assert (f"unknown key `batching.max_batchsize` in {config}; did you mean `max_batch_size`?"
+            in result.stderr)
+    assert_one_line(result.stderr)
+
+
+def test_out_dev_null_scores_everything_and_exits_0(run, samples_dir: Path,
+                                                    tiny_model: Path) -> None:
+    result = run("score", str(samples_dir), "--model", str(tiny_model), "--no-cache",
+                 "--out", os.devnull)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "6 scored, 0 errors" in result.stderr
+
+
+def test_resuming_with_other_settings_is_refused_until_overwrite(
+        run, samples_dir: Path, tiny_model: Path, tmp_path: Path) -> None:
+    # given results made with top-3
+    out = tmp_path / "results.jsonl"
+    base = ["score", str(samples_dir), "--model", str(tiny_model), "--no-cache", "--out", str(out)]
+    assert run(*base, "--topk", "3").returncode == 0
+    first = header(out)
+    assert first[HEADER_KEY] == 1
+    assert first["settings"]["topk"] == 3 and first["settings"]["model"] == str(tiny_model)
+    written = out.read_bytes()
+    # when the same file is resumed with top-2
+    refused = run(*base, "--topk", "2")
+    # then that is refused in one line naming the difference, and the file is kept
+    assert refused.returncode == 2
+    assert "holds results made with other settings: topk 3 (now 2)" in refused.stderr
+    assert "--overwrite" in refused.stderr
+    assert_one_line(refused.stderr)
+    assert out.read_bytes() == written
+    # and --overwrite starts it afresh with the new settings
+    again = run(*base, "--topk", "2", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert header(out)["settings"]["topk"] == 2
+    assert [len(r["predictions"]) for r in result_records(out)] == [2] * 6
+
+
+def test_a_foreign_file_at_out_is_refused_before_the_model_loads(run, samples_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "results.csv"
+    out.write_text("id,name\n1,cat\n")
+    result = run("score", str(samples_dir), "--model", "resnet18", "--out", str(out))
+    # (resnet18 without weights would fail to load: the results file is refused first)
+    assert result.returncode == 2
+    assert "is not an imgpipe results file" in result.stderr
+    assert_one_line(result.stderr)
+    assert out.read_text() == "id,name\n1,cat\n"
+
+
+def test_csv_settings_live_in_a_sidecar_that_is_not_scored(run, samples_dir: Path,
+                                                           tiny_model: Path,
+                                                           tmp_path: Path) -> None:
+    # given results written into the directory being scored
+    photos = tmp_path / "photos"
+    shutil.copytree(samples_dir, photos)
+    out = photos / "results.csv"
+    base = ["score", str(photos), "--model", str(tiny_model), "--no-cache", "--out", str(out)]
+    assert run(*base).returncode == 0
+    # when the run is repeated
+    again = run(*base)
+    # then neither the results nor their settings were scored as images
+    assert again.returncode == 0, again.stderr
+    sidecar = json.loads((photos / "results.csv.settings.json").read_text())
+    assert sidecar["settings"]["model"] == str(tiny_model)
+    with open(out, newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+    assert "skipped 6 files" in again.stderr
+
+
+def test_subdirectories_not_scored_are_counted_in_a_hint(run, samples_dir: Path,
+                                                         tiny_model: Path,
+                                                         tmp_path: Path) -> None:
+    # given a photo, two visible subdirectories and a hidden one
+    photos = tmp_path / "photos"
+    for sub in ("2023", "2024", ".thumbnails"):
+        (photos / sub).mkdir(parents=True)
+        shutil.copy(samples_dir / "coffee.jpg", photos / sub / "coffee.jpg")
+    shutil.copy(samples_dir / "coffee.jpg", photos / "coffee.jpg")
+    base = ["score", str(photos), "--model", str(tiny_model), "--no-cache"]
+    # when it is scored without --recursive, then one line says what was left out
+    flat = run(*base)
+    assert flat.returncode == 0, flat.stderr
+    assert "1 scored" in flat.stderr
+    hints = [line for line in flat.stderr.splitlines() if "--recursive" in line]
+    assert hints == ["skipped 2 subdirectories; use --recursive to score them"]
+    # and with --recursive there is nothing to hint at
+    deep = run(*base, "--recursive")
+    assert "3 scored" in deep.stderr and "--recursive" not in deep.stderr
 
 
 def test_environment_overrides_reach_the_command(run, samples_dir: Path, tmp_path: Path) -> None:
@@ -102,7 +220,7 @@ def test_environment_overrides_reach_the_command(run, samples_dir: Path, tmp_pat
     result = run("score", str(samples_dir), "--out", str(out),
                  env={"IMGPIPE_MODEL__TOPK": "2"})
     assert result.returncode == 0, result.stderr
-    assert all(len(r["predictions"]) == 2 for r in read_jsonl(out) if r["status"] == "ok")
+    assert all(len(r["predictions"]) == 2 for r in result_records(out) if r["status"] == "ok")
 
 
 def test_onnxruntime_backend_scores_like_torch_and_exports_once(
@@ -123,9 +241,9 @@ def test_onnxruntime_backend_scores_like_torch_and_exports_once(
         written.append([(a, a.stat().st_mtime_ns) for a in artifacts])
 
     # then the predictions match, and the model was exported once and reused
-    expected = {r["path"]: r["predictions"][0] for r in read_jsonl(torch_out)}
+    expected = {r["path"]: r["predictions"][0] for r in result_records(torch_out)}
     for out in (first, second):
-        for record in read_jsonl(out):
+        for record in result_records(out):
             top = record["predictions"][0]
             assert top["index"] == expected[record["path"]]["index"], record["path"]
             assert abs(top["score"] - expected[record["path"]]["score"]) < 1e-4
@@ -149,7 +267,7 @@ def test_score_runs_a_named_variant_and_int8_asks_for_calibration(
                  "--calibration-images", str(samples_dir), "--out", str(out))
     assert scored.returncode == 0, scored.stderr
     assert "(onnxruntime:int8)" in scored.stderr
-    assert [r["status"] for r in read_jsonl(out)] == ["ok"] * 6
+    assert [r["status"] for r in result_records(out)] == ["ok"] * 6
 
     # an impossible pair is refused before anything loads
     wrong = run(*base, "--model-backend", "torchscript", "--precision", "bf16")

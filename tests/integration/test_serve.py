@@ -6,7 +6,6 @@ in a subprocess; each test has its own key prefix.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pipeline import wire
 from pipeline.client import Client
 from pipeline.config import RedisSettings
 from tests.builders import damaged_copies
+from tests.integration.conftest import read_jsonl
 from tests.redis_server import RedisServer
 from tests.serve_daemon import (  # noqa: F401
     DaemonFactory,
@@ -84,8 +84,7 @@ def test_path_and_data_jobs_score_like_imgpipe_score(efficientnet_daemon: ServeP
     out = tmp_path / "score.jsonl"
     scored = run("score", str(samples_dir), "--out", str(out), "--no-cache")
     assert scored.returncode == 0, scored.stderr
-    expected = {Path(r["path"]).name: r["predictions"]
-                for r in map(json.loads, out.read_text().splitlines())}
+    expected = {Path(r["path"]).name: r["predictions"] for r in read_jsonl(out)}
     for name, predictions in expected.items():
         by_path = ask(e2e, image=str(samples_dir / name))
         by_data = ask(e2e, data=(samples_dir / name).read_bytes())

@@ -149,6 +149,51 @@ def test_unknown_environment_key_is_refused():
         load_settings(environ={"IMGPIPE_BATCHING__MAX_BATCH": "8"})
 
 
+def test_a_key_typo_in_the_file_names_the_file_and_the_closest_key(tmp_path):
+    path = write_toml(tmp_path, "[batching]\nmax_batchsize = 8\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path, environ=NO_ENV)
+    assert str(raised.value) == (f"unknown key `batching.max_batchsize` in {path}; "
+                                 "did you mean `max_batch_size`?")
+
+
+def test_a_section_typo_in_the_file_suggests_the_closest_section(tmp_path):
+    path = write_toml(tmp_path, "[batchng]\nmax_batch_size = 8\n")
+    with pytest.raises(ConfigError, match=r"unknown section `\[batchng\]` in .*imgpipe.toml; "
+                                          r"did you mean `\[batching\]`\?"):
+        load_settings(path, environ=NO_ENV)
+
+
+def test_a_key_outside_any_section_suggests_where_it_belongs(tmp_path):
+    path = write_toml(tmp_path, "topk = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key `topk` .*did you mean `model.topk`"):
+        load_settings(path, environ=NO_ENV)
+
+
+def test_every_unknown_key_is_named_in_one_line_without_pydantic_wording(tmp_path):
+    path = write_toml(tmp_path, '[model]\ncolour = "red"\n[cache]\nsize = 3\n')
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path, environ=NO_ENV)
+    message = str(raised.value)
+    assert "`model.colour`" in message and "`cache.size`" in message
+    assert "Extra inputs" not in message and "\n" not in message
+
+
+def test_an_environment_typo_names_the_variable_and_the_one_meant():
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environ={"IMGPIPE_BATCHING__MAX_BATCHSIZE": "8"})
+    assert str(raised.value) == (
+        "unknown setting IMGPIPE_BATCHING__MAX_BATCHSIZE: no key `max_batchsize` in section "
+        "`[batching]`; did you mean IMGPIPE_BATCHING__MAX_BATCH_SIZE?")
+
+
+def test_an_environment_section_typo_names_the_variable_and_the_one_meant():
+    with pytest.raises(ConfigError, match=r"unknown setting IMGPIPE_BATCHNG__MAX_BATCH_SIZE: no "
+                                          r"section `batchng`; did you mean "
+                                          r"IMGPIPE_BATCHING__MAX_BATCH_SIZE\?"):
+        load_settings(environ={"IMGPIPE_BATCHNG__MAX_BATCH_SIZE": "8"})
+
+
 def test_crop_larger_than_resize_shorter_is_refused():
     with pytest.raises(ConfigError, match=r"crop \(300\).*resize_shorter \(256\)"):
         load_settings(environ={"IMGPIPE_PREPROCESS__CROP": "300"})

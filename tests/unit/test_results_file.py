@@ -1,0 +1,204 @@
+"""Result files record the settings their records were made with, and refuse
+what they cannot safely append to: other settings, foreign files, unknown types."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.items import Job, Prepared
+from pipeline.predictions import Record, ok_record
+from pipeline.sinks.results import inspect_result_file, open_result_file
+
+SETTINGS = {"model": "efficientnet_lite0", "weights_digest": "0a19cb5b4a1686334a1c57c03f577f9d",
+            "topk": 5, "labels_digest": "c8eba68a442520c052cb3a3fea138f1a",
+            "preprocess_digest": "7d405445af02d68ac0a9af6e6a91ed8a"}
+FORMATS = ["results.jsonl", "results.csv"]
+
+
+def ok(path: str, model: str = "efficientnet_lite0") -> Record:
+    return ok_record(Prepared(Job(path)), model, [{"label": "cup", "index": 968, "score": 0.5}])
+
+
+def run(path: Path, records: list[Record], settings: dict | None = SETTINGS,
+        overwrite: bool = False) -> set[str]:
+    """One scoring run: open, write, close; the paths it found done."""
+    sink, done = open_result_file(path, settings, overwrite)
+    try:
+        sink.write(records)
+    finally:
+        sink.close()
+    return done
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def recorded_settings(path: Path) -> dict:
+    """The settings a results file records: JSONL header or CSV sidecar."""
+    if path.suffix == ".csv":
+        return json.loads(Path(f"{path}.settings.json").read_text())["settings"]
+    return lines(path)[0]["settings"]
+
+
+# -- the settings are recorded and checked ------------------------------------
+
+
+def test_jsonl_starts_with_a_header_holding_the_settings(tmp_path):
+    path = tmp_path / "results.jsonl"
+    run(path, [ok("a.jpg")])
+    header, record = lines(path)
+    assert header == {"imgpipe_results": 1, "settings": SETTINGS}
+    assert record["path"] == "a.jpg"
+
+
+def test_csv_keeps_the_settings_in_a_sidecar(tmp_path):
+    path = tmp_path / "results.csv"
+    run(path, [ok("a.jpg")])
+    assert recorded_settings(path) == SETTINGS
+    assert path.read_text().splitlines()[0].startswith("path,status,label")
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_same_settings_resume_and_the_header_is_not_a_record(tmp_path, name):
+    path = tmp_path / name
+    run(path, [ok("a.jpg")])
+    assert run(path, [ok("b.jpg")]) == {"a.jpg"}
+    assert run(path, []) == {"a.jpg", "b.jpg"}
+    if name.endswith(".jsonl"):
+        assert sum("imgpipe_results" in line for line in lines(path)) == 1
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize(("key", "other", "shown"), [
+    ("topk", 3, "topk 5 (now 3)"),
+    ("model", "resnet50", "model 'efficientnet_lite0' (now 'resnet50')"),
+    ("weights_digest", "ffffffffffffffffffffffffffffffff", "weights_digest 0a19cb5b4a16 "
+                                                          "(now ffffffffffff)"),
+])
+def test_other_settings_are_refused_naming_what_differs(tmp_path, name, key, other, shown):
+    # given a results file written with SETTINGS
+    path = tmp_path / name
+    run(path, [ok("a.jpg")])
+    before = path.read_bytes()
+    # when a run with one setting changed resumes it
+    with pytest.raises(ConfigError) as raised:
+        open_result_file(path, {**SETTINGS, key: other})
+    # then it is refused in one line naming the difference, and the file is untouched
+    message = str(raised.value)
+    assert shown in message and "--overwrite" in message and "\n" not in message
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_overwrite_starts_afresh_with_the_new_settings(tmp_path, name):
+    path = tmp_path / name
+    run(path, [ok("a.jpg")])
+    assert run(path, [ok("b.jpg")], {**SETTINGS, "topk": 3}, overwrite=True) == set()
+    assert run(path, [], {**SETTINGS, "topk": 3}) == {"b.jpg"}
+    assert recorded_settings(path)["topk"] == 3
+
+
+def test_settings_are_checked_only_when_given(tmp_path):
+    path = tmp_path / "results.jsonl"
+    run(path, [ok("a.jpg")])
+    assert run(path, [], settings=None) == {"a.jpg"}
+
+
+# -- files an earlier imgpipe wrote (no settings recorded) ---------------------
+
+
+def test_jsonl_without_header_resumes_and_gains_one(tmp_path):
+    # given a JSONL file of records without a header, as earlier versions wrote
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(ok("a.jpg")) + "\n")
+    # when it is resumed
+    done = run(path, [ok("b.jpg")])
+    # then its records count, and the settings are recorded first from now on
+    assert done == {"a.jpg"}
+    header, *records = lines(path)
+    assert header["settings"] == SETTINGS
+    assert [r["path"] for r in records] == ["a.jpg", "b.jpg"]
+
+
+def test_jsonl_without_header_from_another_model_is_refused(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(ok("a.jpg", model="resnet50")) + "\n")
+    with pytest.raises(ConfigError, match=r"model 'resnet50' \(now 'efficientnet_lite0'\)"):
+        open_result_file(path, SETTINGS)
+
+
+def test_csv_without_sidecar_resumes_and_gains_one(tmp_path):
+    path = tmp_path / "results.csv"
+    run(path, [ok("a.jpg")], settings=None)
+    assert not Path(f"{path}.settings.json").exists()
+    assert run(path, [ok("b.jpg")]) == {"a.jpg"}
+    assert recorded_settings(path) == SETTINGS
+
+
+# -- what cannot be appended to ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["results.txt", "results.json", "results"])
+def test_an_unknown_type_is_refused_listing_the_supported_ones(tmp_path, name):
+    with pytest.raises(ConfigError, match=r"\.jsonl, \.csv, or -") as raised:
+        inspect_result_file(tmp_path / name)
+    assert not (tmp_path / name).exists()
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("results.csv", "id,name\n1,cat\n"),
+    ("results.jsonl", '{"id": 1, "text": "a tweet"}\n{"id": 2, "text": "another"}\n'),
+    ("results.jsonl", "plain text\n"),
+])
+def test_a_file_in_a_foreign_format_is_refused_and_kept(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ConfigError, match="not an imgpipe results file"):
+        open_result_file(path, SETTINGS)
+    assert path.read_text() == content
+
+
+def test_a_foreign_file_is_replaced_with_overwrite(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("id,name\n1,cat\n")
+    assert run(path, [ok("a.jpg")], overwrite=True) == set()
+    assert path.read_text().startswith("path,status")
+
+
+def test_a_header_of_a_newer_format_is_refused(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"imgpipe_results": 2, "settings": {}}\n')
+    with pytest.raises(ConfigError, match="another imgpipe version"):
+        open_result_file(path, SETTINGS)
+
+
+# -- devices and pipes ------------------------------------------------------
+
+
+def test_dev_null_takes_records_without_a_type_check_or_fsync(tmp_path):
+    # /dev/null has no extension, cannot be read back for resuming, nor fsync'ed
+    assert run(Path(os.devnull), [ok("a.jpg")]) == set()
+
+
+def test_a_pipe_is_written_and_never_read(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that opening to write won't block
+    try:
+        run(fifo, [ok("a.jpg")])
+        written = os.read(reader, 1 << 16).decode()
+    finally:
+        os.close(reader)
+    assert [json.loads(line)["path"] for line in written.splitlines()] == ["a.jpg"]
+
+
+def test_a_missing_directory_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match=f"no directory {tmp_path / 'missing'}"):
+        inspect_result_file(tmp_path / "missing" / "results.jsonl")
