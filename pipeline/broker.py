@@ -1,8 +1,10 @@
 """The Redis that carries jobs and results: connecting, and riding out outages.
 
 Credentials come from the URL, the environment or a file and are never
-logged: only host:port is. While the server is unreachable, callers back off
-exponentially (capped) and one warning is printed per outage, not per retry.
+logged: only host:port is. While the server is unreachable, or refuses for a
+reason that passes (out of memory, read-only during a failover, loading),
+callers back off exponentially (capped) and one warning is printed per
+outage, not per retry.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ log = logging.getLogger("imgpipe.redis")
 URL_SCHEMES = ("redis", "rediss", "unix")
 # Lost connections and timeouts mean "server gone": wait and retry.
 OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+# So do refusals that pass by themselves: out of memory, a demoted primary or a
+# replica, a failover, a server loading its data or busy with a script.
+REFUSAL_CLASSES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
+                   redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
+REFUSAL_CODES = ("NOREPLICAS", "MISCONF", "BUSY", "MASTERDOWN", "LOADING", "OOM", "READONLY")
 FIRST_BACKOFF_S = 0.05
 T = TypeVar("T")
 
@@ -83,6 +90,13 @@ def _password(cfg: RedisSettings) -> Optional[str]:
                           f"{exc.strerror}") from exc
 
 
+def passing(exc: BaseException) -> bool:
+    """Whether `exc` is an outage or a refusal that retrying later gets past."""
+    if isinstance(exc, OUTAGE_ERRORS + REFUSAL_CLASSES):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(REFUSAL_CODES)
+
+
 class Outage:
     """Backoff and logging for one connection's outages, shared by its threads."""
 
@@ -119,7 +133,9 @@ class Outage:
         while True:
             try:
                 result = operation()
-            except OUTAGE_ERRORS as exc:
+            except (*OUTAGE_ERRORS, redis.ResponseError) as exc:
+                if not passing(exc):
+                    raise
                 wait = self.failed(exc)
                 if stop is None:
                     time.sleep(wait)

@@ -170,6 +170,7 @@ class ServeSettings(Section):
     max_inline_bytes: int = Field(16 * 1024 * 1024, ge=1)
     max_topk: int = Field(20, ge=1, le=1000)
     results_maxlen: int = Field(100_000, ge=1)
+    reply_stream_ttl_s: int = Field(86_400, ge=1)
     dead_maxlen: int = Field(100_000, ge=1)
     max_deliveries: int = Field(3, ge=1, le=1000)
     claim_idle_ms: int = Field(60_000, ge=10)

@@ -71,11 +71,14 @@ class Engine:
     `max_topk` is how many predictions are computed (and cached) per image when
     jobs may ask for more than the configured `model.topk`. `progress` ticks
     whenever a batch is delivered or nothing is waiting: a watchdog reads it.
+    With `allowed_roots` (real paths), files are read only from beneath them.
     """
 
     def __init__(self, settings: Settings, max_topk: Optional[int] = None,
-                 metrics: Optional[Metrics] = None) -> None:
+                 metrics: Optional[Metrics] = None,
+                 allowed_roots: Optional[tuple[str, ...]] = None) -> None:
         self.settings = settings
+        self.allowed_roots = allowed_roots
         self.topk = max(max_topk or 0, settings.model.topk)
         self.metrics = metrics
         self.progress = Heartbeat()
@@ -135,7 +138,8 @@ class Engine:
             # One process owns the GPU decoder; DALI's own threads use the cores.
             workers, threads = 1, pre_cfg.workers or self.cores
         plan = WorkerPlan(self.preprocess_backend, pre_cfg.spec(), pre_cfg.limits(),
-                          str(self.device), threads, self.settings.cache, self.result_scope)
+                          str(self.device), threads, self.settings.cache, self.result_scope,
+                          self.allowed_roots)
         pool = PreprocessPool(plan, workers, pre_cfg.chunk_size)
         pool.start()
         return pool

@@ -36,10 +36,11 @@ class InputError(PermanentError):
 
     Codes for images: empty_file, not_an_image, truncated, decode_failed,
     image_too_large, file_too_large, not_found, permission_denied,
-    symlink_loop, not_a_file, io_error, worker_crashed. Codes for Redis jobs
-    (pipeline/wire.py): invalid_field, unknown_field, missing_field,
-    conflicting_fields, unsupported_version, unknown_model, data_too_large,
-    path_not_allowed, deadline_exceeded, too_many_deliveries.
+    symlink_loop, not_a_file, io_error, worker_crashed, internal_error (a
+    bug met by this input). Codes for Redis jobs (pipeline/wire.py):
+    invalid_field, unknown_field, missing_field, conflicting_fields,
+    unsupported_version, unknown_model, data_too_large, path_not_allowed,
+    deadline_exceeded, too_many_deliveries.
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -61,6 +62,12 @@ class ConfigError(PermanentError):
 
 class ModelLoadError(PermanentError):
     """A model cannot be built or its weights cannot be loaded."""
+
+
+def internal_error(exc: BaseException) -> InputError:
+    """An unexpected failure in one input's handling, as that input's error."""
+    return InputError("internal_error", f"unexpected {type(exc).__name__} while handling "
+                      f"this input: {first_line(exc)}")
 
 
 def first_line(exc: BaseException) -> str:

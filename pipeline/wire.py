@@ -9,21 +9,30 @@ encodes jobs and decodes results.
 
 Parsing never raises: a malformed job still yields a JobRequest, carrying an
 InputError that names the field, so it gets an error result like any other.
+Anything unexpected becomes an `internal_error` the same way.
+
+A client names its result stream (`reply_to`), so the daemon would write
+where the client says: the daemon's own streams (jobs, dead letters) and the
+cache's keys are refused, and only the default result stream is trimmed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, internal_error
 from pipeline.sources.files import resolve_allowed
 
 if TYPE_CHECKING:
     from pipeline.predictions import Record  # torch: not for clients
+
+log = logging.getLogger("imgpipe.serve")
 
 VERSION = 1
 JOB_FIELDS = frozenset({"v", "image", "data", "id", "model", "topk", "reply_to", "deadline_ms"})
@@ -52,6 +61,11 @@ class Keys:
     def dead(self) -> str:
         return f"{self.prefix}:dead"
 
+    @property
+    def own_streams(self) -> frozenset[str]:
+        """The streams a result must never be written into."""
+        return frozenset({self.jobs, self.dead})
+
 
 @dataclass(frozen=True)
 class JobRules:
@@ -62,6 +76,8 @@ class JobRules:
     max_inline_bytes: int
     allowed_roots: Sequence[str]  # real paths
     default_reply_to: str
+    forbidden_reply_to: frozenset[str] = frozenset()  # the daemon's own streams
+    forbidden_reply_prefixes: tuple[str, ...] = ()  # key spaces of others (the cache)
 
 
 @dataclass
@@ -86,6 +102,19 @@ def parse_job(entry_id: str, fields: Mapping[bytes, bytes], rules: JobRules,
         _parse_into(job, fields, rules, now_ms)
     except InputError as exc:
         job.error = exc
+    except Exception as exc:  # a backstop: one job must never take the daemon down
+        job.error = internal_error(exc)
+        log.exception("job entry %s could not be parsed", entry_id,
+                      extra={"job_id": job.job_id})
+    return job
+
+
+def parse_address(entry_id: str, fields: Mapping[bytes, bytes], rules: JobRules) -> JobRequest:
+    """Only who the job is and where its result goes: for a job that is not run
+    (dead-lettered) and so must not be parsed further. Never raises."""
+    job = JobRequest(entry_id, entry_id, rules.default_reply_to)
+    with contextlib.suppress(Exception):  # a bad id or reply_to: the defaults stand
+        _parse_address(job, _field_names(fields), rules)
     return job
 
 
@@ -93,10 +122,7 @@ def _parse_into(job: JobRequest, raw: Mapping[bytes, bytes], rules: JobRules,
                 now_ms: int) -> None:
     fields = _field_names(raw)
     # Where the result goes first, so even a malformed job's error reaches its client.
-    if "id" in fields:
-        job.job_id = _text(fields, "id")
-    if "reply_to" in fields:
-        job.reply_to = _stream_name(_text(fields, "reply_to"), "reply_to")
+    _parse_address(job, fields, rules)
     unknown = sorted(set(fields) - JOB_FIELDS)
     if unknown:
         raise InputError("unknown_field", f"unknown job field(s): {', '.join(unknown)[:200]} "
@@ -115,6 +141,22 @@ def _parse_into(job: JobRequest, raw: Mapping[bytes, bytes], rules: JobRules,
     if job.deadline_ms is not None and job.deadline_ms < now_ms:
         raise InputError(EXPIRED, f"the job's deadline passed {now_ms - job.deadline_ms} ms "
                          f"before it was read")
+
+
+def _parse_address(job: JobRequest, fields: Mapping[str, bytes], rules: JobRules) -> None:
+    if "id" in fields:
+        job.job_id = _text(fields, "id")
+    if "reply_to" in fields:
+        job.reply_to = _reply_stream(_text(fields, "reply_to"), rules)
+
+
+def _reply_stream(name: str, rules: JobRules) -> str:
+    name = _stream_name(name, "reply_to")
+    if name in rules.forbidden_reply_to or name.startswith(rules.forbidden_reply_prefixes):
+        raise InputError("invalid_field", f"field reply_to: {name!r} is a key of imgpipe's "
+                         f"own (the jobs or dead-letter stream, or the cache); results "
+                         f"cannot be written there")
+    return name
 
 
 def _parse_image(job: JobRequest, fields: Mapping[str, bytes], rules: JobRules) -> None:

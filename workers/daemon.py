@@ -26,6 +26,7 @@ from typing import Optional
 
 from pipeline import notify, status_server
 from pipeline.broker import Outage, connect, describe_url
+from pipeline.cache import keys as cache_keys
 from pipeline.config import Settings
 from pipeline.engine import Engine
 from pipeline.errors import ConfigError, TransientError
@@ -82,7 +83,8 @@ def serve(settings: Settings) -> int:
     cfg = settings.serve
     roots = _allowed_roots(settings)
     metrics = Metrics()
-    engine = Engine(settings, max_topk=cfg.max_topk, metrics=metrics)
+    engine = Engine(settings, max_topk=cfg.max_topk, metrics=metrics,
+                    allowed_roots=tuple(roots))
     serving = threading.Event()
 
     def progressing() -> bool:
@@ -96,7 +98,8 @@ def serve(settings: Settings) -> int:
     shutdown.on_stop(notify.stopping)
     shutdown.install()  # before the slow set-up: a stop during it is honoured
     keys = Keys(settings.redis.prefix)
-    streams = Streams(keys, cfg.group, cfg.results_maxlen, cfg.dead_maxlen)
+    streams = Streams(keys, cfg.group, cfg.results_maxlen, cfg.dead_maxlen,
+                      cfg.reply_stream_ttl_s)
     consumer = cfg.consumer or f"{socket.gethostname()}-{os.getpid()}"
     client = connect(settings.redis, extra_timeout_s=cfg.read_block_ms / 1000)
     outage = Outage(describe_url(settings.redis.url), settings.redis.max_backoff_s)
@@ -107,7 +110,8 @@ def serve(settings: Settings) -> int:
         publisher = ResultPublisher(client, streams, engine.model.name, in_flight, outage,
                                     metrics)
         rules = JobRules(engine.model.name, cfg.max_topk, cfg.max_inline_bytes, roots,
-                         keys.results)
+                         keys.results, keys.own_streams,
+                         (cache_keys.namespace(settings.cache.prefix) + ":",))
         source = StreamSource(client, streams, consumer, cfg, rules,
                               settings.preprocess.chunk_size, in_flight, publisher, outage)
         shutdown.on_stop(source.stop)
@@ -125,6 +129,7 @@ def serve(settings: Settings) -> int:
                  engine.model.name, engine.device, consumer, cfg.group, keys.jobs,
                  outage.location)
         engine.run(source, publisher.write)
+        source.leave()
     finally:
         if watchdog is not None:
             watchdog.stop()

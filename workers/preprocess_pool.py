@@ -9,13 +9,15 @@ into a huge backlog of futures.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing
 import os
 import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from pipeline import logs
 from pipeline.config import CacheSettings
-from pipeline.errors import InputError, PermanentError
+from pipeline.errors import InputError, PermanentError, internal_error
 from pipeline.items import Job, Prepared
 from pipeline.preprocess import PreprocessBackend, create_backend
 from pipeline.sources import ChunkSource, IterableSource
@@ -46,6 +48,7 @@ class WorkerPlan:
     threads: int = 1
     cache: Optional[CacheSettings] = None
     result_scope: Optional[ResultScope] = None
+    allowed_roots: Optional[tuple[str, ...]] = None  # files only from beneath these
 
 
 @dataclass
@@ -55,16 +58,21 @@ class _Worker:
     cache: Optional[CacheLookup]
 
 
+log = logging.getLogger("imgpipe.preprocess")
 _worker: Optional[_Worker] = None
 LOG_QUEUE_RECORDS = 1000
 PARENT_CHECK_S = 1.0
 POLL_S = 0.005  # how often a source is polled while chunks are in flight
 IDLE_WAIT_S = 1.0  # how long it may block while none are
+START_ATTEMPTS = 3
+START_BACKOFF_S = 0.5  # doubled after each failed start
 
 
 def _init_worker(plan: WorkerPlan, log_queue: Any) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Blocked by the parent while it spawned us (see _sigint_blocked); ignored now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _exit_with_parent()
     logs.send_to(log_queue)
     backend = create_backend(plan.backend, plan.spec, plan.limits, plan.device, plan.threads)
@@ -145,7 +153,8 @@ def _read_all(items: list[tuple[Prepared, Stat]]) -> Iterator[tuple[Prepared, St
             yield item, info, item.job.data
             continue
         try:
-            yield item, info, read_file(item.job.path, _worker.plan.limits.max_file_bytes)
+            yield item, info, read_file(item.job.path, _worker.plan.limits.max_file_bytes,
+                                        _worker.plan.allowed_roots)
         except InputError as exc:
             item.error = exc
 
@@ -196,6 +205,8 @@ def _fill(item: Prepared, found: Found) -> bool:
 class PreprocessPool:
     """Preprocess jobs in `workers` processes; results in completion order."""
 
+    initializer: Callable[[WorkerPlan, Any], None] = staticmethod(_init_worker)
+
     def __init__(self, plan: WorkerPlan, workers: int, chunk_size: int = 8) -> None:
         self.plan = plan
         self.workers = workers
@@ -211,20 +222,48 @@ class PreprocessPool:
         self.log_listener: Optional[QueueListener] = None
 
     def start(self) -> None:
-        """Start every worker and wait until each has built its backend."""
+        """Start every worker and wait until each has built its backend. A start
+        that fails (a worker killed, or crashing) is retried with backoff."""
         if self.log_listener is None:
             self.log_listener = logs.forward_from(self.log_queue)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start_once()
+                return
+            except BrokenProcessPool as exc:
+                cause = self._failed_start()
+                if attempt == START_ATTEMPTS:
+                    self.close()
+                    raise PermanentError(f"the preprocessing workers failed to start "
+                                         f"{START_ATTEMPTS} times; the last time {cause}") \
+                        from exc
+                backoff = START_BACKOFF_S * 2 ** (attempt - 1)
+                log.warning("the preprocessing workers failed to start: %s; retrying in "
+                            "%g s", cause, backoff)
+                time.sleep(backoff)
+
+    def _start_once(self) -> None:
         # spawn: workers must not inherit torch's threads or a CUDA context.
         self.executor = ProcessPoolExecutor(
             self.workers, mp_context=self.context,
-            initializer=_init_worker, initargs=(self.plan, self.log_queue))
-        try:
-            for ready in [self.executor.submit(_ready) for _ in range(self.workers)]:
-                ready.result()
-        except BrokenProcessPool as exc:
-            self.close()
-            raise PermanentError("the preprocessing workers failed to start "
-                                 "(their error is printed above)") from exc
+            initializer=self.initializer, initargs=(self.plan, self.log_queue))
+        with _sigint_blocked():  # the workers are spawned on submit
+            readies = [self.executor.submit(_ready) for _ in range(self.workers)]
+        for ready in readies:
+            ready.result()
+
+    def _failed_start(self) -> str:
+        """Shut the broken executor down; why its workers died, in words."""
+        assert self.executor is not None
+        # The executor forgets its processes on shutdown; their exit codes are
+        # known once it has joined them.
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor = None
+        causes = sorted({_exit_cause(process.exitcode) for process in processes
+                         if process.exitcode not in (None, 0, -signal.SIGTERM)})
+        return ", ".join(causes) or "a worker exited while starting (its error is printed " \
+            "above)"
 
     def map(self, jobs: Iterable[Job]) -> Iterator[Prepared]:
         """Yield one Prepared per job, in completion order."""
@@ -277,6 +316,10 @@ class PreprocessPool:
             if generation == self.generation:
                 self._restart()
             return [self._alone(job) for job in chunk]
+        except Exception:  # a bug met by some input: again one job at a time, likewise
+            log.exception("preprocessing a chunk of %d failed; retrying its jobs one by one",
+                          len(chunk))
+            return [self._alone(job) for job in chunk]
         self._count(counters, fallbacks)
         return prepared
 
@@ -289,6 +332,9 @@ class PreprocessPool:
                 self._restart()
             return Prepared(job, error=InputError(
                 "worker_crashed", "the preprocessing worker crashed on this image"))
+        except Exception as exc:
+            log.exception("preprocessing %s failed", job.path)
+            return Prepared(job, error=internal_error(exc))
         self._count(counters, fallbacks)
         return prepared[0]
 
@@ -310,3 +356,21 @@ class PreprocessPool:
         if self.log_listener is not None:
             self.log_listener.stop()  # after the workers: their last records are printed
             self.log_listener = None
+
+
+def _exit_cause(exitcode: int) -> str:
+    if exitcode < 0:
+        return f"a worker was killed by {signal.Signals(-exitcode).name}"
+    return f"a worker exited with status {exitcode} (its error is printed above)"
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread, so processes spawned meanwhile start with it
+    blocked: a Ctrl-C while they import would print a traceback in each of them.
+    The parent still gets it (another thread takes it, or it waits until unblocked)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -76,6 +76,11 @@ class Streams:
     group: str
     results_maxlen: int
     dead_maxlen: int
+    reply_ttl_s: int = 86_400
+
+    def private(self, stream: str) -> bool:
+        """A caller's own reply stream (Client.reply_stream): `<prefix>:results:<id>`."""
+        return stream.startswith(self.keys.results + ":")
 
 
 class ResultPublisher:
@@ -124,6 +129,7 @@ class ResultPublisher:
             pipe.xadd(self.streams.keys.dead, dead,
                       maxlen=self.streams.dead_maxlen, approximate=True)
             self._queue_answer(pipe, request, result)
+            self._queue_expiry(pipe, [request])
             return list(pipe.execute(raise_on_error=False))
 
         replies = self.outage.retry(send)
@@ -144,15 +150,27 @@ class ResultPublisher:
         pipe = self.client.pipeline(transaction=True)
         for request, result in zip(requests, results, strict=True):
             self._queue_answer(pipe, request, result)
+        self._queue_expiry(pipe, requests)
         return list(pipe.execute(raise_on_error=False))
 
     def _queue_answer(self, pipe: redis.client.Pipeline, request: JobRequest,
                       result: dict[str, str]) -> None:
         jobs = self.streams.keys.jobs
+        # Only the default stream is ours to trim: a client's own stream keeps
+        # whatever else it holds.
+        maxlen = self.streams.results_maxlen if request.reply_to == self.streams.keys.results \
+            else None
         pipe.xadd(request.reply_to, result,  # type: ignore[arg-type]
-                  maxlen=self.streams.results_maxlen, approximate=True)
+                  maxlen=maxlen, approximate=True)
         pipe.xack(jobs, self.streams.group, request.entry_id)
         pipe.xdel(jobs, request.entry_id)
+
+    def _queue_expiry(self, pipe: redis.client.Pipeline, requests: list[JobRequest]) -> None:
+        """Private reply streams expire `reply_ttl_s` after their last result: one
+        written after its caller gave up and deleted it would otherwise stay for
+        good. After the answers, whose replies `_rescue_failed` finds by position."""
+        for stream in sorted({r.reply_to for r in requests if self.streams.private(r.reply_to)}):
+            pipe.expire(stream, self.streams.reply_ttl_s)
 
     def _ack(self, entry_ids: list[str]) -> None:
         pipe = self.client.pipeline(transaction=True)

@@ -1,4 +1,10 @@
-"""Reading one input file, with every OS failure translated to an InputError."""
+"""Reading one input file, with every OS failure translated to an InputError.
+
+Where a daemon confines path jobs to allowed roots, the check is made twice:
+on the job's path when the job is read (a quick refusal), and on the file
+actually opened, through its descriptor, so a link swapped in between the
+two cannot lead out of the roots.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import errno
 import os
 import stat
 from collections.abc import Sequence
+from typing import Optional
 
 from pipeline.errors import InputError
 
@@ -18,13 +25,16 @@ ERRNO_CODES = {
 }
 
 
-def read_file(path: str, max_bytes: int) -> bytes:
-    """Read a regular file of at most `max_bytes` bytes."""
+def read_file(path: str, max_bytes: int, roots: Optional[Sequence[str]] = None) -> bytes:
+    """Read a regular file of at most `max_bytes` bytes; with `roots` (real
+    paths), only one that really lies beneath one of them."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise _translate(exc) from exc
     try:
+        if roots is not None:
+            _check_opened(fd, path, roots)
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InputError("not_a_file", "not a regular file (device, pipe or socket)")
@@ -41,6 +51,26 @@ def read_file(path: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise InputError("file_too_large", f"file is larger than the limit of {max_bytes:,} bytes")
     return data
+
+
+def _check_opened(fd: int, path: str, roots: Sequence[str]) -> None:
+    """Refuse an opened file that lies outside the roots, whatever links led to it."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no procfs: compare the opened file with what its real path names
+        real = os.path.realpath(path)
+        opened, named = os.fstat(fd), os.stat(real)
+        if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+            raise InputError("path_not_allowed", f"path {path[:200]!r} changed while "
+                             "it was opened") from None
+    if not beneath(real, roots):
+        raise InputError("path_not_allowed", f"path {path[:200]!r} leads outside the "
+                         "allowed roots")
+
+
+def beneath(real: str, roots: Sequence[str]) -> bool:
+    """Whether the real path `real` is one of `roots` or lies under one."""
+    return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
 def _translate(exc: OSError) -> InputError:
@@ -60,7 +90,12 @@ def resolve_allowed(path: str, roots: Sequence[str]) -> str:
     if not roots:
         raise InputError("path_not_allowed", "path jobs are disabled here (no "
                          "serve.allowed_roots configured); send the image as data")
-    real = os.path.realpath(os.path.join(roots[0], path))
-    if any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+    try:
+        real = os.path.realpath(os.path.join(roots[0], path))
+    except OSError as exc:  # a link that cannot be read, e.g. /proc/1/exe
+        cause = _translate(exc)
+        raise InputError(cause.code, f"path {shown} cannot be resolved: {cause.message}") \
+            from None
+    if beneath(real, roots):
         return real
     raise InputError("path_not_allowed", f"path {shown} is outside the allowed roots")

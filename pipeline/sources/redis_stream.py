@@ -21,7 +21,7 @@ from typing import Any, Optional
 import redis
 
 from pipeline import wire
-from pipeline.broker import OUTAGE_ERRORS, Outage
+from pipeline.broker import OUTAGE_ERRORS, Outage, passing
 from pipeline.config import ServeSettings
 from pipeline.items import Job
 from pipeline.sinks.redis_results import (
@@ -48,6 +48,16 @@ for _, row in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
     end
 end
 """
+
+
+LEAVE_GROUP = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+    return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+# Errors of a read whose stream or group was deleted under it.
+GROUP_GONE = ("NOGROUP", "UNBLOCKED")
 
 
 class StreamSource:
@@ -89,17 +99,18 @@ class StreamSource:
             return None
         try:
             entries = self._read(wait_s)
-        except OUTAGE_ERRORS as exc:
+        except (*OUTAGE_ERRORS, redis.ResponseError) as exc:
+            if str(exc).startswith(GROUP_GONE):
+                log.warning("consumer group %s or stream %s is gone (deleted, or Redis "
+                            "restarted without its data); creating it again",
+                            self.streams.group, self.streams.keys.jobs)
+                self.group_missing = True
+                return []
+            if not passing(exc):
+                raise
             # A read may have delivered entries to us although its reply was lost.
             self.lost_cursor = "-"
             self.stopping.wait(min(self.outage.failed(exc), wait_s))
-            return []
-        except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            log.warning("consumer group %s is gone (Redis restarted without its data?); "
-                        "creating it again", self.streams.group)
-            self.group_missing = True
             return []
         self.outage.recovered()
         return [job for job in map(self._admit, entries) if job is not None]
@@ -209,16 +220,31 @@ class StreamSource:
         if not fields:  # deleted while pending: answered by someone already
             self.publisher.acknowledge([entry_id])
             return None
-        request = wire.parse_job(entry_id, fields, self.rules, int(time.time() * 1000))
         if deliveries is not None and deliveries > self.cfg.max_deliveries:
-            self.publisher.dead_letter(request, fields, deliveries - 1)
+            # Before parsing: whatever in the job kills whoever takes it, it runs no more.
+            self.publisher.dead_letter(wire.parse_address(entry_id, fields, self.rules),
+                                       fields, deliveries - 1)
             return None
+        request = wire.parse_job(entry_id, fields, self.rules, int(time.time() * 1000))
         self.in_flight.add(Delivery(request, queue_wait_ms(entry_id)))
         path = request.image or f"{self.streams.keys.jobs}/{entry_id}"
         return Job(path, error=request.error, data=request.data, topk=request.topk,
                    ref=entry_id)
 
+    def leave(self) -> None:
+        """Remove this consumer from the group if it holds nothing, after a clean stop,
+        so that `status` does not list it; one try, Redis may be gone."""
+        try:
+            self.client.eval(LEAVE_GROUP, 1, self.streams.keys.jobs, self.streams.group,
+                             self.consumer)
+        except (*OUTAGE_ERRORS, redis.ResponseError) as exc:
+            log.info("could not remove consumer %s from the group: %s", self.consumer, exc)
+
     def _create_group(self) -> None:
+        # Asked first: a server out of memory refuses XGROUP CREATE even for a group
+        # that exists.
+        if self._group_exists():
+            return
         try:
             # From the start: entries still in the stream are exactly the unfinished ones.
             self.client.xgroup_create(self.streams.keys.jobs, self.streams.group, id="0",
@@ -226,6 +252,15 @@ class StreamSource:
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    def _group_exists(self) -> bool:
+        try:
+            groups = self.client.xinfo_groups(self.streams.keys.jobs)
+        except redis.ResponseError as exc:
+            if passing(exc):
+                raise
+            return False  # no such stream yet
+        return any(reply_text(group["name"]) == self.streams.group for group in groups)
 
     def _forget_stale_consumers(self) -> None:
         """Remove consumers long gone with nothing pending, so `status` stays readable.

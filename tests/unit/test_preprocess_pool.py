@@ -1,18 +1,26 @@
-"""PreprocessPool: a worker that dies takes no innocent job down with it."""
+"""PreprocessPool: a worker that dies takes no innocent job down with it, and a
+worker that dies while starting is replaced."""
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
+import pytest
 from PIL import Image
 
+from pipeline.errors import PermanentError
 from pipeline.items import Job, Prepared
 from pipeline.spec import InputLimits, PreprocessSpec
-from workers.preprocess_pool import PreprocessPool, WorkerPlan
+from workers.preprocess_pool import PreprocessPool, WorkerPlan, _init_worker
 
 JOBS = 24  # about a second of decoding: the kill lands while work is in flight
 
@@ -57,3 +65,75 @@ def test_jobs_of_a_killed_worker_are_run_again(tmp_path: Path) -> None:
     assert [item.error for item in results] == [None] * JOBS
     assert all(item.pixels is not None and item.pixels.shape == (3, 224, 224)
                for item in results)
+
+
+def _killed_on_first_start(marker: str, plan: WorkerPlan, log_queue: Any) -> None:
+    """A worker start-up that SIGKILLs itself the first time (`marker` not yet there),
+    as the OOM killer might while a replacement starts."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return _init_worker(plan, log_queue)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _always_killed(plan: WorkerPlan, log_queue: Any) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KilledOnFirstStart(PreprocessPool):
+    def __init__(self, marker: Path) -> None:
+        super().__init__(WorkerPlan("pillow", PreprocessSpec(), InputLimits()), workers=1)
+        self.initializer = functools.partial(_killed_on_first_start, str(marker))
+
+
+def test_a_worker_killed_while_starting_is_retried_and_the_cause_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, encode: Any) -> None:
+    # given a pool whose first worker is killed during its start-up
+    pool = KilledOnFirstStart(tmp_path / "started-once")
+    # when the pool starts
+    with caplog.at_level(logging.WARNING, "imgpipe.preprocess"):
+        pool.start()
+    try:
+        # then it started on the second try, and said why the first one failed
+        assert "a worker was killed by SIGKILL; retrying" in caplog.text
+        png = encode(Image.new("RGB", (64, 48), (10, 200, 30)))
+        [item] = list(pool.map([Job("inline", data=png)]))
+        assert item.error is None and item.pixels is not None
+    finally:
+        pool.close()
+
+
+def test_workers_that_never_start_fail_with_their_cause(tmp_path: Path) -> None:
+    pool = PreprocessPool(WorkerPlan("pillow", PreprocessSpec(), InputLimits()), workers=1)
+    pool.initializer = _always_killed
+    with pytest.raises(PermanentError, match="3 times; the last time a worker was killed "
+                                             "by SIGKILL"):
+        pool.start()
+
+
+def test_workers_are_immune_to_ctrl_c_from_their_first_instruction() -> None:
+    # given a pool starting in the background
+    pool = PreprocessPool(WorkerPlan("pillow", PreprocessSpec(), InputLimits()), workers=2)
+    starting = threading.Thread(target=pool.start)
+    starting.start()
+    seen: dict[int, bool] = {}
+    try:
+        # when its workers are looked at while they start (exec'd, importing)
+        while starting.is_alive():
+            for worker in pool_workers():
+                seen.setdefault(worker.pid, _shields_sigint(worker.pid))
+        # then from the first look on, Ctrl-C (SIGINT) is blocked or ignored in each:
+        # a terminal's Ctrl-C reaches the whole process group
+        assert len(seen) == 2 and all(seen.values()), seen
+    finally:
+        starting.join()
+        pool.close()
+
+
+def _shields_sigint(pid: int) -> bool:
+    """Whether process `pid` blocks or ignores SIGINT (from /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = dict(line.split(":\t") for line in status.splitlines() if ":\t" in line)
+    bit = 1 << (signal.SIGINT - 1)
+    return bool((int(masks["SigBlk"], 16) | int(masks["SigIgn"], 16)) & bit)

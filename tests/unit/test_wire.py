@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,9 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture
 def rules(root: Path) -> JobRules:
     return JobRules("efficientnet_lite0", max_topk=20, max_inline_bytes=1000,
-                    allowed_roots=[str(root)], default_reply_to="p:results")
+                    allowed_roots=[str(root)], default_reply_to="p:results",
+                    forbidden_reply_to=wire.Keys("p").own_streams,
+                    forbidden_reply_prefixes=("p:cache:",))
 
 
 def parse(rules: JobRules, **fields: str | bytes) -> wire.JobRequest:
@@ -64,6 +67,9 @@ def test_defaults_id_is_the_entry_id_and_results_go_to_the_default_stream(
     ({"image": "cat.jpg", "id": ""}, "invalid_field", "id"),
     ({"image": "cat.jpg", "id": "x" * 257}, "invalid_field", "id"),
     ({"image": "cat.jpg", "reply_to": "a b"}, "invalid_field", "reply_to"),
+    ({"image": "cat.jpg", "reply_to": "p:jobs"}, "invalid_field", "reply_to"),
+    ({"image": "cat.jpg", "reply_to": "p:dead"}, "invalid_field", "reply_to"),
+    ({"image": "cat.jpg", "reply_to": "p:cache:r:0123:abcd"}, "invalid_field", "reply_to"),
     ({"image": "cat.jpg", "model": "resnet50"}, "unknown_model", "resnet50"),
     ({"image": "cat.jpg", "v": "2"}, "unsupported_version", "v"),
     ({"data": "x" * 1001}, "data_too_large", "1,000"),
@@ -81,6 +87,35 @@ def test_malformed_jobs_carry_an_error_naming_the_field(
 def test_a_non_utf8_field_name_is_an_error_not_a_crash(rules: JobRules) -> None:
     job = wire.parse_job("1-0", {b"\xff": b"1", b"image": b"cat.jpg"}, rules, NOW_MS)
     assert job.error is not None and job.error.code == "invalid_field"
+
+
+def test_a_forbidden_reply_to_sends_the_error_to_the_default_stream(rules: JobRules) -> None:
+    job = parse(rules, id="mine", reply_to="p:jobs", image="cat.jpg")
+    assert (job.job_id, job.reply_to) == ("mine", "p:results")
+
+
+def test_an_unforeseen_failure_while_parsing_is_an_internal_error(
+        rules: JobRules, monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(wire, "_parse_image", explode)
+    job = parse(rules, id="mine", image="cat.jpg")
+    assert job.error is not None and job.error.code == "internal_error"
+    assert job.job_id == "mine" and "RuntimeError" in job.error.message
+
+
+def test_a_link_that_cannot_be_read_is_refused_not_raised() -> None:
+    try:
+        os.path.realpath("/proc/1/exe")
+    except OSError:
+        pass
+    else:
+        pytest.skip("process 1's executable link is readable here")
+    with pytest.raises(InputError) as refused:
+        resolve_allowed("/proc/1/exe", ["/"])
+    assert refused.value.code == "permission_denied"
+    assert "cannot be resolved" in refused.value.message
 
 
 def test_a_malformed_job_still_knows_where_its_result_goes(rules: JobRules) -> None:

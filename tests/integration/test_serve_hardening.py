@@ -1,0 +1,496 @@
+"""`imgpipe serve` against hostile jobs and a hostile Redis: it keeps serving, and
+no job is lost or answered with what it had no right to read.
+
+A real redis-server and real daemons with the tiny model; the images are
+plain colours, so a prediction tells which file was read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from PIL import Image
+
+from pipeline import wire
+from pipeline.broker import Outage
+from pipeline.client import Client
+from pipeline.config import RedisSettings, ServeSettings
+from pipeline.sinks.redis_results import InFlight, ResultPublisher, Streams
+from pipeline.sources.redis_stream import StreamSource
+from pipeline.wire import JobRules, Keys
+from tests.integration.test_serve_faults import GROUP, Tally, connect, serve_env
+from tests.redis_server import RedisServer
+from tests.serve_daemon import DaemonFactory, daemon_factory, wait_until  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+INSIDE, OUTSIDE = (220, 30, 30), (30, 30, 220)
+ServerFactory = Any
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    return "hard-" + re.sub(r"[^A-Za-z0-9_.:-]", "_", request.node.name)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """An allowed root holding a red picture; a blue one lies outside it."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 30), INSIDE).save(images / "red.png")
+    Image.new("RGB", (40, 30), OUTSIDE).save(tmp_path / "secret.png")
+    return images
+
+
+def top_label(result: dict[str, Any]) -> str:
+    return str(result["predictions"][0]["label"])
+
+
+def client_for(server: RedisServer, prefix: str) -> Client:
+    return Client(RedisSettings(url=server.url, prefix=prefix))
+
+
+# -- a job that used to kill every daemon ---------------------------------------
+
+@pytest.mark.parametrize("path", ["/proc/1/exe", "/proc/2/exe"])
+def test_a_job_naming_an_unreadable_link_is_answered_and_both_daemons_survive(
+        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        prefix: str, tmp_path: Path, tiny_model: Path, path: str) -> None:
+    # given two daemons whose allowed root is / (so /proc/... passes the prefix check)
+    env = serve_env(redis_server, prefix, Path("/"), tiny_model)
+    daemons = [daemon_factory(env), daemon_factory(env)]
+    conn = connect(redis_server)
+    # when a job names a link that cannot be read
+    conn.xadd(f"{prefix}:jobs", {"image": path, "id": "poison"})
+    # then it gets an error result naming the cause, and both daemons serve on
+    results = Tally(conn, f"{prefix}:results")
+    results.wait_for(["poison"], serving=daemons)
+    error = results.results["poison"]["error"]
+    assert results.results["poison"]["status"] == "error"
+    assert error["code"] in ("permission_denied", "not_found", "not_an_image"), error
+    picture = tmp_path / "ok.png"
+    Image.new("RGB", (8, 8), INSIDE).save(picture)
+    with client_for(redis_server, prefix) as client:
+        jobs = [client.submit(data=picture.read_bytes()) for _ in range(4)]
+    results.wait_for(jobs, serving=daemons)
+    assert all(daemon.process is not None and daemon.process.poll() is None
+               for daemon in daemons)
+    conn.close()
+
+
+def test_a_job_delivered_too_often_is_dead_lettered_without_being_parsed(
+        redis_server: RedisServer, prefix: str, root: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # given a job that a ghost consumer received max_deliveries times
+    conn = connect(redis_server)
+    jobs = f"{prefix}:jobs"
+    conn.xgroup_create(jobs, GROUP, id="0", mkstream=True)
+    entry = conn.xadd(jobs, {"image": "red.png", "id": "killer"}).decode()
+    conn.xreadgroup(GROUP, "ghost", {jobs: ">"}, count=1)
+    for _ in range(2):
+        conn.xclaim(jobs, GROUP, "ghost", 0, [entry], idle=3_600_000)
+    # and a parser that dies on it, as a job that crashes whoever reads it would
+    def crash(*args: object) -> None:
+        raise SystemExit("the parser died")
+
+    monkeypatch.setattr(wire, "parse_job", crash)
+    source = _stream_source(redis_server, prefix, root)
+    # when the source takes it over
+    wait_until(lambda: source.next_chunk(0) == [] and conn.xlen(f"{prefix}:dead") == 1, 30,
+               "the dead letter")
+    # then it is a dead letter whose client was told, and it was never parsed
+    [(_, letter)] = conn.xrange(f"{prefix}:dead")
+    assert letter[b"entry_id"].decode() == entry
+    [(_, result)] = conn.xrange(f"{prefix}:results")
+    decoded = wire.decode_result(result)
+    assert (decoded["job_id"], decoded["error"]["code"]) == ("killer", "too_many_deliveries")
+    conn.close()
+
+
+def _stream_source(server: RedisServer, prefix: str, root: Path) -> StreamSource:
+    keys = Keys(prefix)
+    cfg = ServeSettings(claim_idle_ms=10, max_deliveries=3)
+    streams = Streams(keys, GROUP, cfg.results_maxlen, cfg.dead_maxlen)
+    conn = connect(server)
+    outage, in_flight = Outage("test", 1.0), InFlight()
+    publisher = ResultPublisher(conn, streams, "tiny", in_flight, outage)
+    rules = JobRules("tiny", cfg.max_topk, cfg.max_inline_bytes, [str(root)], keys.results,
+                     keys.own_streams)
+    return StreamSource(conn, streams, "taker", cfg, rules, 8, in_flight, publisher, outage)
+
+
+# -- reply_to may not name the daemon's own streams ------------------------------
+
+def test_reply_to_the_jobs_or_dead_stream_is_refused_and_no_queued_job_is_lost(
+        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    # given a queue of jobs with hostile reply_to fields among them, and a small
+    # results_maxlen (which once trimmed the jobs stream itself)
+    conn = connect(redis_server)
+    jobs, mine = f"{prefix}:jobs", f"{prefix}:results:mine"
+    hostile = {"at-jobs": jobs, "at-dead": f"{prefix}:dead"}
+    with client_for(redis_server, prefix) as client:
+        for job_id, target in hostile.items():
+            client.submit("red.png", job_id=job_id, reply_to=target)
+        queued = [client.submit("red.png", reply_to=mine) for _ in range(120)]
+    # when a daemon serves them
+    daemon = daemon_factory(serve_env(redis_server, prefix, root, tiny_model,
+                                      SERVE__RESULTS_MAXLEN="10"))
+    # then every queued job is answered, once, in its own stream
+    answered = Tally(conn, mine)
+    answered.wait_for(queued, serving=[daemon])
+    assert answered.total == len(queued) and answered.duplicates == 0
+    # and the hostile jobs got errors on the default stream, naming the field
+    refused = Tally(conn, f"{prefix}:results")
+    refused.wait_for(list(hostile), serving=[daemon])
+    for job_id in hostile:
+        error = refused.results[job_id]["error"]
+        assert error["code"] == "invalid_field" and "reply_to" in error["message"], error
+    # and nothing was written into the daemon's own streams
+    assert conn.xlen(f"{prefix}:dead") == 0
+    wait_until(lambda: conn.xlen(jobs) == 0, 60, "the jobs stream to empty", [daemon])
+    conn.close()
+
+
+def test_a_clients_own_reply_stream_is_never_trimmed(
+        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    # given another application's stream holding 1,000 entries
+    conn = connect(redis_server)
+    events = f"otherapp-{prefix}:events"
+    for start in range(0, 1000, 250):
+        pipe = conn.pipeline()
+        for index in range(start, start + 250):
+            pipe.xadd(events, {"n": index})
+        pipe.execute()
+    daemon = daemon_factory(serve_env(redis_server, prefix, root, tiny_model,
+                                      SERVE__RESULTS_MAXLEN="10"))
+    # when a job names it as its reply stream
+    with client_for(redis_server, prefix) as client:
+        job = client.submit("red.png", reply_to=events)
+    # then the result is added and nothing of what was there is cut
+    wait_until(lambda: conn.xlen(events) > 1000, 120, "the result", [daemon])
+    [(_, last)] = conn.xrevrange(events, count=1)
+    assert wire.decode_result(last)["job_id"] == job
+    assert conn.xlen(events) == 1001
+    conn.close()
+
+
+def test_a_private_reply_stream_expires_after_its_last_result(
+        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    # given a caller that gave up on its reply stream (deleted it) before the result came
+    daemon = daemon_factory(serve_env(redis_server, prefix, root, tiny_model,
+                                      SERVE__REPLY_STREAM_TTL_S="600"))
+    conn = connect(redis_server)
+    private, shared = f"{prefix}:results:gone", f"{prefix}:results"
+    with client_for(redis_server, prefix) as client:
+        late = client.submit("red.png", reply_to=private)
+        Tally(conn, private).wait_for([late], serving=[daemon])
+        # then the stream the result made again expires, while the shared one does not
+        assert 0 < conn.ttl(private) <= 600
+        job = client.submit("red.png")
+        Tally(conn, shared).wait_for([job], serving=[daemon])
+        assert conn.ttl(shared) == -1
+    conn.close()
+
+
+# -- checking and opening a path are one step ------------------------------------
+
+def test_a_link_swapped_under_path_jobs_never_serves_the_outside_file(
+        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    # given the labels the model gives the inside and the outside picture
+    daemon = daemon_factory(serve_env(redis_server, prefix, root, tiny_model))
+    outside = root.parent / "secret.png"
+    os.symlink(outside, root / "bait.png")
+    conn = connect(redis_server)
+    probes = Tally(conn, f"{prefix}:results")
+    with client_for(redis_server, prefix) as client:
+        inside_id = client.submit("red.png")
+        outside_id = client.submit(data=outside.read_bytes())
+        probes.wait_for([inside_id, outside_id], serving=[daemon])
+        outside_label = top_label(probes.results[outside_id])
+        assert top_label(probes.results[inside_id]) != outside_label
+        # when 300 path jobs run while "bait.png" flips between a regular file inside
+        # the root and a link to the outside file
+        stop = threading.Event()
+        flipper = threading.Thread(target=_flip, args=(root / "bait.png", outside, stop))
+        flipper.start()
+        try:
+            reply = f"{prefix}:results:race"
+            jobs = [client.submit("bait.png", reply_to=reply) for _ in range(300)]
+            race = Tally(conn, reply)
+            race.wait_for(jobs, serving=[daemon])
+        finally:
+            stop.set()
+            flipper.join()
+    # then no job was answered with the outside file's content
+    outcomes = [race.results[job] for job in jobs]
+    leaked = [r for r in outcomes if r["status"] == "ok" and top_label(r) == outside_label]
+    assert not leaked, f"{len(leaked)} of 300 jobs read the file outside the root"
+    refused = [r for r in outcomes if r["status"] == "error"]
+    codes = Counter(r["error"]["code"] for r in refused)
+    # (io_error: the link was swapped while its path was being resolved)
+    assert set(codes) <= {"path_not_allowed", "not_found", "io_error"}, codes
+    conn.close()
+
+
+def _flip(bait: Path, outside: Path, stop: threading.Event) -> None:
+    """Swap `bait` between a red file and a link to `outside`, atomically, until stopped."""
+    red = bait.parent / "red.png"
+    staging = bait.parent / ".staging"
+    link = True
+    while not stop.is_set():
+        staging.unlink(missing_ok=True)
+        if link:
+            os.symlink(outside, staging)
+        else:
+            os.link(red, staging)
+        os.replace(staging, bait)
+        link = not link
+
+
+# -- a Redis that refuses writes -------------------------------------------------
+
+def test_a_redis_out_of_memory_mid_run_pauses_the_daemon_and_loses_nothing(
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,  # noqa: F811
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    # given a daemon serving a Redis of its own
+    server = redis_server_factory()
+    conn = connect(server)
+    daemon = daemon_factory(serve_env(server, prefix, root, tiny_model))
+    with client_for(server, prefix) as client:
+        first = [client.submit("red.png") for _ in range(5)]
+        results = Tally(conn, f"{prefix}:results")
+        results.wait_for(first, serving=[daemon])
+        # when Redis runs out of memory with jobs queued
+        queued = [client.submit("red.png") for _ in range(40)]
+        conn.config_set("maxmemory-policy", "noeviction")
+        conn.config_set("maxmemory", "1")
+        # then the daemon waits, saying why, instead of dying
+        daemon.wait_for_log("OutOfMemoryError")
+        # and once memory is freed, every job is answered
+        conn.config_set("maxmemory", "0")
+        results.wait_for(queued, serving=[daemon])
+    assert conn.xlen(f"{prefix}:jobs") == 0
+    assert results.duplicates == 0
+    conn.close()
+
+
+def test_a_daemon_starts_against_a_redis_out_of_memory_and_serves_once_it_is_freed(
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,  # noqa: F811
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    # given a queue and its group, in a Redis over its memory limit
+    server = redis_server_factory()
+    conn = connect(server)
+    with client_for(server, prefix) as client:
+        queued = [client.submit("red.png") for _ in range(10)]
+    conn.xgroup_create(f"{prefix}:jobs", GROUP, id="0")
+    conn.config_set("maxmemory-policy", "noeviction")
+    conn.config_set("maxmemory", "1")
+    # when a daemon starts, it gets ready (the group exists) and waits to publish
+    daemon = daemon_factory(serve_env(server, prefix, root, tiny_model))
+    daemon.wait_for_log("OutOfMemoryError")
+    # then once memory is freed, all jobs are answered
+    conn.config_set("maxmemory", "0")
+    Tally(conn, f"{prefix}:results").wait_for(queued, serving=[daemon])
+    conn.close()
+
+
+def test_the_jobs_stream_deleted_under_a_daemon_is_created_again(
+        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    # given a daemon blocked reading its jobs stream
+    daemon = daemon_factory(serve_env(redis_server, prefix, root, tiny_model))
+    conn = connect(redis_server)
+    # when the stream is deleted (as a careless clean-up would)
+    conn.delete(f"{prefix}:jobs")
+    daemon.wait_for_log("creating it again")
+    # then new jobs are served all the same
+    with client_for(redis_server, prefix) as client:
+        jobs = [client.submit("red.png") for _ in range(3)]
+    Tally(conn, f"{prefix}:results").wait_for(jobs, serving=[daemon])
+    conn.close()
+
+
+# -- leaving cleanly -------------------------------------------------------------
+
+def test_a_daemon_that_stops_cleanly_leaves_the_consumer_group(
+        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    daemon = daemon_factory(serve_env(redis_server, prefix, root, tiny_model,
+                                      SERVE__CONSUMER="leaving"))
+    conn = connect(redis_server)
+    with client_for(redis_server, prefix) as client:
+        job = client.submit("red.png")
+        Tally(conn, f"{prefix}:results").wait_for([job], serving=[daemon])
+        assert [c.name for c in client.status().consumers] == ["leaving"]
+        assert daemon.stop() == 0
+        assert client.status().consumers == []
+    conn.close()
+
+
+# -- fuzzing ---------------------------------------------------------------------
+
+FIELD_NAMES = [b"v", b"image", b"data", b"id", b"model", b"topk", b"reply_to",
+               b"deadline_ms", b"size", b"\xff\xfe", b"", b"IMAGE", b"data "]
+
+
+def fuzzed_jobs(count: int, seed: int, prefix: str, photos: list[bytes]) -> Iterator[
+        dict[bytes, bytes]]:
+    """Jobs with random fields and values: real pictures mutated, binary garbage,
+    hostile paths and reply streams, huge and negative numbers."""
+    import random
+
+    rng = random.Random(seed)
+    values: list[Any] = [
+        lambda: rng.choice(photos),
+        lambda: _mutated(rng, rng.choice(photos)),
+        lambda: rng.randbytes(rng.randint(0, 300)),
+        lambda: rng.choice([b"red.png", b"../secret.png", b"/proc/1/exe", b"/etc/shadow",
+                            b"red.png\x00x", b".", b"", b"missing.png", b"/proc/self/fd/0"]),
+        lambda: str(rng.choice([-1, 0, 1, 3, 20, 21, 10**30])).encode(),
+        lambda: rng.choice([f"{prefix}:jobs", f"{prefix}:dead", f"{prefix}:results:fuzz",
+                            "bad name", "x" * 300]).encode(),
+        lambda: b"1",
+    ]
+    for _ in range(count):
+        fields = {rng.choice(FIELD_NAMES): rng.choice(values)()
+                  for _ in range(rng.randint(0, 5))}
+        if rng.random() < 0.5:  # about half look like real jobs
+            fields[b"data"] = _mutated(rng, rng.choice(photos))
+            fields.pop(b"image", None)
+        yield fields or {b"nothing": b""}
+
+
+def _mutated(rng: Any, data: bytes) -> bytes:
+    damaged = bytearray(data)
+    for _ in range(rng.randint(0, 12)):
+        damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+    if rng.random() < 0.3:
+        damaged = damaged[: rng.randint(0, len(damaged))]
+    return bytes(damaged)
+
+
+def test_thousands_of_random_jobs_each_get_exactly_one_answer_and_the_daemon_lives(
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,  # noqa: F811
+        prefix: str, root: Path, tiny_model: Path, samples_dir: Path) -> None:
+    # given a Redis of its own (a random reply_to may name any stream), and real
+    # pictures to mutate: a JPEG and a PNG
+    server = redis_server_factory()
+    photos = [(samples_dir / name).read_bytes() for name in ("coffee.jpg", "camera.png")]
+    daemon = daemon_factory(serve_env(server, prefix, root, tiny_model,
+                                      SERVE__MAX_INLINE_BYTES=str(2 * 1024 * 1024)))
+    conn = connect(server)
+    # when 2,000 random jobs arrive
+    entries = []
+    batch = conn.pipeline(transaction=False)
+    for index, fields in enumerate(fuzzed_jobs(2000, seed=12, prefix=prefix, photos=photos)):
+        batch.xadd(f"{prefix}:jobs", fields)  # type: ignore[arg-type]
+        if index % 200 == 199:
+            entries += [entry.decode() for entry in batch.execute()]
+    # then each gets exactly one result, by its entry id, in some result stream
+    wait_until(lambda: len(_answered(conn, prefix)) >= len(entries), 600,
+               lambda: f"{len(entries)} results ({len(_answered(conn, prefix))} so far)",
+               [daemon])
+    assert sorted(_answered(conn, prefix)) == sorted(entries)
+    assert conn.xlen(f"{prefix}:dead") == 0 and conn.xlen(f"{prefix}:jobs") == 0
+    # and the daemon is still up and answers a good job
+    with client_for(server, prefix) as client:
+        good = client.submit(data=photos[0])
+    tally = Tally(conn, f"{prefix}:results")
+    tally.wait_for([good], serving=[daemon])
+    assert tally.results[good]["status"] == "ok"
+    assert "Traceback" not in daemon.log()
+    conn.close()
+
+
+def _answered(conn: redis.Redis, prefix: str) -> list[str]:
+    """The entry ids that every result stream of the server (all streams but the
+    queue and the dead letters) answers."""
+    streams = [key for key in conn.scan_iter(_type="stream")
+               if key.decode() not in (f"{prefix}:jobs", f"{prefix}:dead")]
+    return [wire.decode_result(fields)["entry_id"]
+            for stream in streams for _, fields in conn.xrange(stream)]
+
+
+# -- chaos -------------------------------------------------------------------------
+
+def chaos_jobs(count: int, photo: bytes, prefix: str) -> Iterator[tuple[dict[str, Any], bool]]:
+    """Good path and inline jobs with hostile ones mixed in, each with its own id;
+    with each, whether it is a good one."""
+    hostile: list[dict[str, Any]] = [
+        {"image": "/proc/1/exe"}, {"image": "../secret.png"}, {"image": "red.png\x00"},
+        {"data": photo[: len(photo) // 3]}, {"data": b"\x89PNG garbage"},
+        {"image": "red.png", "reply_to": f"{prefix}:jobs"}, {"image": "red.png", "topk": "-4"},
+    ]
+    for index in range(count):
+        if index % 4 == 3:
+            yield {"id": f"job-{index}", **hostile[index % len(hostile)]}, False
+        else:
+            yield {"id": f"job-{index}", **({"data": photo} if index % 2 else
+                                            {"image": "red.png"})}, True
+
+
+def test_chaos_daemons_and_redis_killed_in_turn_lose_no_job(
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,  # noqa: F811
+        prefix: str, root: Path, tiny_model: Path, samples_dir: Path) -> None:
+    # given a Redis that fsyncs every write (so its kill -9 loses nothing acknowledged),
+    # two daemons, and 600 jobs, a quarter of them hostile, queued 100 at a time
+    server = redis_server_factory()
+    conn = connect(server)
+    conn.config_set("appendfsync", "always")
+    jobs = list(chaos_jobs(600, (samples_dir / "coffee.jpg").read_bytes(), prefix))
+    env = serve_env(server, prefix, root, tiny_model, SERVE__CLAIM_IDLE_MS="2000",
+                    SERVE__RECLAIM_INTERVAL_S="0.5", REDIS__MAX_BACKOFF_S="0.5")
+    daemons = [daemon_factory(env), daemon_factory(env)]
+    results = Tally(conn, f"{prefix}:results")
+    # when, after each hundred, once a few of them are answered, a daemon or Redis
+    # is killed with SIGKILL, in turn
+    for kill in range(6):
+        pipe = conn.pipeline(transaction=False)
+        for job, _ in jobs[kill * 100:(kill + 1) * 100]:
+            pipe.xadd(f"{prefix}:jobs", job)
+        pipe.execute()
+        _wait_for_results(results, kill * 100 + 20, f"results before kill {kill + 1}")
+        if kill % 2 == 0:  # each daemon twice, Redis three times, mid-run
+            victim = kill // 2 % len(daemons)
+            daemons[victim].kill()
+            daemons[victim] = daemon_factory(env)
+        else:
+            server.stop(kill=True)
+            server.start()
+            conn.config_set("appendfsync", "always")
+    # then every job is answered (at least once: a kill may repeat a few), the queue
+    # empties, the daemons live, and every good job that was not dead-lettered scored
+    wanted = {job["id"] for job, _ in jobs}
+    wait_until(lambda: wanted <= _answered_ids(results), 300,
+               lambda: f"all answers ({len(wanted - results.counts.keys())} missing)", daemons)
+    wait_until(lambda: conn.xlen(f"{prefix}:jobs") == 0, 120, "an empty queue", daemons)
+    outcomes = [results.results[job["id"]] for job, good in jobs if good]
+    failed = [r for r in outcomes if r["status"] != "ok"
+              and r["error"]["code"] != "too_many_deliveries"]
+    assert not failed, failed[:3]
+    conn.close()
+
+
+def _wait_for_results(tally: Tally, total: int, what: str) -> None:
+    wait_until(lambda: bool(_answered_ids(tally)) and tally.total >= total, 180, what)
+
+
+def _answered_ids(tally: Tally) -> set[str]:
+    """The job ids answered so far; while Redis restarts, those known before."""
+    with contextlib.suppress(redis.ConnectionError):
+        tally.read()
+    return set(tally.counts)
