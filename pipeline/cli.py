@@ -198,6 +198,8 @@ def _score(args: argparse.Namespace, stderr: Console) -> int:
     settings = _settings(args)
     if not args.directory.is_dir():
         raise ConfigError(f"{args.directory} is not a directory")
+    if settings.cache.enabled:
+        settings.cache.hmac_key()  # an unreadable key file fails before the model loads
     # Read before the model loads, so a wrong --out fails at once.
     results = (inspect_result_file(Path(args.out), args.overwrite)
                if args.out not in (None, "-") else None)

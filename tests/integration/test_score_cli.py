@@ -174,6 +174,17 @@ def test_a_foreign_file_at_out_is_refused_before_the_model_loads(run, samples_di
     assert out.read_text() == "id,name\n1,cat\n"
 
 
+def test_an_unreadable_hmac_key_file_is_refused_before_the_model_loads(
+        run, samples_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such.key"
+    result = run("score", str(samples_dir), "--model", "resnet18", "--cache-dir",
+                 str(tmp_path / "cache"), env={"IMGPIPE_CACHE__HMAC_KEY_FILE": str(missing)})
+    # (resnet18 without weights would fail to load: the key file is refused first)
+    assert result.returncode == 2
+    assert "cache.hmac_key_file" in result.stderr
+    assert_one_line(result.stderr)
+
+
 def test_csv_settings_live_in_a_sidecar_that_is_not_scored(run, samples_dir: Path,
                                                            tiny_model: Path,
                                                            tmp_path: Path) -> None:
