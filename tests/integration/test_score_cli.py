@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,12 @@ def test_scores_the_samples_with_real_labels(run, samples_dir: Path, tmp_path: P
     assert records["camera.png"]["predictions"][0]["label"] == "tripod"
     assert all(len(r["predictions"]) == 3 for r in records.values() if r["status"] == "ok")
     assert "6 scored, 0 errors" in result.stderr
+    # and the summary's time is the whole command's: start-up (the model) plus scoring
+    wall, startup, scoring, rate = map(float, re.search(
+        r"in ([\d.]+) s \(start-up ([\d.]+) s, scoring ([\d.]+) s\), ([\d.]+) images/s",
+        result.stderr).groups())
+    assert startup > 0 and abs(wall - startup - scoring) <= 0.1
+    assert abs(rate - 6 / wall) <= 0.1 * rate + 0.05
 
 
 def test_prints_a_top1_table_without_out(run, samples_dir: Path) -> None:
