@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -27,6 +28,7 @@ from pipeline.errors import ConfigError, ImgpipeError
 if TYPE_CHECKING:
     from pipeline.config import Settings
     from pipeline.engine import Engine
+    from pipeline.items import Job
     from pipeline.sinks.results import ResultFile, ResultSink
 
 EXIT_INTERRUPTED = 130
@@ -191,11 +193,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _score(args: argparse.Namespace, stderr: Console) -> int:
-    from pipeline.engine import Engine
-    from pipeline.metrics import Metrics
     from pipeline.sinks.results import inspect_result_file
     from pipeline.sources import directory
-    from pipeline.status_server import Health, start_configured
 
     settings = _settings(args)
     if not args.directory.is_dir():
@@ -208,6 +207,23 @@ def _score(args: argparse.Namespace, stderr: Console) -> int:
     done = results.done if results is not None else set()
     skip = _skipper(done, results.own_files() if results is not None else [])
     root = str(args.directory)
+    jobs = directory.walk(root, args.recursive, skip)
+    first = next(jobs, None)
+    if first is None:  # no model to load, no workers to start (nor torch to import)
+        _report_nothing_to_score(stderr, args, settings, results, len(done))
+        return 0
+    return _score_jobs(args, stderr, settings, itertools.chain([first], jobs), results, skip)
+
+
+def _score_jobs(args: argparse.Namespace, stderr: Console, settings: Settings,
+                jobs: Iterator[Job], results: Optional[ResultFile],
+                skip: Callable[[str], bool]) -> int:
+    from pipeline.engine import Engine
+    from pipeline.metrics import Metrics
+    from pipeline.sources import directory
+    from pipeline.status_server import Health, start_configured
+
+    root, done = str(args.directory), results.done if results is not None else set()
     metrics, health = Metrics(), Health()
     endpoint = None
     if args.metrics_port is not None:
@@ -221,7 +237,6 @@ def _score(args: argparse.Namespace, stderr: Console) -> int:
         sink = _sink(args.out, results, engine)
         health.ready()
         total = directory.count(root, args.recursive, skip) if stderr.is_terminal else None
-        jobs = directory.walk(root, args.recursive, skip)
         with _Progress(stderr, total) as advance:
             def write(records: list[dict[str, Any]]) -> None:
                 sink.write(records)
@@ -239,6 +254,19 @@ def _score(args: argparse.Namespace, stderr: Console) -> int:
     return EXIT_INTERRUPTED if summary.interrupted else 0
 
 
+def _report_nothing_to_score(console: Console, args: argparse.Namespace, settings: Settings,
+                             results: Optional[ResultFile], skipped: int) -> None:
+    if results is not None:
+        results.check(_settings_known_unloaded(settings))  # the rest needs the model
+        results.open().close()  # the file exists afterwards, as after any run
+    console.print(f"done: nothing to score in {args.directory} ({_wall_s():.1f} s)",
+                  markup=False)
+    if skipped:
+        console.print(f"skipped {skipped} files already in {args.out}", markup=False)
+    if not args.recursive:
+        _hint_subdirectories(console, str(args.directory))
+
+
 def _sink(out: Optional[str], results: Optional[ResultFile], engine: Engine) -> ResultSink:
     """Where the records go; a results file first checks the settings that shape
     them, known only now that the model has loaded."""
@@ -254,9 +282,14 @@ def _sink(out: Optional[str], results: Optional[ResultFile], engine: Engine) -> 
 
 def _record_settings(engine: Engine) -> dict[str, Any]:
     """Everything besides the image that shapes a record: one results file keeps to one."""
-    scope, settings = engine.result_scope, engine.settings
-    return {"model": scope.model_id, "weights_digest": scope.weights_digest,
-            "topk": settings.model.topk, "labels_digest": scope.labels_digest,
+    scope = engine.result_scope
+    return {**_settings_known_unloaded(engine.settings), "model": scope.model_id,
+            "weights_digest": scope.weights_digest, "labels_digest": scope.labels_digest}
+
+
+def _settings_known_unloaded(settings: Settings) -> dict[str, Any]:
+    """Those of the record settings known without loading the model."""
+    return {"model": settings.model.name, "topk": settings.model.topk,
             "preprocess_digest": settings.preprocess.spec().digest()}
 
 
@@ -379,7 +412,7 @@ def _print_summary(console: Console, summary: Any, skipped: int, engine: Any,
     errors = sum(summary.errors.values())
     state = "interrupted after" if summary.interrupted else "done:"
     # The whole command, as its user waited for it: start-up (model, workers) and scoring.
-    wall_s = time.perf_counter() - STARTED
+    wall_s = _wall_s()
     console.print(f"{state} {summary.scored} scored, {errors} errors in {wall_s:.1f} s "
                   f"(start-up {wall_s - summary.elapsed_s:.1f} s, scoring "
                   f"{summary.elapsed_s:.1f} s), {summary.total / wall_s:.1f} images/s",
@@ -403,6 +436,18 @@ def _print_summary(console: Console, summary: Any, skipped: int, engine: Any,
     if summary.interrupted and out not in (None, "-"):
         console.print(f"re-run the same command to resume; {out} is complete up to here",
                       markup=False)
+
+
+def _wall_s() -> float:
+    """How long this process has run: from its start where Linux says, else from
+    this module's import."""
+    try:
+        with open("/proc/self/stat", "rb") as stat, open("/proc/uptime", "rb") as uptime:
+            # Field 22, counted after the parenthesised command name (which may hold spaces).
+            started_ticks = int(stat.read().rpartition(b")")[2].split()[19])
+            return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - STARTED
 
 
 def _cache(args: argparse.Namespace, stderr: Console) -> int:

@@ -24,10 +24,12 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Optional, Protocol
+from typing import IO, TYPE_CHECKING, Any, Optional, Protocol
 
 from pipeline.errors import ConfigError
-from pipeline.predictions import Record
+
+if TYPE_CHECKING:
+    from pipeline.predictions import Record  # torch: not needed to write records
 
 CSV_COLUMNS = ["path", "status", "label", "index", "score", "predictions",
                "error_code", "error_message"]
@@ -102,12 +104,17 @@ class ResultFile:
         """The files this one writes, which a run must not score."""
         return [self.path, self.sidecar] if self.fmt == "csv" else [self.path]
 
+    def check(self, settings: Mapping[str, Any]) -> None:
+        """ConfigError unless `settings` (some or all) match those recorded."""
+        if self.started:
+            _check_same(self.path, self.recorded, settings)
+
     def open(self, settings: Optional[Mapping[str, Any]] = None) -> ResultSink:
         """A sink for new records. `settings` (what shaped them) must match those
         recorded (ConfigError naming what differs) and are recorded from now on;
         None checks and records nothing."""
-        if settings is not None and self.started:
-            _check_same(self.path, self.recorded, settings)
+        if settings is not None:
+            self.check(settings)
         try:
             if self.fmt == "stream":
                 return JsonlFile(_open_text(self.path, "a"))

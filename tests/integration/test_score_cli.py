@@ -9,6 +9,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.integration.conftest import read_jsonl
 
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
@@ -106,15 +108,17 @@ def test_dali_backend_gives_the_same_top1(run, samples_dir: Path, tmp_path: Path
             assert label in {p["label"] for p in top[:3]}, path
 
 
-def test_fatal_errors_are_one_line_without_traceback(run, tmp_path: Path) -> None:
+def test_fatal_errors_are_one_line_without_traceback(run, samples_dir: Path,
+                                                     tmp_path: Path) -> None:
+    # (the model is loaded only when there is something to score: samples/)
     cases = [
         (["score", str(tmp_path / "missing")], 2, "is not a directory"),
-        (["score", str(tmp_path), "--model", "no_such_model"], 1, "unknown model"),
-        (["score", str(tmp_path), "--model", "resnet18"], 1, "needs a local weights file"),
+        (["score", str(samples_dir), "--model", "no_such_model"], 1, "unknown model"),
+        (["score", str(samples_dir), "--model", "resnet18"], 1, "needs a local weights file"),
         (["score", str(tmp_path), "--batch-size", "0"], 2, "batching.max_batch_size"),
-        (["score", str(tmp_path), "--weights", str(tmp_path / "w.pt"),
+        (["score", str(samples_dir), "--weights", str(tmp_path / "w.pt"),
           "--model", "resnet18"], 1, "does not exist"),
-        (["score", str(tmp_path), "--model", "./nope.pt"], 1, "no such file: ./nope.pt"),
+        (["score", str(samples_dir), "--model", "./nope.pt"], 1, "no such file: ./nope.pt"),
         (["score", str(tmp_path), "--out", str(tmp_path / "results.txt")], 2,
          "unsupported type .txt; use .jsonl, .csv, or - for JSONL on stdout"),
     ]
@@ -190,6 +194,34 @@ def test_an_unreadable_hmac_key_file_is_refused_before_the_model_loads(
     assert result.returncode == 2
     assert "cache.hmac_key_file" in result.stderr
     assert_one_line(result.stderr)
+
+
+@pytest.fixture
+def without_torch(tmp_path: Path) -> dict[str, str]:
+    """An environment in which importing torch fails."""
+    poison = tmp_path / "poison" / "torch"
+    poison.mkdir(parents=True)
+    (poison / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    return {"PYTHONPATH": str(poison.parent)}
+
+
+def test_nothing_to_score_loads_no_model_nor_torch(run, samples_dir: Path, tmp_path: Path,
+                                                   without_torch: dict[str, str]) -> None:
+    # given an empty directory
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # when it is scored, torch cannot even be imported, yet the run completes
+    result = run("score", str(empty), "--out", str(tmp_path / "empty.jsonl"), env=without_torch)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to score" in result.stderr
+    assert (tmp_path / "empty.jsonl").exists()
+    # and a directory whose every file is in the results file already, likewise
+    out = tmp_path / "done.jsonl"
+    assert run("score", str(samples_dir), "--out", str(out)).returncode == 0
+    again = run("score", str(samples_dir), "--out", str(out), env=without_torch)
+    assert again.returncode == 0, again.stderr
+    assert "skipped 6 files already in" in again.stderr
+    assert len(read_jsonl(out)) == 6
 
 
 def test_csv_settings_live_in_a_sidecar_that_is_not_scored(run, samples_dir: Path,
