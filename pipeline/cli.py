@@ -233,7 +233,7 @@ def _score_jobs(args: argparse.Namespace, stderr: Console, settings: Settings,
     sink: Any = None
     try:
         with stderr.status("loading model and starting workers"):
-            engine.setup()
+            engine.setup(lazy=True)
         sink = _sink(args.out, results, engine)
         health.ready()
         total = directory.count(root, args.recursive, skip) if stderr.is_terminal else None
@@ -431,8 +431,10 @@ def _print_summary(console: Console, summary: Any, skipped: int, engine: Any,
                       f"{counts['errors']} errors, {counts['bytes_read'] / 2**20:.1f} MiB read",
                       markup=False)
     pillow = pillow_implementation()
-    console.print(f"model {engine.model.name} on {engine.device} ({engine.variant}); "
-                  f"preprocessing {engine.preprocess_backend} ({pillow})", markup=False)
+    model = (f"model {engine.model.name} on {engine.device} ({engine.variant})"
+             if engine.model_loaded else
+             f"model {engine.result_scope.model_id} not loaded: the cache answered every image")
+    console.print(f"{model}; preprocessing {engine.preprocess_backend} ({pillow})", markup=False)
     if summary.interrupted and out not in (None, "-"):
         console.print(f"re-run the same command to resume; {out} is complete up to here",
                       markup=False)

@@ -11,27 +11,34 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from pipeline import __version__
-from pipeline.backends import Variant, backend_for, resolve_device
 from pipeline.batching import END, Batcher
+from pipeline.cache import scopes
 from pipeline.cache.lookup import CacheLookup, ResultScope
 from pipeline.config import Settings
 from pipeline.items import Job, Prepared
-from pipeline.models import load_model
 from pipeline.notify import Heartbeat
 from pipeline.predictions import Record
 from pipeline.preprocess.select import resolve_backend
 from pipeline.sources import ChunkSource, IterableSource
+from pipeline.variants import Variant
 from workers.inference_worker import InferenceWorker
 from workers.preprocess_pool import PreprocessPool, WorkerPlan
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from pipeline.backends import InferenceBackend
     from pipeline.metrics import Metrics
+    from pipeline.models import LoadedModel
+# torch, the models and the inference backends are imported when a model loads:
+# a run the result cache answers in full never needs them.
 
 Sink = Callable[[list[Record]], None]
 
@@ -82,13 +89,49 @@ class Engine:
         self.topk = max(max_topk or 0, settings.model.topk)
         self.metrics = metrics
         self.progress = Heartbeat()
+        self.device: Any = None  # a torch.device once the model loads ("cpu" until then)
+        self.model: LoadedModel
+        self.inference: InferenceBackend
         self._fallbacks_reported = 0
         self.cores = os.cpu_count() or 1
 
-    def setup(self) -> None:
-        model_cfg, pre_cfg = self.settings.model, self.settings.preprocess
+    def setup(self, lazy: bool = False) -> None:
+        """Load the model and start the workers. With `lazy`, a model whose cache
+        scope an earlier run remembered (on a host without a GPU) is loaded only
+        when an image first needs it: a run the cache answers in full, or an
+        empty one, never loads it, nor imports torch."""
+        model_cfg = self.settings.model
+        known = self._remembered_scope() if lazy else None
+        if known is None:
+            self._load_model()
+            known = scopes.ModelScope(self.model.name, self.model.weights_digest,
+                                      ResultScope.labels_digest_of(self.model.labels))
+            if self.settings.cache.enabled:
+                scopes.remember(self._scopes_directory(), scopes.identity(model_cfg), known)
+            inference: Any = self.inference
+        else:
+            self.device = "cpu"
+            inference = _LoadedOnDemand(self)
+        self.preprocess_backend = resolve_backend(self.settings.preprocess.backend,
+                                                  self._device_type())
+        self.result_scope = ResultScope(known.model_id, known.weights_digest, self.topk,
+                                        known.labels_digest)
+        self.cache = self._open_cache()
+        remember = None if self.cache is None else self._remember
+        self.worker = InferenceWorker(inference, self.topk, remember, model_cfg.topk,
+                                      known.model_id)
+        self.pool = self._start_pool()
+
+    @property
+    def model_loaded(self) -> bool:
+        return hasattr(self, "inference")
+
+    def _load_model(self) -> None:
+        from pipeline.backends import backend_for, resolve_device
+        from pipeline.models import load_model
+
+        model_cfg = self.settings.model
         self.device = resolve_device(model_cfg.device)
-        self.preprocess_backend = resolve_backend(pre_cfg.backend, self.device.type)
         started = time.perf_counter()
         self.model = load_model(model_cfg.name, model_cfg.weights, model_cfg.labels)
         self.variant, calibration_images = self._inference_variant()
@@ -98,13 +141,21 @@ class Engine:
         if self.metrics is not None:
             self.metrics.model_loaded(time.perf_counter() - started)
             self.metrics.set_info(__version__, self.model.name, str(self.device))
-        self.result_scope = ResultScope(self.model.name, self.model.weights_digest,
-                                        self.topk,
-                                        ResultScope.labels_digest_of(self.model.labels))
-        self.cache = self._open_cache()
-        remember = None if self.cache is None else self._remember
-        self.worker = InferenceWorker(self.inference, self.topk, remember, model_cfg.topk)
-        self.pool = self._start_pool()
+
+    def _remembered_scope(self) -> Optional[scopes.ModelScope]:
+        """The model's cache scope from an earlier run, where loading it can wait:
+        with the cache on, and surely no GPU to choose (its check needs torch)."""
+        device = self.settings.model.device
+        if not self.settings.cache.enabled or not (
+                device == "cpu" or (device == "auto" and not _may_have_gpu())):
+            return None
+        return scopes.recall(self._scopes_directory(), scopes.identity(self.settings.model))
+
+    def _scopes_directory(self) -> Path:
+        return self.settings.cache.directory() / "scopes"
+
+    def _device_type(self) -> str:
+        return str(getattr(self.device, "type", self.device))
 
     def _inference_variant(self) -> tuple[Variant, Optional[Path]]:
         """The configured variant and its calibration images; for backend "auto",
@@ -134,7 +185,7 @@ class Engine:
     def _start_pool(self) -> PreprocessPool:
         pre_cfg = self.settings.preprocess
         workers, threads = pre_cfg.workers or self.cores, 1
-        if self.preprocess_backend == "dali" and self.device.type == "cuda":
+        if self.preprocess_backend == "dali" and self._device_type() == "cuda":
             # One process owns the GPU decoder; DALI's own threads use the cores.
             workers, threads = 1, pre_cfg.workers or self.cores
         plan = WorkerPlan(self.preprocess_backend, pre_cfg.spec(), pre_cfg.limits(),
@@ -211,8 +262,44 @@ class Engine:
         cache: Optional[CacheLookup] = getattr(self, "cache", None)
         if cache is not None:
             cache.close()
-        if hasattr(self, "inference"):
+        if self.model_loaded:
             self.inference.close()
+
+
+class _LoadedOnDemand:
+    """The engine's inference backend, loaded when first used (thread-safe)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+
+    def _backend(self) -> InferenceBackend:
+        with self._lock:
+            if not self.engine.model_loaded:
+                self.engine._load_model()
+            return self.engine.inference
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._backend().model
+
+    @property
+    def last_staging_s(self) -> float:
+        return self._backend().last_staging_s
+
+    def setup(self) -> None:
+        self._backend()
+
+    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
+        return self._backend().predict(samples)
+
+    def close(self) -> None:
+        pass  # the engine closes what was loaded
+
+
+def _may_have_gpu() -> bool:
+    """Whether an NVIDIA GPU may be present: CUDA needs its device nodes."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 
 
 class _Feeder(threading.Thread):

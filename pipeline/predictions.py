@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pipeline.items import Prepared
+
+if TYPE_CHECKING:
+    import torch  # only top_k needs it: records are made without it
 
 Record = dict[str, Any]
 
 
 def top_k(logits: torch.Tensor, k: int, labels: Sequence[str]) -> list[list[dict[str, Any]]]:
     """Softmax top-k per row: [{"label", "index", "score"}, ...] best first."""
+    import torch
+
     probs = torch.softmax(logits.float(), dim=1)
     scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
     rows = zip(scores.cpu().tolist(), indices.cpu().tolist(), strict=True)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
 
-from pipeline.backends import InferenceBackend
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.backends import InferenceBackend
 from pipeline.batching import Batcher
 from pipeline.errors import TransientError
 from pipeline.items import Prepared
@@ -30,8 +32,12 @@ class InferenceWorker:
     """Scores batches of Prepared items with one inference backend."""
 
     def __init__(self, backend: InferenceBackend, topk: int,
-                 remember: Optional[Remember] = None, default_topk: Optional[int] = None) -> None:
+                 remember: Optional[Remember] = None, default_topk: Optional[int] = None,
+                 model_name: Optional[str] = None) -> None:
         self.backend = backend
+        # Named up front when the backend loads lazily: records of cached answers need
+        # the name, not the model.
+        self.model_name = model_name or backend.model.name
         self.topk = topk  # computed (and cached) per image; a job may ask for fewer
         self.default_topk = default_topk or topk
         self.remember = remember
@@ -42,9 +48,8 @@ class InferenceWorker:
         ready = [item for item in batch if item.error is None and item.predictions is None]
         if ready:
             self._infer(ready)
-        model = self.backend.model.name
         return [error_record(item) if item.error is not None
-                else ok_record(item, model, self._kept(item)) for item in batch]
+                else ok_record(item, self.model_name, self._kept(item)) for item in batch]
 
     def _kept(self, item: Prepared) -> list[dict[str, Any]]:
         return (item.predictions or [])[:item.job.topk or self.default_topk]
@@ -65,6 +70,8 @@ class InferenceWorker:
 
     def _logits(self, pixels: list[np.ndarray]) -> torch.Tensor:
         """The batch's logits; a batch too big for the device's free memory is halved."""
+        import torch
+
         try:
             return self.backend.predict(pixels)
         except torch.cuda.OutOfMemoryError as exc:
