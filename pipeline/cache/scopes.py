@@ -43,6 +43,7 @@ def identity(cfg: ModelSettings) -> str:
         parts.append(_file_identity(path))
     if cfg.weights is None:
         parts.append(_package_version(BUNDLED_WEIGHTS_PACKAGE))
+    parts.append(_package_version("torchvision"))  # ImageNet's class names come from it
     return hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).hexdigest()
 
 
