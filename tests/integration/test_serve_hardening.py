@@ -24,6 +24,7 @@ from pipeline import wire
 from pipeline.broker import Outage
 from pipeline.client import Client
 from pipeline.config import RedisSettings, ServeSettings
+from pipeline.items import Job
 from pipeline.sinks.redis_results import InFlight, ResultPublisher, Streams
 from pipeline.sources.redis_stream import StreamSource
 from pipeline.wire import JobRules, Keys
@@ -114,6 +115,32 @@ def test_a_job_delivered_too_often_is_dead_lettered_without_being_parsed(
     [(_, result)] = conn.xrange(f"{prefix}:results")
     decoded = wire.decode_result(result)
     assert (decoded["job_id"], decoded["error"]["code"]) == ("killer", "too_many_deliveries")
+    conn.close()
+
+
+@pytest.mark.parametrize(("earlier", "dead"), [(2, False), (3, True)])
+def test_the_last_allowed_delivery_runs_and_the_next_is_a_dead_letter(
+        redis_server: RedisServer, prefix: str, root: Path, earlier: int, dead: bool) -> None:
+    # given a job a ghost consumer received `earlier` times (max_deliveries is 3)
+    conn = connect(redis_server)
+    jobs = f"{prefix}:jobs"
+    conn.xgroup_create(jobs, GROUP, id="0", mkstream=True)
+    entry = conn.xadd(jobs, {"image": "red.png"}).decode()
+    conn.xreadgroup(GROUP, "ghost", {jobs: ">"}, count=1)
+    for _ in range(earlier - 1):
+        conn.xclaim(jobs, GROUP, "ghost", 0, [entry], idle=3_600_000)
+    source = _stream_source(redis_server, prefix, root)
+    # when the source takes it over (delivery number earlier + 1)
+    taken: list[Job] = []
+
+    def taken_or_dead() -> bool:
+        taken.extend(source.next_chunk(0) or [])
+        return bool(taken) or conn.xlen(f"{prefix}:dead") > 0
+
+    wait_until(taken_or_dead, 30, "the job or its dead letter")
+    # then the third delivery runs the job, and a fourth files it as dead instead
+    assert (conn.xlen(f"{prefix}:dead") == 1) is dead
+    assert [job.ref for job in taken] == ([] if dead else [entry])
     conn.close()
 
 

@@ -89,6 +89,12 @@ def test_a_non_utf8_field_name_is_an_error_not_a_crash(rules: JobRules) -> None:
     assert job.error is not None and job.error.code == "invalid_field"
 
 
+def test_inline_data_of_exactly_the_limit_is_accepted(rules: JobRules) -> None:
+    job = parse(rules, data=b"x" * rules.max_inline_bytes)
+    assert job.error is None and job.data is not None
+    assert len(job.data) == rules.max_inline_bytes
+
+
 def test_a_forbidden_reply_to_sends_the_error_to_the_default_stream(rules: JobRules) -> None:
     job = parse(rules, id="mine", reply_to="p:jobs", image="cat.jpg")
     assert (job.job_id, job.reply_to) == ("mine", "p:results")
