@@ -169,3 +169,33 @@ def test_walk_does_not_touch_the_disk_until_iterated(tmp_path):
 def test_empty_directory_yields_nothing(tmp_path):
     assert list(walk(str(tmp_path), recursive=True)) == []
     assert count(str(tmp_path)) == 0
+
+
+REAL_SCANDIR = os.scandir
+
+
+class ListingThatStops:
+    """os.scandir over a real directory whose listing fails past its first entry:
+    a walk that reads the whole listing before yielding cannot get its first job."""
+
+    def __init__(self, path: str) -> None:
+        self.real = REAL_SCANDIR(path)
+
+    def __enter__(self) -> Iterator[os.DirEntry[str]]:
+        return self._first_only()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.real.close()
+
+    def _first_only(self) -> Iterator[os.DirEntry[str]]:
+        yield next(entry for entry in self.real if not entry.name.startswith("."))
+        raise AssertionError("the listing was read past the entry the walk yielded")
+
+
+def test_the_walk_yields_its_first_job_before_reading_the_rest_of_the_listing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for index in range(1000):
+        (tmp_path / f"{index:04}.jpg").write_bytes(b"x")
+    monkeypatch.setattr(os, "scandir", ListingThatStops)
+    first = next(walk(str(tmp_path)))
+    assert first.path.startswith(str(tmp_path)) and first.error is None

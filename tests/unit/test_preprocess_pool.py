@@ -137,3 +137,34 @@ def _shields_sigint(pid: int) -> bool:
     masks = dict(line.split(":\t") for line in status.splitlines() if ":\t" in line)
     bit = 1 << (signal.SIGINT - 1)
     return bool((int(masks["SigBlk"], 16) | int(masks["SigIgn"], 16)) & bit)
+
+
+class EndlessSource:
+    """Chunks of one small inline PNG, as many as asked for; counts what it gave."""
+
+    def __init__(self, png: bytes, chunk_size: int) -> None:
+        self.chunk = [Job("inline.png", data=png) for _ in range(chunk_size)]
+        self.given = 0
+
+    def next_chunk(self, wait_s: float) -> list[Job]:
+        self.given += 1
+        return list(self.chunk)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_no_more_than_two_chunks_per_worker_are_taken_in(workers: int, encode: Any) -> None:
+    # given a source that always has more work
+    pool = PreprocessPool(WorkerPlan("pillow", PreprocessSpec(), InputLimits()),
+                          workers=workers, chunk_size=4)
+    source = EndlessSource(encode(Image.new("RGB", (32, 32), (1, 2, 3))), chunk_size=4)
+    pool.start()
+    try:
+        # when the first preprocessed job comes out
+        results = pool.map_chunks(source)
+        next(results)
+        # then the source was asked for the window's worth of chunks, no more
+        assert source.given == workers * 2
+        assert pool.outstanding <= workers * 2 * 4
+        results.close()
+    finally:
+        pool.close()
