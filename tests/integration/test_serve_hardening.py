@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -366,6 +367,37 @@ def test_a_daemon_that_stops_cleanly_leaves_the_consumer_group(
         assert daemon.stop() == 0
         assert client.status().consumers == []
     conn.close()
+
+
+def test_a_drain_that_outlasts_its_grace_period_exits_1_and_loses_nothing(
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,  # noqa: F811
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    # given a daemon busy with a backlog, and a Redis that stops answering, so the
+    # jobs in flight cannot be published
+    server = redis_server_factory()
+    daemon = daemon_factory(serve_env(server, prefix, root, tiny_model,
+                                      SERVE__DRAIN_GRACE_S="1"))
+    conn = connect(server)
+    with client_for(server, prefix) as client:
+        ids = client.submit_many({"image": "red.png", "job_id": f"job-{n}"} for n in range(3000))
+    results = Tally(conn, f"{prefix}:results")
+    results.wait_for_total(50)
+    with server.paused():
+        # when SIGTERM starts a drain that cannot finish within drain_grace_s
+        daemon.signal(signal.SIGTERM)
+        status = daemon.wait(60.0)
+    # then the daemon exits 1, saying why, and every job is answered or still queued
+    assert status == 1, daemon.log()[-3000:]
+    assert "jobs still in flight after 1 s" in daemon.log()
+    wait_until(lambda: pending_and_answered(conn, prefix, results) == sorted(ids), 30,
+               "every job answered or queued")
+    conn.close()
+
+
+def pending_and_answered(conn: redis.Redis, prefix: str, results: Tally) -> list[str]:
+    results.read()
+    queued = [fields[b"id"].decode() for _, fields in conn.xrange(f"{prefix}:jobs")]
+    return sorted([*results.counts, *queued])
 
 
 # -- fuzzing ---------------------------------------------------------------------
