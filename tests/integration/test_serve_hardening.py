@@ -400,6 +400,62 @@ def pending_and_answered(conn: redis.Redis, prefix: str, results: Tally) -> list
     return sorted([*results.counts, *queued])
 
 
+def test_each_result_its_ack_and_its_delete_go_in_one_transaction(
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,  # noqa: F811
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    # given every command a daemon sends, as Redis's MONITOR sees them
+    server = redis_server_factory()
+    daemon = daemon_factory(serve_env(server, prefix, root, tiny_model))
+    conn = connect(server)
+    seen: list[dict[str, Any]] = []
+    watching = threading.Event()
+    watcher = threading.Thread(target=_monitor, args=(server, seen, watching), daemon=True)
+    watcher.start()
+    watching.wait(10)
+    # when it answers 30 jobs
+    with client_for(server, prefix) as client:
+        jobs = [client.submit("red.png") for _ in range(30)]
+        Tally(conn, f"{prefix}:results").wait_for(jobs, serving=[daemon])
+        client.submit("red.png", job_id="last")  # a marker: everything before it was seen
+    wait_until(lambda: any("last" in c["command"] for c in list(seen)), 30, "the marker")
+    # then each job's XACK stands in a MULTI/EXEC of one connection beside its XDEL
+    # and the XADD of its result
+    transactions = _transactions(list(seen))
+    acked = {}
+    for commands in transactions:
+        for command in commands:
+            if command.startswith("XACK"):
+                acked[command.split()[-1]] = commands
+    assert len(acked) >= 30, f"{len(acked)} acknowledgements inside transactions"
+    for entry_id, commands in acked.items():
+        assert any(c.startswith("XDEL") and c.endswith(entry_id) for c in commands)
+        assert any(c.startswith(f"XADD {prefix}:results") for c in commands)
+    conn.close()
+
+
+def _monitor(server: RedisServer, seen: list[dict[str, Any]], watching: threading.Event) -> None:
+    with connect(server).monitor() as monitor:
+        watching.set()
+        with contextlib.suppress(redis.ConnectionError):  # the server is killed at the end
+            while True:
+                seen.append(monitor.next_command())
+
+
+def _transactions(commands: list[dict[str, Any]]) -> list[list[str]]:
+    """The commands of each MULTI ... EXEC, per client connection."""
+    open_: dict[str, list[str]] = {}
+    done: list[list[str]] = []
+    for command in commands:
+        client, text = f"{command['client_address']}:{command['client_port']}", command["command"]
+        if text == "MULTI":
+            open_[client] = []
+        elif text == "EXEC" and client in open_:
+            done.append(open_.pop(client))
+        elif client in open_:
+            open_[client].append(text)
+    return done
+
+
 # -- fuzzing ---------------------------------------------------------------------
 
 FIELD_NAMES = [b"v", b"image", b"data", b"id", b"model", b"topk", b"reply_to",
