@@ -29,14 +29,20 @@ from pipeline.items import Job
 from pipeline.sinks.redis_results import InFlight, ResultPublisher, Streams
 from pipeline.sources.redis_stream import StreamSource
 from pipeline.wire import JobRules, Keys
-from tests.integration.test_serve_faults import GROUP, Tally, connect, serve_env
+from tests.integration.test_serve_faults import (
+    GROUP,
+    ServerFactory,
+    Tally,
+    connect,
+    serve_env,
+    unanswered_ids,
+)
 from tests.redis_server import RedisServer
 from tests.serve_daemon import DaemonFactory, daemon_factory, wait_until  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 INSIDE, OUTSIDE = (220, 30, 30), (30, 30, 220)
-ServerFactory = Any
 
 
 @pytest.fixture
@@ -217,7 +223,8 @@ def test_a_clients_own_reply_stream_is_never_trimmed(
 def test_a_private_reply_stream_expires_after_its_last_result(
         daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
         prefix: str, root: Path, tiny_model: Path) -> None:
-    # given a caller that gave up on its reply stream (deleted it) before the result came
+    # given a private reply stream that is not there when the result comes (its
+    # caller gave up and deleted it), and the shared default stream
     daemon = daemon_factory(serve_env(redis_server, prefix, root, tiny_model,
                                       SERVE__REPLY_STREAM_TTL_S="600"))
     conn = connect(redis_server)
@@ -389,15 +396,13 @@ def test_a_drain_that_outlasts_its_grace_period_exits_1_and_loses_nothing(
     # then the daemon exits 1, saying why, and every job is answered or still queued
     assert status == 1, daemon.log()[-3000:]
     assert "jobs still in flight after 1 s" in daemon.log()
-    wait_until(lambda: pending_and_answered(conn, prefix, results) == sorted(ids), 30,
-               "every job answered or queued")
+    def accounted_for() -> bool:
+        results.read()
+        return sorted([*results.counts, *unanswered_ids(conn, prefix)]) == sorted(ids)
+
+    # (waited for: a transaction the daemon sent just before the pause runs after it)
+    wait_until(accounted_for, 30, "every job answered or queued")
     conn.close()
-
-
-def pending_and_answered(conn: redis.Redis, prefix: str, results: Tally) -> list[str]:
-    results.read()
-    queued = [fields[b"id"].decode() for _, fields in conn.xrange(f"{prefix}:jobs")]
-    return sorted([*results.counts, *queued])
 
 
 def test_each_result_its_ack_and_its_delete_go_in_one_transaction(
