@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# What the imgpipe command sets for itself before torch loads (pipeline/cli.py).
+# What the imgpipe command sets for itself before torch loads (workers/cli.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 # The baseline runs under the user's own thread policy, as their script would.
 USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
-# What the imgpipe command sets for itself before torch loads (pipeline/cli.py):
+# What the imgpipe command sets for itself before torch loads (workers/cli.py):
 # model only runs with it, like the end-to-end runs it is compared with.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
@@ -205,9 +205,9 @@ def measure_model(variant: Variant, settings: Settings, model: LoadedModel,
     model only; a variant that cannot run here is recorded with the reason."""
     from pipeline.backends import backend_for
     from pipeline.backends.validation import agreement
-    from pipeline.bench import timed_calls
     from pipeline.errors import ImgpipeError, first_line
     from pipeline.optimize import judged_on
+    from pipeline.timing import timed_calls
 
     result = VariantResult(str(variant))
     started = time.perf_counter()

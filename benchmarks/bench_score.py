@@ -51,14 +51,17 @@ from benchmarks.datasets import (  # noqa: E402
     ensure_subset,
     list_images,
 )
-from pipeline.preprocess import create_backend  # noqa: E402
-from pipeline.preprocess.select import dali_available, pillow_implementation  # noqa: E402
+from pipeline.preprocess.select import (  # noqa: E402
+    create_backend,  # noqa: E402
+    dali_available,
+    pillow_implementation,
+)
 from pipeline.spec import InputLimits, PreprocessSpec  # noqa: E402
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
     from pipeline.predictions import Record
-    from workers.preprocess_pool import PreprocessPool
+    from pipeline.preprocess.pool import PreprocessPool
 
 MODELS = ("efficientnet_lite0", "mobilenet_v3_small")
 SLOW_MODELS = {"efficientnet_lite0"}  # (a) and (b) run on a subset for these
@@ -79,7 +82,7 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)  # set: runs in a fresh process
 
 
-# The environment `imgpipe` sets for itself before torch loads (pipeline/cli.py);
+# The environment `imgpipe` sets for itself before torch loads (workers/cli.py);
 # (a) always runs in a fresh process with it, as the command does.
 IMGPIPE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 SWEEP = (
@@ -406,7 +409,7 @@ def measure_model_only(model: str, seconds: float) -> float:
 def make_pool(workers: int) -> PreprocessPool:
     """imgpipe's preprocessing pool with the default settings, pillow, no cache."""
     from pipeline.config import load_settings
-    from workers.preprocess_pool import PreprocessPool, WorkerPlan
+    from pipeline.preprocess.pool import PreprocessPool, WorkerPlan
 
     pre = load_settings(overrides={"model.device": "cpu"}).preprocess
     return PreprocessPool(WorkerPlan("pillow", pre.spec(), pre.limits()), workers,

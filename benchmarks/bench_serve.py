@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-# What the imgpipe command sets for itself before torch loads (pipeline/cli.py):
+# What the imgpipe command sets for itself before torch loads (workers/cli.py):
 # the daemon, (a) and the model-only latency all run with it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +57,7 @@ from benchmarks.bench_score import (  # noqa: E402
 from benchmarks.datasets import describe, ensure_dataset, ensure_subset, list_images  # noqa: E402
 
 if TYPE_CHECKING:
-    from pipeline.client import Client
+    from pipeline.transport.client import Client
     from tests.serve_daemon import ServeProcess
 
 README = REPO / "benchmarks" / "README.md"
@@ -130,7 +130,7 @@ def daemon_env(model: str, redis_url: str, roots: list[Path],
 
 @contextmanager
 def running_daemon(env: dict[str, str], log_path: Path) -> Iterator[ServeProcess]:
-    """`imgpipe serve` (python -m pipeline.cli serve) until it logs "serving ";
+    """`imgpipe serve` (python -m workers.cli serve) until it logs "serving ";
     SIGTERM on the way out (exit 0 expected), SIGKILL to its group if it hangs."""
     from tests.serve_daemon import ServeProcess
 
@@ -306,7 +306,7 @@ def model_latency(model: str, calls: int) -> dict[str, float]:
 def preprocess_latency(model: str, files: list[Path]) -> dict[str, float]:
     """One image at a time, in this process: read the file, then the pillow backend
     with the daemon's spec and limits (what a pool worker does for a chunk of one)."""
-    from pipeline.preprocess import create_backend
+    from pipeline.preprocess.select import create_backend
     from pipeline.sources.files import read_file
 
     pre = imgpipe_settings(model).preprocess
@@ -361,8 +361,8 @@ def no_delay_latency(options: Options, directory: Path, url: str,
                      scratch: Path) -> dict[str, Any]:
     """Diagnostic: path-job latency from a daemon with batching.max_delay_ms=0: what
     the batching delay costs a lone job."""
-    from pipeline.client import Client
     from pipeline.config import RedisSettings
+    from pipeline.transport.client import Client
 
     files = spread(list_images(directory), options.latency_jobs)
     env = daemon_env(options.model, url, [directory], {"IMGPIPE_BATCHING__MAX_DELAY_MS": "0"})
@@ -376,8 +376,8 @@ def no_delay_latency(options: Options, directory: Path, url: str,
 
 def run(options: Options, directory: Path, scratch: Path) -> dict[str, Any]:
     """Redis and the daemon up, throughput pairs, latency; everything torn down."""
-    from pipeline.client import Client
     from pipeline.config import RedisSettings
+    from pipeline.transport.client import Client
     from tests.redis_server import RedisServer
 
     out: dict[str, Any] = {}

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-IMGPIPE = [sys.executable, "-m", "pipeline.cli", "score"]
+IMGPIPE = [sys.executable, "-m", "workers.cli", "score"]
 FILES = 1000
 # What a user would write instead: the torchvision recipe, a DataLoader, eager
 # EfficientNet-Lite0, one line per image.

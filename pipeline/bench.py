@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -24,6 +23,7 @@ import numpy as np
 from pipeline.config import Settings
 from pipeline.errors import ImgpipeError, first_line
 from pipeline.items import Job
+from pipeline.timing import percentiles, timed_calls
 from pipeline.variants import Variant
 
 WARMUP_CALLS = 3
@@ -95,7 +95,7 @@ def _model_only(settings: Settings, variant: Variant, batch_size: int, seconds: 
 
 
 def _preprocess(settings: Settings, backend_name: str, files: list[str], seconds: float) -> Row:
-    from pipeline.preprocess import create_backend
+    from pipeline.preprocess.select import create_backend
     from pipeline.sources.files import read_file
 
     pre = settings.preprocess
@@ -122,22 +122,6 @@ def _end_to_end(settings: Settings, variant: Variant, files: list[str]) -> Row:
         engine.close()
     return Row("end to end", str(variant), summary.images_per_s,
                note=f"{summary.total} images, {engine.preprocess_backend} preprocessing")
-
-
-def timed_calls(call: Callable[[], Any], seconds: float) -> list[float]:
-    """Seconds per call, calling until `seconds` have passed (at least 3 calls)."""
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(latencies) < 3 or time.perf_counter() < deadline:
-        started = time.perf_counter()
-        call()
-        latencies.append(time.perf_counter() - started)
-    return latencies
-
-
-def percentiles(latencies: list[float]) -> tuple[float, float]:
-    p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
-    return float(p50), float(p99)
 
 
 def as_dicts(rows: list[Row]) -> list[dict[str, Any]]:

@@ -119,6 +119,10 @@ class CacheSettings(Section):
     max_bytes: int = Field(4 * 1024**3, ge=1)
     prefix: str = Field("imgpipe", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     redis_url: UnsetIfBlank[str] = Field(None, pattern=REDIS_URL)
+    redis_username: UnsetIfBlank[str] = None
+    redis_password: UnsetIfBlank[SecretStr] = None
+    redis_password_file: UnsetIfBlank[Path] = None
+    redis_tls_ca_file: UnsetIfBlank[Path] = None
     redis_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     redis_max_entry_bytes: int = Field(1024 * 1024, ge=1)
     redis_timeout_s: float = Field(0.5, gt=0, le=60)
@@ -132,6 +136,16 @@ class CacheSettings(Section):
             return self.dir
         base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
         return Path(base) / "imgpipe"
+
+    def redis(self) -> Optional[RedisSettings]:
+        """The shared tier's server, with the same kind of credentials and TLS
+        as the jobs' Redis (None when `redis_url` is unset)."""
+        if self.redis_url is None:
+            return None
+        return RedisSettings(url=self.redis_url, username=self.redis_username,
+                             password=self.redis_password,
+                             password_file=self.redis_password_file,
+                             tls_ca_file=self.redis_tls_ca_file, timeout_s=self.redis_timeout_s)
 
     def hmac_key(self) -> Optional[bytes]:
         """The secret that signs cache entries, read from `hmac_key_file` (None

@@ -32,10 +32,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.broker import connect, describe_url
 from pipeline.config import CacheSettings, ModelSettings, RedisSettings, Settings
 from pipeline.errors import ConfigError, ModelLoadError, first_line
 from pipeline.preprocess.select import pillow_implementation
+from pipeline.transport.connection import connect, describe_url
 
 Status = Literal["ok", "warn", "fail", "skip"]
 OK: Status = "ok"
@@ -321,11 +321,12 @@ def _cache_dir(directory: Path) -> Check:
 
 
 def _cache_redis(cfg: CacheSettings) -> Check:
-    if not cfg.redis_url:
+    server = cfg.redis()
+    if server is None:
         return Check("cache redis", SKIP, "no shared tier (cache.redis_url unset)")
-    where = _where(cfg.redis_url)
+    where = _where(server.url)
     try:
-        info = _redis_info(RedisSettings(url=cfg.redis_url))
+        info = _redis_info(server)
     except ConfigError as exc:  # the engine refuses a malformed URL at start
         return Check("cache redis", FAIL, str(exc))
     except Exception as exc:  # anything else only costs the shared tier

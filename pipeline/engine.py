@@ -21,14 +21,14 @@ from pipeline.batching import END, Batcher
 from pipeline.cache import scopes
 from pipeline.cache.lookup import CacheLookup, ResultScope
 from pipeline.config import Settings
+from pipeline.inference import InferenceLoop
 from pipeline.items import Job, Prepared
 from pipeline.notify import Heartbeat
 from pipeline.predictions import Record
+from pipeline.preprocess.pool import PreprocessPool, WorkerPlan
 from pipeline.preprocess.select import resolve_backend
 from pipeline.sources import ChunkSource, IterableSource
 from pipeline.variants import Variant
-from workers.inference_worker import InferenceWorker
-from workers.preprocess_pool import PreprocessPool, WorkerPlan
 
 if TYPE_CHECKING:
     import numpy as np
@@ -118,7 +118,7 @@ class Engine:
                                         known.labels_digest)
         self.cache = self._open_cache()
         remember = None if self.cache is None else self._remember
-        self.worker = InferenceWorker(inference, self.topk, remember, model_cfg.topk,
+        self.worker = InferenceLoop(inference, self.topk, remember, model_cfg.topk,
                                       known.model_id)
         self.pool = self._start_pool()
 
@@ -163,7 +163,7 @@ class Engine:
         cfg = self.settings.model
         if cfg.backend != "auto":
             return Variant(cfg.backend, cfg.precision), cfg.calibration_images
-        from pipeline.optimize import chosen
+        from pipeline.profiles import chosen
 
         profile = chosen(self.settings.cache.directory(), self.model)
         if profile is None:

@@ -37,7 +37,7 @@ class InputError(PermanentError):
     Codes for images: empty_file, not_an_image, truncated, decode_failed,
     image_too_large, file_too_large, not_found, permission_denied,
     symlink_loop, not_a_file, io_error, worker_crashed, internal_error (a
-    bug met by this input). Codes for Redis jobs (pipeline/wire.py):
+    bug met by this input). Codes for Redis jobs (pipeline/transport/contract.py):
     invalid_field, unknown_field, missing_field, conflicting_fields,
     unsupported_version, unknown_model, data_too_large, path_not_allowed,
     deadline_exceeded, too_many_deliveries.

@@ -21,7 +21,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.context_managers import Timer
 
-from pipeline.wire import EXPIRED
+from pipeline.transport.contract import EXPIRED
 
 NAMESPACE = "imgpipe"
 STAGES = ("queue_wait", "cache_lookup", "decode", "h2d", "inference", "publish")

@@ -13,8 +13,6 @@ keyed by model and weights digest, which `score` and `serve` use when
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -27,8 +25,9 @@ from pipeline.backends.validation import agreement
 from pipeline.config import Settings
 from pipeline.errors import ImgpipeError, first_line
 from pipeline.models import LoadedModel
+from pipeline.profiles import write_profile
+from pipeline.timing import percentiles, timed_calls
 
-PROFILES_SUBDIR = "profiles"
 MAX_VALIDATION_IMAGES = 500
 
 
@@ -44,31 +43,6 @@ class Candidate:
     batch1_p50_ms: float
     accepted: bool
     why: str = ""
-
-
-@dataclass(frozen=True)
-class Profile:
-    """What `optimize` chose for one model and its weights."""
-
-    variant: Variant
-    calibration_images: Optional[Path]
-
-
-def profile_path(cache_dir: Path, model: LoadedModel) -> Path:
-    slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(model.name).name)
-    return cache_dir / PROFILES_SUBDIR / f"{slug}-{model.weights_digest[:16]}.json"
-
-
-def chosen(cache_dir: Path, model: LoadedModel) -> Optional[Profile]:
-    """The profile `optimize` wrote for this model and these weights, if any (and valid)."""
-    try:
-        fields = json.loads(profile_path(cache_dir, model).read_text(encoding="utf-8"))
-        variant = Variant(str(fields["backend"]), str(fields.get("precision", "fp32")))
-        variant.validate()
-    except (OSError, ValueError, TypeError, KeyError, ImgpipeError):
-        return None
-    images = fields.get("calibration_images")
-    return Profile(variant, Path(images) if isinstance(images, str) else None)
 
 
 def run(settings: Settings, variants: Optional[list[Variant]], images: Path, threshold: float,
@@ -101,8 +75,9 @@ def run(settings: Settings, variants: Optional[list[Variant]], images: Path, thr
     if best is None:
         return candidates, None
     variant = Variant.parse(best.variant)
-    _write_profile(settings.cache.directory(), model, variant,
-                   images.resolve() if variant.precision == "int8" else None, best, threshold)
+    write_profile(settings.cache.directory(), model, variant,
+                  images.resolve() if variant.precision == "int8" else None, threshold,
+                  asdict(best))
     return candidates, variant
 
 
@@ -138,8 +113,6 @@ def _candidate(settings: Settings, model: LoadedModel, device: Any, variant: Var
 def _measure(name: str, backend: InferenceBackend, reference: TorchBackend,
              samples: list[np.ndarray], threshold: float, latency_ms: Optional[float],
              seconds: float) -> Candidate:
-    from pipeline.bench import percentiles, timed_calls  # the same measures as `bench`
-
     result = agreement(reference, backend, samples)
     full = [samples[i % len(samples)] for i in range(reference.max_batch_size)]
     per_batch = timed_calls(lambda: backend.predict(full), seconds)
@@ -152,17 +125,3 @@ def _measure(name: str, backend: InferenceBackend, reference: TorchBackend,
         why = f"batch-of-one p50 {p50:.1f} ms over the {latency_ms:g} ms target"
     return Candidate(name, result.top1, result.max_score_drift, result.images,
                      len(full) * len(per_batch) / sum(per_batch), p50, not why, why)
-
-
-def _write_profile(cache_dir: Path, model: LoadedModel, variant: Variant,
-                   calibration_images: Optional[Path], best: Candidate, threshold: float) -> None:
-    path = profile_path(cache_dir, model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile: dict[str, Any] = {
-        "model": model.name, "weights_digest": model.weights_digest,
-        "backend": variant.backend, "precision": variant.precision,
-        "calibration_images": str(calibration_images) if calibration_images else None,
-        "threshold": threshold, "chosen_at": time.time(), "measured": asdict(best)}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)

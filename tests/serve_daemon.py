@@ -36,7 +36,7 @@ class ServeProcess:
     def start(self, wait_ready: bool = True) -> ServeProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "serve", *self.args],
+                [sys.executable, "-m", "workers.cli", "serve", *self.args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                 env={**os.environ, **METRICS_OFF, **self.env}, start_new_session=True)
         if wait_ready:

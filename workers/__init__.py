@@ -1,1 +1,1 @@
-"""Long-running processes and threads: the preprocessing pool, the inference loop."""
+"""Process entry points built on the library: the `imgpipe` command and the `serve` daemon."""

@@ -25,15 +25,15 @@ from types import FrameType
 from typing import Optional
 
 from pipeline import notify, status_server
-from pipeline.broker import Outage, connect, describe_url
 from pipeline.cache import keys as cache_keys
 from pipeline.config import Settings
 from pipeline.engine import Engine
 from pipeline.errors import ConfigError, TransientError
 from pipeline.metrics import Metrics
-from pipeline.sinks.redis_results import InFlight, ResultPublisher, Streams
-from pipeline.sources.redis_stream import StreamSource
-from pipeline.wire import JobRules, Keys
+from pipeline.transport.connection import Outage, connect, describe_url
+from pipeline.transport.consumer import StreamSource
+from pipeline.transport.contract import JobRules, Keys
+from pipeline.transport.publisher import InFlight, ResultPublisher, Streams
 
 log = logging.getLogger("imgpipe.serve")
 

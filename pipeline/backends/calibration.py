@@ -34,7 +34,7 @@ def preprocessed(paths: list[str], spec: PreprocessSpec,
                  limits: InputLimits) -> dict[str, np.ndarray]:
     """{path: uint8 CHW array} from the Pillow backend, in order; files that do not
     decode are left out."""
-    from pipeline.preprocess import create_backend
+    from pipeline.preprocess.select import create_backend
     from pipeline.sources.files import read_file
 
     backend = create_backend("pillow", spec, limits)

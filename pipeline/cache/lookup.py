@@ -48,11 +48,11 @@ class Found:
 def open_tiers(cfg: CacheSettings) -> list[CacheTier]:
     """The configured tiers in read order: local first, then Redis."""
     tiers: list[CacheTier] = [LocalTier(cfg.directory(), cfg.max_bytes)]
-    if cfg.redis_url:
+    server = cfg.redis()
+    if server is not None:
         from pipeline.cache.redis_tier import RedisTier  # redis-py only when configured
 
-        tiers.append(RedisTier(cfg.redis_url, cfg.prefix, cfg.redis_ttl_s,
-                               cfg.redis_max_entry_bytes, timeout_s=cfg.redis_timeout_s,
+        tiers.append(RedisTier(server, cfg.prefix, cfg.redis_ttl_s, cfg.redis_max_entry_bytes,
                                retry_interval_s=cfg.redis_retry_interval_s))
     return tiers
 

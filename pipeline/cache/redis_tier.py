@@ -21,46 +21,44 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Optional, TypeVar
+from typing import Optional, TypeVar
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from pipeline.broker import describe_url
 from pipeline.cache import LOGGER_NAME, TierStats
 from pipeline.cache.keys import namespace, parse_key
-from pipeline.errors import ConfigError
+from pipeline.config import RedisSettings
+from pipeline.transport.connection import OUTAGE_ERRORS, connect, describe_url
 
 log = logging.getLogger(LOGGER_NAME)
 
 DEFAULT_TIMEOUT_S = 0.5
 DEFAULT_RETRY_INTERVAL_S = 5.0
 SCAN_BATCH = 1000
-# Lost connections and timeouts mean "server gone": back off. Anything else
-# (out of memory, a read-only replica) is one failed command.
-_OUTAGE = (redis.ConnectionError, redis.TimeoutError, OSError)
 T = TypeVar("T")
 
 
 class RedisTier:
-    """Entries under `prefix` in the Redis at `url`, each expiring after `ttl_s`."""
+    """Entries under `prefix` in the Redis `server` (a URL, or settings with
+    credentials and TLS), each expiring after `ttl_s`."""
 
     name = "redis"
 
-    def __init__(self, url: str, prefix: str, ttl_s: int, max_entry_bytes: int, *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S,
-                 retry_interval_s: float = DEFAULT_RETRY_INTERVAL_S) -> None:
-        if ttl_s < 1 or max_entry_bytes < 1 or timeout_s <= 0 or retry_interval_s < 0:
-            raise ValueError("ttl_s, max_entry_bytes and timeout_s must be positive, "
+    def __init__(self, server: str | RedisSettings, prefix: str, ttl_s: int,
+                 max_entry_bytes: int, *, retry_interval_s: float = DEFAULT_RETRY_INTERVAL_S
+                 ) -> None:
+        if ttl_s < 1 or max_entry_bytes < 1 or retry_interval_s < 0:
+            raise ValueError("ttl_s and max_entry_bytes must be positive, "
                              "retry_interval_s not negative")
-        self.location = describe_url(url)
+        if isinstance(server, str):
+            server = RedisSettings(url=server, timeout_s=DEFAULT_TIMEOUT_S)
+        self.location = describe_url(server.url)
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
         self.retry_interval_s = retry_interval_s
         self.stats = TierStats()
-        self._client = _make_client(url, timeout_s)
+        self._client = connect(server, health_check_interval_s=0)
         self._lock = threading.Lock()
         self._down = False
         self._next_probe = 0.0  # monotonic time of the next try while down
@@ -165,7 +163,7 @@ class RedisTier:
             return False, None
         try:
             result = operation(self._client)
-        except _OUTAGE as exc:
+        except OUTAGE_ERRORS as exc:
             self._went_down(exc)
             return False, None
         except redis.RedisError as exc:
@@ -216,15 +214,3 @@ def _glob_under(prefix: str) -> str:
     """A SCAN pattern for the keys under `prefix:`, its glob characters escaped."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + ":*"
 
-
-def _make_client(url: str, timeout_s: float) -> redis.Redis:
-    # redis-py retries 10 times with backoff by default: a dead server would
-    # then cost seconds per call. We do our own (much rarer) retrying.
-    options: dict[str, Any] = {
-        "socket_connect_timeout": timeout_s, "socket_timeout": timeout_s,
-        "retry": Retry(NoBackoff(), 0), "health_check_interval": 0,
-    }
-    try:
-        return redis.Redis.from_url(url, **options)
-    except ValueError as exc:  # never echo the URL: it may hold a password
-        raise ConfigError(f"invalid Redis cache URL for {describe_url(url)}") from exc

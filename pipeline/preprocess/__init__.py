@@ -16,8 +16,6 @@ from pipeline.errors import InputError
 
 Outcome = Union[np.ndarray, InputError]
 
-BACKENDS = ("pillow", "dali")
-
 
 class PreprocessBackend(Protocol):
     """Decode and transform a batch; one outcome per input, in order.
@@ -33,20 +31,3 @@ class PreprocessBackend(Protocol):
     def run(self, images: Sequence[bytes]) -> list[Outcome]: ...
 
     def close(self) -> None: ...
-
-
-def create_backend(name: str, spec: PreprocessSpec, limits: InputLimits,
-                   device: str = "cpu", threads: int = 1) -> PreprocessBackend:
-    """Build a backend by its resolved name ("pillow" or "dali")."""
-    if name == "pillow":
-        from pipeline.preprocess.pillow import PillowBackend
-
-        return PillowBackend(spec, limits)
-    if name == "dali":
-        from pipeline.preprocess.dali import DaliBackend
-
-        return DaliBackend(spec, limits, device=device, num_threads=threads)
-    raise ValueError(f"unknown preprocessing backend {name!r}; choose one of {BACKENDS}")
-
-
-from pipeline.spec import InputLimits, PreprocessSpec  # noqa: E402

@@ -1,4 +1,4 @@
-"""Choosing a preprocessing backend for the hardware, and what is installed."""
+"""Choosing and building a preprocessing backend for the hardware and what is installed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import importlib.metadata
 import importlib.util
 
 from pipeline.errors import ConfigError
+from pipeline.preprocess import PreprocessBackend
+from pipeline.spec import InputLimits, PreprocessSpec
+
+BACKENDS = ("pillow", "dali")
 
 
 def dali_available() -> bool:
@@ -30,3 +34,17 @@ def resolve_backend(requested: str, device_type: str) -> str:
         raise ConfigError("preprocess.backend = 'dali' but nvidia-dali-cuda120 is not "
                           "installed; install it or choose 'pillow' or 'auto'")
     return requested
+
+
+def create_backend(name: str, spec: PreprocessSpec, limits: InputLimits,
+                   device: str = "cpu", threads: int = 1) -> PreprocessBackend:
+    """Build a backend by its resolved name ("pillow" or "dali")."""
+    if name == "pillow":
+        from pipeline.preprocess.pillow import PillowBackend
+
+        return PillowBackend(spec, limits)
+    if name == "dali":
+        from pipeline.preprocess.dali import DaliBackend
+
+        return DaliBackend(spec, limits, device=device, num_threads=threads)
+    raise ValueError(f"unknown preprocessing backend {name!r}; choose one of {BACKENDS}")

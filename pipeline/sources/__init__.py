@@ -1,4 +1,4 @@
-"""Where jobs come from: a directory walk, or a Redis stream."""
+"""Where jobs come from for `score`: a directory walk, cut into chunks."""
 
 from __future__ import annotations
 

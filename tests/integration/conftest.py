@@ -19,7 +19,7 @@ import torch
 from tests.builders import MeanColour
 from tests.redis_server import RedisServer
 
-IMGPIPE = [sys.executable, "-m", "pipeline.cli"]
+IMGPIPE = [sys.executable, "-m", "workers.cli"]
 
 
 # Root reads any file; without these capabilities it obeys file modes like anyone.

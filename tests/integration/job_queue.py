@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import redis
 
-from pipeline.wire import Keys
+from pipeline.transport.contract import Keys
 
 GROUP = "imgpipe"
 DELIVERED = 5

@@ -74,7 +74,7 @@ def test_the_same_bytes_under_another_name_hit(run, photos: Path, tmp_path: Path
 def test_hosts_share_the_redis_tier(run, photos: Path, tmp_path: Path,
                                     redis_server: RedisServer) -> None:
     # given one host that scored the photos with a shared Redis tier
-    shared = ["--redis-url", redis_server.url]
+    shared = ["--cache-redis-url", redis_server.url]
     _score(run, photos, tmp_path / "a.jsonl", "--cache-dir", str(tmp_path / "a"), *shared)
     # when another host, with an empty local cache, scores the same photos
     other = _score(run, photos, tmp_path / "b.jsonl", "--cache-dir", str(tmp_path / "b"), *shared)
@@ -85,7 +85,7 @@ def test_hosts_share_the_redis_tier(run, photos: Path, tmp_path: Path,
 def test_redis_down_at_start_costs_a_warning(run, photos: Path, tmp_path: Path) -> None:
     closed = RedisServer(tmp_path / "never-started")  # a free port nobody listens on
     result = run("score", str(photos), "--out", str(tmp_path / "r.jsonl"),
-                 "--cache-dir", str(tmp_path / "c"), "--redis-url", closed.url)
+                 "--cache-dir", str(tmp_path / "c"), "--cache-redis-url", closed.url)
     assert result.returncode == 0, result.stderr
     records = read_jsonl(tmp_path / "r.jsonl")
     assert len(records) == len(PHOTOS) and all(r["status"] == "ok" for r in records)
@@ -106,7 +106,7 @@ def test_redis_killed_mid_run_loses_nothing(samples_dir: Path, tmp_path: Path,
         (photos / f"{index:03}-{PHOTOS[index % 4]}").write_bytes(data)
     out = tmp_path / "r.jsonl"
     scoring = start_imgpipe("score", str(photos), "--out", str(out), "--batch-size", "4",
-                            "--cache-dir", str(tmp_path / "c"), "--redis-url", server.url)
+                            "--cache-dir", str(tmp_path / "c"), "--cache-redis-url", server.url)
     # when Redis is killed part way through
     wait_for_lines(out, 1, scoring)
     server.stop(kill=True)
@@ -184,7 +184,7 @@ def test_cache_clear_beside_a_job_queue_refuses_then_removes_only_cache_entries(
     # given a Redis that carries both the shared cache and the job queue, with
     # the default prefixes (both "imgpipe")
     server = redis_server_factory()
-    cache = ["--cache-dir", str(tmp_path / "cache"), "--redis-url", server.url]
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--cache-redis-url", server.url]
     _score(run, photos, tmp_path / "r.jsonl", *cache)
     raw = redis.Redis.from_url(server.url)
     add_job_queue(raw, "imgpipe")
@@ -216,7 +216,7 @@ def test_forged_predictions_in_a_shared_redis_are_not_served_with_an_hmac_key(
     key_file = tmp_path / "cache.key"
     key_file.write_text("a secret only the fleet knows\n")
     signed = {"IMGPIPE_CACHE__HMAC_KEY_FILE": str(key_file)}
-    shared = ["--redis-url", server.url]
+    shared = ["--cache-redis-url", server.url]
     first = _score(run, photos, tmp_path / "a.jsonl", "--cache-dir", str(tmp_path / "a"),
                    *shared, env=signed)
     # when someone with write access to Redis replaces every cached result with a

@@ -18,6 +18,7 @@ from pipeline.cache.local import LocalTier
 from pipeline.cache.redis_tier import RedisTier
 from pipeline.cache.results import ResultCache
 from pipeline.cache.tiered import MISS, TieredCache, verify_tier
+from pipeline.config import RedisSettings
 from pipeline.spec import PreprocessSpec
 from tests.integration.job_queue import add_job_queue, assert_job_queue_intact
 from tests.redis_server import RedisServer, free_port
@@ -171,8 +172,8 @@ def test_redis_hit_is_promoted_to_local(tier: RedisTier, prefix: str, tmp_path: 
 def test_put_never_blocks_on_a_stalled_redis(redis_server_factory: Factory) -> None:
     # given a cache whose only tier is a Redis that stops answering (SIGSTOP)
     server = redis_server_factory()
-    tier = RedisTier(server.url, "imgpipe", ttl_s=60, max_entry_bytes=1 << 20,
-                     timeout_s=3.0, retry_interval_s=60)
+    tier = RedisTier(RedisSettings(url=server.url, timeout_s=3.0), "imgpipe", ttl_s=60,
+                     max_entry_bytes=1 << 20, retry_interval_s=60)
     cache = TieredCache([tier], write_queue_items=4)
     blob = encode_tensor(tensor_for(3), SPEC)
     with server.paused():

@@ -1,7 +1,7 @@
-"""pipeline.client against a real redis-server (never :6379).
+"""pipeline.transport.client against a real redis-server (never :6379).
 
 The daemon is not part of this test: `Daemon` plays its side of the wire
-contract with raw commands (XREADGROUP, a result via wire.result_fields,
+contract with raw commands (XREADGROUP, a result via contract.result_fields,
 XACK + XDEL in one MULTI; dead letters by XADD).
 """
 
@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline import client as client_module
-from pipeline import wire
-from pipeline.client import Client, Consumer
 from pipeline.config import RedisSettings
 from pipeline.errors import ConfigError, TransientError
+from pipeline.transport import client as client_module
+from pipeline.transport import contract
+from pipeline.transport.client import Client, Consumer
 from tests.redis_server import RedisServer
 
 GROUP = "workers"
@@ -34,8 +34,8 @@ ALL_BYTES = bytes(range(256)) * 3 + b"\r\n\0"  # every byte value, CRLF and NUL 
 
 
 @pytest.fixture
-def keys(prefix: str) -> wire.Keys:
-    return wire.Keys(prefix)
+def keys(prefix: str) -> contract.Keys:
+    return contract.Keys(prefix)
 
 
 
@@ -48,10 +48,10 @@ def client(redis_server: RedisServer, prefix: str) -> Iterator[Client]:
 class Daemon:
     """The daemon's side of the contract, by hand, as consumer `name`."""
 
-    def __init__(self, raw: redis.Redis, keys: wire.Keys, roots: list[str],
+    def __init__(self, raw: redis.Redis, keys: contract.Keys, roots: list[str],
                  name: str = "daemon-1") -> None:
         self.raw, self.keys, self.name = raw, keys, name
-        self.rules = wire.JobRules(MODEL, max_topk=20, max_inline_bytes=1 << 20,
+        self.rules = contract.JobRules(MODEL, max_topk=20, max_inline_bytes=1 << 20,
                                    allowed_roots=roots, default_reply_to=keys.results)
         with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: made already
             raw.xgroup_create(keys.jobs, GROUP, id="0", mkstream=True)
@@ -63,14 +63,15 @@ class Daemon:
 
     def finish(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         """Write the job's result, then XACK and XDEL it, all in one MULTI."""
-        job = wire.parse_job(entry_id.decode(), fields, self.rules, now_ms=int(time.time() * 1000))
+        job = contract.parse_job(entry_id.decode(), fields, self.rules,
+                                 now_ms=int(time.time() * 1000))
         record: dict[str, Any] = {"status": "ok", "timings_ms": {"infer": 2.5},
                                   "predictions": [{"label": "cat", "index": 3, "score": 0.9}]}
         if job.error is not None:
             record = {"status": "error",
                       "error": {"code": job.error.code, "message": job.error.message}}
         with self.raw.pipeline(transaction=True) as pipe:
-            pipe.xadd(job.reply_to, wire.result_fields(record, job, MODEL, 1.0))  # type: ignore[arg-type]
+            pipe.xadd(job.reply_to, contract.result_fields(record, job, MODEL, 1.0))  # type: ignore[arg-type]
             pipe.xack(self.keys.jobs, GROUP, entry_id)
             pipe.xdel(self.keys.jobs, entry_id)
             pipe.execute()
@@ -83,18 +84,18 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon(raw: redis.Redis, keys: wire.Keys, tmp_path: Path) -> Daemon:
+def daemon(raw: redis.Redis, keys: contract.Keys, tmp_path: Path) -> Daemon:
     return Daemon(raw, keys, [os.path.realpath(tmp_path)])
 
 
-def jobs_in(raw: redis.Redis, keys: wire.Keys) -> list[dict[bytes, bytes]]:
+def jobs_in(raw: redis.Redis, keys: contract.Keys) -> list[dict[bytes, bytes]]:
     entries: Any = raw.xrange(keys.jobs)
     return [fields for _, fields in entries]
 
 
-def dead_letter(raw: redis.Redis, keys: wire.Keys, job: dict[str, Any], n: int) -> str:
+def dead_letter(raw: redis.Redis, keys: contract.Keys, job: dict[str, Any], n: int) -> str:
     """XADD a dead letter as the daemon would: the job's fields plus DEAD_FIELDS."""
-    fields = {**wire.job_fields(**job), "error": json.dumps({"code": "worker_crashed",
+    fields = {**contract.job_fields(**job), "error": json.dumps({"code": "worker_crashed",
                                                              "message": f"crash {n}"}),
               "deliveries": "3", "entry_id": f"1-{n}"}
     return raw.xadd(keys.dead, fields).decode()  # type: ignore[arg-type,union-attr]
@@ -103,7 +104,7 @@ def dead_letter(raw: redis.Redis, keys: wire.Keys, job: dict[str, Any], n: int) 
 # -- submit -------------------------------------------------------------------
 
 def test_submit_writes_jobs_the_daemon_parses(client: Client, raw: redis.Redis,
-                                              keys: wire.Keys, daemon: Daemon,
+                                              keys: contract.Keys, daemon: Daemon,
                                               tmp_path: Path) -> None:
     # given an image file under the daemon's allowed roots
     image = tmp_path / "cat.jpg"
@@ -120,8 +121,8 @@ def test_submit_writes_jobs_the_daemon_parses(client: Client, raw: redis.Redis,
                            b"deadline_ms": str(2**62).encode(), b"model": MODEL.encode()}
     assert data_fields == {b"v": b"1", b"data": ALL_BYTES, b"id": second.encode()}
     now_ms = int(time.time() * 1000)
-    path_job = wire.parse_job("1-0", path_fields, daemon.rules, now_ms)
-    data_job = wire.parse_job("1-1", data_fields, daemon.rules, now_ms)
+    path_job = contract.parse_job("1-0", path_fields, daemon.rules, now_ms)
+    data_job = contract.parse_job("1-1", data_fields, daemon.rules, now_ms)
     assert path_job.error is None and path_job.image == os.path.realpath(image)
     assert (path_job.job_id, path_job.topk, path_job.reply_to) == ("job-a", 3,
                                                                    f"{keys.prefix}:mine")
@@ -136,7 +137,7 @@ def test_submit_needs_exactly_one_of_image_and_data(client: Client) -> None:
 
 
 def test_submit_many_sends_chunk_by_chunk(client: Client, raw: redis.Redis,
-                                          keys: wire.Keys) -> None:
+                                          keys: contract.Keys) -> None:
     # given a generator of 1,201 jobs that notes how many were queued when it got to #600
     queued_at_600: list[int] = []
 
@@ -163,7 +164,7 @@ def test_submit_many_sends_chunk_by_chunk(client: Client, raw: redis.Redis,
 # -- results ------------------------------------------------------------------
 
 def test_wait_collects_only_its_own_results(client: Client, daemon: Daemon,
-                                            raw: redis.Redis, keys: wire.Keys) -> None:
+                                            raw: redis.Redis, keys: contract.Keys) -> None:
     # given three jobs replying to a private stream, and a stranger's result in it
     stream = client.reply_stream()
     assert stream.startswith(keys.results + ":") and stream != client.reply_stream()
@@ -219,7 +220,7 @@ def test_a_reply_stream_with_a_ttl_exists_empty_and_expires(client: Client, daem
     assert raw.exists(stream) == 0
 
 
-def test_results_follows_the_stream(client: Client, daemon: Daemon, keys: wire.Keys) -> None:
+def test_results_follows_the_stream(client: Client, daemon: Daemon, keys: contract.Keys) -> None:
     # given two finished jobs on the default result stream
     first = [client.submit(image="/elsewhere/a.jpg"), client.submit(data=b"y")]
     daemon.serve(2)
@@ -254,7 +255,7 @@ def test_status_before_the_group_exists(client: Client) -> None:
     assert (status.jobs, status.pending, status.lag) == (2, 0, 2)
 
 
-def test_status_counts_the_queue(client: Client, raw: redis.Redis, keys: wire.Keys,
+def test_status_counts_the_queue(client: Client, raw: redis.Redis, keys: contract.Keys,
                                  daemon: Daemon) -> None:
     # given 6 jobs: 2 delivered to daemon-1 (1 of them finished), 4 never delivered
     client.submit_many({"data": bytes([n])} for n in range(6))
@@ -280,7 +281,7 @@ def test_status_counts_the_queue(client: Client, raw: redis.Redis, keys: wire.Ke
 
 # -- dead letters -------------------------------------------------------------
 
-def test_dead_list_is_readable(client: Client, raw: redis.Redis, keys: wire.Keys) -> None:
+def test_dead_list_is_readable(client: Client, raw: redis.Redis, keys: contract.Keys) -> None:
     first = dead_letter(raw, keys, {"data": ALL_BYTES, "job_id": "j1"}, 1)
     dead_letter(raw, keys, {"image": "a.jpg", "job_id": "j2", "topk": 4}, 2)
     listed = client.dead_list()
@@ -292,7 +293,7 @@ def test_dead_list_is_readable(client: Client, raw: redis.Redis, keys: wire.Keys
 
 
 def test_dead_retry_moves_letters_back_once(client: Client, raw: redis.Redis,
-                                           keys: wire.Keys,
+                                           keys: contract.Keys,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # given 10 dead letters, read back 3 per page
     monkeypatch.setattr(client_module, "DEAD_PAGE", 3)
@@ -309,12 +310,12 @@ def test_dead_retry_moves_letters_back_once(client: Client, raw: redis.Redis,
     order = [4, 0, 1, 2, 3, 5, 6, 7, 8, 9]
     assert jobs_in(raw, keys) == [
         {k.encode(): v if isinstance(v, bytes) else v.encode()
-         for k, v in wire.job_fields(**jobs[n]).items()} for n in order]
+         for k, v in contract.job_fields(**jobs[n]).items()} for n in order]
     assert raw.xlen(keys.dead) == 0 and client.dead_retry() == 0
 
 
 def test_dead_purge_empties_the_dead_letters(client: Client, raw: redis.Redis,
-                                            keys: wire.Keys) -> None:
+                                            keys: contract.Keys) -> None:
     for n in range(3):
         dead_letter(raw, keys, {"image": f"{n}.jpg"}, n)
     assert client.dead_purge() == 3
@@ -323,7 +324,7 @@ def test_dead_purge_empties_the_dead_letters(client: Client, raw: redis.Redis,
 
 
 def test_a_key_of_another_type_under_the_prefix_is_one_line_and_kept(
-        client: Client, raw: redis.Redis, keys: wire.Keys) -> None:
+        client: Client, raw: redis.Redis, keys: contract.Keys) -> None:
     # given keys under the prefix that are not streams
     raw.set(keys.jobs, "someone else's")
     raw.set(keys.dead, "someone else's")

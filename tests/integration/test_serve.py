@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import redis
 
-from pipeline import wire
-from pipeline.client import Client
 from pipeline.config import RedisSettings
+from pipeline.transport import contract
+from pipeline.transport.client import Client
 from tests.builders import damaged_copies
 from tests.integration.conftest import read_jsonl
 from tests.redis_server import RedisServer
@@ -107,7 +107,7 @@ def test_job_options_topk_id_relative_path_and_deadline(efficientnet_daemon: Ser
 
     late = ask(e2e, image="coffee.jpg", deadline_ms=int(time.time() * 1000) - 1)
     assert late["status"] == "expired"
-    assert late["error"]["code"] == wire.EXPIRED
+    assert late["error"]["code"] == contract.EXPIRED
     assert "preprocess" not in late["timings_ms"]  # never decoded
 
 
@@ -199,7 +199,7 @@ def _results_by_entry(raw: redis.Redis, stream: str, count: int,
     wait_until(lambda: raw.xlen(stream) >= count, timeout_s, f"{count} results on {stream}")
     entries = raw.xrange(stream)
     assert len(entries) == count, f"{len(entries)} results of {count}"
-    results = [wire.decode_result(fields) for _, fields in entries]
+    results = [contract.decode_result(fields) for _, fields in entries]
     return {result["entry_id"]: result for result in results}
 
 

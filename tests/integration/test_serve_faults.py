@@ -22,9 +22,9 @@ import pytest
 import redis
 from PIL import Image
 
-from pipeline import wire
-from pipeline.client import Client
 from pipeline.config import RedisSettings
+from pipeline.transport import contract
+from pipeline.transport.client import Client
 from tests.redis_server import RedisServer
 from tests.serve_daemon import (  # noqa: F401
     DaemonFactory,
@@ -97,7 +97,7 @@ class Tally:
         """Take in what arrived since the last call; the number of results so far."""
         while page := self.conn.xrange(self.stream, self.after, "+", count=5000):
             for _, fields in page:
-                result = wire.decode_result(fields)
+                result = contract.decode_result(fields)
                 self.counts[result["job_id"]] += 1
                 self.results.setdefault(result["job_id"], result)
             self.after = "(" + page[-1][0].decode()
@@ -500,7 +500,7 @@ def test_a_job_delivered_too_often_is_dead_lettered_and_can_be_retried(
         # and once retried, the job is scored normally
         assert client.dead_retry() == 1
     poisoned.wait_for_total(2)
-    retried = [wire.decode_result(fields) for _, fields in conn.xrange(reply)]
+    retried = [contract.decode_result(fields) for _, fields in conn.xrange(reply)]
     assert retried[-1]["job_id"] == "poison" and retried[-1]["status"] == "ok", retried
     assert conn.xlen(f"{prefix}:dead") == 0
     conn.close()
@@ -511,7 +511,7 @@ def test_a_backlog_of_100000_jobs_is_read_a_window_at_a_time_in_flat_memory(
         prefix: str, images: Path, tiny_model: Path) -> None:
     # given 100,000 queued path jobs naming one small file
     conn = connect(redis_server)
-    fields = wire.job_fields(image="0.jpg")
+    fields = contract.job_fields(image="0.jpg")
     pipe = conn.pipeline(transaction=False)
     for index in range(100_000):
         pipe.xadd(f"{prefix}:jobs", {**fields, "id": f"job-{index}"})

@@ -21,14 +21,14 @@ import pytest
 import redis
 from PIL import Image
 
-from pipeline import wire
-from pipeline.broker import Outage
-from pipeline.client import Client
 from pipeline.config import RedisSettings, ServeSettings
 from pipeline.items import Job
-from pipeline.sinks.redis_results import InFlight, ResultPublisher, Streams
-from pipeline.sources.redis_stream import StreamSource
-from pipeline.wire import JobRules, Keys
+from pipeline.transport import contract
+from pipeline.transport.client import Client
+from pipeline.transport.connection import Outage
+from pipeline.transport.consumer import StreamSource
+from pipeline.transport.contract import JobRules, Keys
+from pipeline.transport.publisher import InFlight, ResultPublisher, Streams
 from tests.integration.test_serve_faults import (
     GROUP,
     ServerFactory,
@@ -111,7 +111,7 @@ def test_a_job_delivered_too_often_is_dead_lettered_without_being_parsed(
     def crash(*args: object) -> None:
         raise SystemExit("the parser died")
 
-    monkeypatch.setattr(wire, "parse_job", crash)
+    monkeypatch.setattr(contract, "parse_job", crash)
     source = _stream_source(redis_server, prefix, root)
     # when the source takes it over
     wait_until(lambda: source.next_chunk(0) == [] and conn.xlen(f"{prefix}:dead") == 1, 30,
@@ -120,7 +120,7 @@ def test_a_job_delivered_too_often_is_dead_lettered_without_being_parsed(
     [(_, letter)] = conn.xrange(f"{prefix}:dead")
     assert letter[b"entry_id"].decode() == entry
     [(_, result)] = conn.xrange(f"{prefix}:results")
-    decoded = wire.decode_result(result)
+    decoded = contract.decode_result(result)
     assert (decoded["job_id"], decoded["error"]["code"]) == ("killer", "too_many_deliveries")
     conn.close()
 
@@ -215,7 +215,7 @@ def test_a_clients_own_reply_stream_is_never_trimmed(
     # then the result is added and nothing of what was there is cut
     wait_until(lambda: conn.xlen(events) > 1000, 120, "the result", [daemon])
     [(_, last)] = conn.xrevrange(events, count=1)
-    assert wire.decode_result(last)["job_id"] == job
+    assert contract.decode_result(last)["job_id"] == job
     assert conn.xlen(events) == 1001
     conn.close()
 
@@ -541,7 +541,7 @@ def _answered(conn: redis.Redis, prefix: str) -> list[str]:
     queue and the dead letters) answers."""
     streams = [key for key in conn.scan_iter(_type="stream")
                if key.decode() not in (f"{prefix}:jobs", f"{prefix}:dead")]
-    return [wire.decode_result(fields)["entry_id"]
+    return [contract.decode_result(fields)["entry_id"]
             for stream in streams for _, fields in conn.xrange(stream)]
 
 

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.client import Client
 from pipeline.config import RedisSettings
+from pipeline.transport.client import Client
 from tests.builders import MeanColour
 from tests.redis_server import RedisServer, free_port
 from tests.serve_daemon import (  # noqa: F401

@@ -197,7 +197,7 @@ def test_int8_without_calibration_images_says_how_to_get_them(lite0, tmp_path):
 
 
 def test_optimize_refuses_bf16_that_ties_what_fp32_ranks(samples_dir, tmp_path):
-    from pipeline import optimize
+    from pipeline import optimize, profiles
 
     # given a model whose classes differ by less than bf16 can tell apart
     weights = tmp_path / "near_tie.pth"
@@ -216,6 +216,6 @@ def test_optimize_refuses_bf16_that_ties_what_fp32_ranks(samples_dir, tmp_path):
     assert not bf16.accepted and bf16.top1_agreement < 0.99
     assert f"top-1 agreement {bf16.top1_agreement:.2%} under the 99.00% threshold" == bf16.why
     assert chosen == Variant("torch")
-    profile = optimize.chosen(settings.cache.directory(), load_model(
+    profile = profiles.chosen(settings.cache.directory(), load_model(
         "mobilenet_v3_small", weights))
     assert profile is not None and profile.variant == Variant("torch")

@@ -19,8 +19,8 @@ from PIL import Image
 
 from pipeline.errors import PermanentError
 from pipeline.items import Job, Prepared
+from pipeline.preprocess.pool import PreprocessPool, WorkerPlan, _init_worker
 from pipeline.spec import InputLimits, PreprocessSpec
-from workers.preprocess_pool import PreprocessPool, WorkerPlan, _init_worker
 
 JOBS = 24  # about a second of decoding: the kill lands while work is in flight
 

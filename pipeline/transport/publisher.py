@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import redis
 
-from pipeline import wire
-from pipeline.broker import Outage
 from pipeline.logs import UNFOLDED
 from pipeline.predictions import Record
-from pipeline.wire import JobRequest, Keys
+from pipeline.transport import contract
+from pipeline.transport.connection import Outage
+from pipeline.transport.contract import JobRequest, Keys
 
 if TYPE_CHECKING:
     from pipeline.metrics import Metrics
@@ -99,7 +99,7 @@ class ResultPublisher:
     def write(self, records: list[Record]) -> None:
         """Publish one batch's records (the engine's sink); retries until Redis takes them."""
         deliveries = [self.in_flight.get(record["ref"]) for record in records]
-        results = [wire.result_fields(record, d.request, self.model, d.queue_wait_ms)
+        results = [contract.result_fields(record, d.request, self.model, d.queue_wait_ms)
                    for record, d in zip(records, deliveries, strict=True)]
         requests = [d.request for d in deliveries]
         started = time.perf_counter()
@@ -122,7 +122,8 @@ class ResultPublisher:
         dead: dict[Any, Any] = dict(fields)  # the original fields, then ours
         dead.update({b"error": json.dumps(error), b"deliveries": str(deliveries),
                      b"entry_id": request.entry_id})
-        result = wire.result_fields({"status": "error", "error": error}, request, self.model, 0.0)
+        result = contract.result_fields({"status": "error", "error": error}, request,
+                                        self.model, 0.0)
 
         def send() -> list[object]:
             pipe = self.client.pipeline(transaction=True)

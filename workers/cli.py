@@ -22,8 +22,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from pipeline import __version__, jobs_cli, logs
+from pipeline import __version__, logs
 from pipeline.errors import ConfigError, ImgpipeError
+from workers import jobs_cli
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="score jobs from a Redis stream until stopped")
     _engine_flags(serve)
     _redis_flags(serve)
+    _cache_redis_flag(serve)
     serve.add_argument("--consumer", dest="serve.consumer",
                        help="this daemon's consumer name (default: <hostname>-<pid>)")
     serve.set_defaults(handler=_serve)
@@ -182,8 +184,14 @@ def _redis_flags(parser: argparse.ArgumentParser) -> None:
 
 def _cache_flags(parser: argparse.ArgumentParser) -> None:
     _cache_dir_flag(parser)
-    parser.add_argument("--redis-url", dest="cache.redis_url",
-                        help="shared cache tier, e.g. redis://host:6379/0")
+    _cache_redis_flag(parser)
+    # The old spelling, from before `serve` took a cache Redis too.
+    parser.add_argument("--redis-url", dest="cache.redis_url", help=argparse.SUPPRESS)
+
+
+def _cache_redis_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-redis-url", dest="cache.redis_url",
+                        help="Redis of the shared cache tier, e.g. redis://host:6379/1")
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import wire
 from pipeline.errors import InputError
 from pipeline.sources.files import resolve_allowed
-from pipeline.wire import JobRules
+from pipeline.transport import contract
+from pipeline.transport.contract import JobRules
 
 NOW_MS = 1_800_000_000_000
 
@@ -31,13 +31,13 @@ def root(tmp_path: Path) -> Path:
 def rules(root: Path) -> JobRules:
     return JobRules("efficientnet_lite0", max_topk=20, max_inline_bytes=1000,
                     allowed_roots=[str(root)], default_reply_to="p:results",
-                    forbidden_reply_to=wire.Keys("p").own_streams,
+                    forbidden_reply_to=contract.Keys("p").own_streams,
                     forbidden_reply_prefixes=("p:cache:",))
 
 
-def parse(rules: JobRules, **fields: str | bytes) -> wire.JobRequest:
+def parse(rules: JobRules, **fields: str | bytes) -> contract.JobRequest:
     raw = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
-    return wire.parse_job("1-0", raw, rules, NOW_MS)
+    return contract.parse_job("1-0", raw, rules, NOW_MS)
 
 
 def test_a_full_path_job_is_parsed(rules: JobRules, root: Path) -> None:
@@ -74,7 +74,7 @@ def test_defaults_id_is_the_entry_id_and_results_go_to_the_default_stream(
     ({"image": "cat.jpg", "v": "2"}, "unsupported_version", "v"),
     ({"data": "x" * 1001}, "data_too_large", "1,000"),
     ({"image": b"\xff\xfe"}, "invalid_field", "image"),
-    ({"image": "cat.jpg", "deadline_ms": str(NOW_MS - 1)}, wire.EXPIRED, "deadline"),
+    ({"image": "cat.jpg", "deadline_ms": str(NOW_MS - 1)}, contract.EXPIRED, "deadline"),
 ])
 def test_malformed_jobs_carry_an_error_naming_the_field(
         rules: JobRules, fields: dict[str, str | bytes], code: str, named: str) -> None:
@@ -85,7 +85,7 @@ def test_malformed_jobs_carry_an_error_naming_the_field(
 
 
 def test_a_non_utf8_field_name_is_an_error_not_a_crash(rules: JobRules) -> None:
-    job = wire.parse_job("1-0", {b"\xff": b"1", b"image": b"cat.jpg"}, rules, NOW_MS)
+    job = contract.parse_job("1-0", {b"\xff": b"1", b"image": b"cat.jpg"}, rules, NOW_MS)
     assert job.error is not None and job.error.code == "invalid_field"
 
 
@@ -105,7 +105,7 @@ def test_an_unforeseen_failure_while_parsing_is_an_internal_error(
     def explode(*args: object) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(wire, "_parse_image", explode)
+    monkeypatch.setattr(contract, "_parse_image", explode)
     job = parse(rules, id="mine", image="cat.jpg")
     assert job.error is not None and job.error.code == "internal_error"
     assert job.job_id == "mine" and "RuntimeError" in job.error.message
@@ -156,12 +156,12 @@ def test_without_roots_path_jobs_are_refused_with_a_hint() -> None:
 
 
 def test_job_fields_round_trip_through_the_parser(rules: JobRules, root: Path) -> None:
-    fields = wire.job_fields(image=str(root / "cat.jpg"), job_id="a", topk=2)
+    fields = contract.job_fields(image=str(root / "cat.jpg"), job_id="a", topk=2)
     raw = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
-    job = wire.parse_job("5-0", raw, rules, NOW_MS)
+    job = contract.parse_job("5-0", raw, rules, NOW_MS)
     assert job.error is None and (job.job_id, job.topk) == ("a", 2)
     with pytest.raises(ValueError):
-        wire.job_fields(image="a", data=b"b")
+        contract.job_fields(image="a", data=b"b")
 
 
 def test_results_encode_to_text_fields_and_decode_back(rules: JobRules) -> None:
@@ -169,9 +169,9 @@ def test_results_encode_to_text_fields_and_decode_back(rules: JobRules) -> None:
     ok = {"status": "ok", "model": "m", "predictions": [{"label": "cat", "index": 1,
                                                          "score": 0.9}],
           "timings_ms": {"preprocess": 1.5}, "cache": "tensor:local"}
-    fields = wire.result_fields(ok, job, "m", queue_wait_ms=2.25)
+    fields = contract.result_fields(ok, job, "m", queue_wait_ms=2.25)
     assert all(isinstance(value, str) for value in fields.values())
-    decoded = wire.decode_result({k.encode(): v.encode() for k, v in fields.items()})
+    decoded = contract.decode_result({k.encode(): v.encode() for k, v in fields.items()})
     assert decoded["predictions"] == ok["predictions"]
     assert decoded["timings_ms"] == {"queue_wait": 2.25, "preprocess": 1.5}
     assert (decoded["job_id"], decoded["entry_id"], decoded["cache"]) == ("j", "1-0",
@@ -182,12 +182,12 @@ def test_an_expired_job_gets_status_expired(rules: JobRules) -> None:
     job = parse(rules, image="cat.jpg", deadline_ms="1")
     assert job.error is not None
     record = {"status": "error", "error": {"code": job.error.code, "message": "late"}}
-    fields = wire.result_fields(record, job, "m", 0.0)
+    fields = contract.result_fields(record, job, "m", 0.0)
     assert fields["status"] == "expired"
-    assert json.loads(fields["error"])["code"] == wire.EXPIRED
+    assert json.loads(fields["error"])["code"] == contract.EXPIRED
 
 
 def test_keys_share_the_prefix() -> None:
-    keys = wire.Keys("fleet-a")
+    keys = contract.Keys("fleet-a")
     assert (keys.jobs, keys.results, keys.dead) == ("fleet-a:jobs", "fleet-a:results",
                                                     "fleet-a:dead")

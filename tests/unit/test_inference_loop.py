@@ -1,4 +1,4 @@
-"""InferenceWorker: a batch too big for the device is halved, not failed."""
+"""InferenceLoop: a batch too big for the device is halved, not failed."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 
 from pipeline.backends import TorchBackend
 from pipeline.errors import TransientError
+from pipeline.inference import InferenceLoop
 from pipeline.items import Job, Prepared
 from pipeline.models import LoadedModel
 from tests.builders import MeanColour
-from workers.inference_worker import InferenceWorker
 
 SHAPE = (3, 8, 8)
 
@@ -32,7 +32,7 @@ class FitsAtMost(torch.nn.Module):
         return self.inner(x)
 
 
-def worker_with(limit: int) -> tuple[InferenceWorker, FitsAtMost]:
+def worker_with(limit: int) -> tuple[InferenceLoop, FitsAtMost]:
     module = FitsAtMost(limit)
     model = LoadedModel("fits", module, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
                         [str(i) for i in range(1000)], "digest")
@@ -40,7 +40,7 @@ def worker_with(limit: int) -> tuple[InferenceWorker, FitsAtMost]:
     module.limit = 8  # warm-up runs whole batches
     backend.setup()
     module.limit, module.batch_sizes = limit, []
-    return InferenceWorker(backend, topk=1), module
+    return InferenceLoop(backend, topk=1), module
 
 
 def items(count: int) -> list[Prepared]:

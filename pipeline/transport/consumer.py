@@ -20,18 +20,18 @@ from typing import Any, Optional
 
 import redis
 
-from pipeline import wire
-from pipeline.broker import OUTAGE_ERRORS, Outage, passing
 from pipeline.config import ServeSettings
 from pipeline.items import Job
-from pipeline.sinks.redis_results import (
+from pipeline.transport import contract
+from pipeline.transport.connection import OUTAGE_ERRORS, Outage, passing
+from pipeline.transport.contract import JobRules, reply_text
+from pipeline.transport.publisher import (
     Delivery,
     InFlight,
     ResultPublisher,
     Streams,
     queue_wait_ms,
 )
-from pipeline.wire import JobRules, reply_text
 
 log = logging.getLogger("imgpipe.serve")
 
@@ -222,10 +222,10 @@ class StreamSource:
             return None
         if deliveries is not None and deliveries > self.cfg.max_deliveries:
             # Before parsing: whatever in the job kills whoever takes it, it runs no more.
-            self.publisher.dead_letter(wire.parse_address(entry_id, fields, self.rules),
+            self.publisher.dead_letter(contract.parse_address(entry_id, fields, self.rules),
                                        fields, deliveries - 1)
             return None
-        request = wire.parse_job(entry_id, fields, self.rules, int(time.time() * 1000))
+        request = contract.parse_job(entry_id, fields, self.rules, int(time.time() * 1000))
         self.in_flight.add(Delivery(request, queue_wait_ms(entry_id)))
         path = request.image or f"{self.streams.keys.jobs}/{entry_id}"
         return Job(path, error=request.error, data=request.data, topk=request.topk,

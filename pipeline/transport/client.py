@@ -20,15 +20,15 @@ from typing import Any, Optional
 
 import redis
 
-from pipeline import wire
-from pipeline.broker import OUTAGE_ERRORS, connect, describe_url
 from pipeline.config import RedisSettings, Settings
 from pipeline.errors import ConfigError, ImgpipeError, TransientError
-from pipeline.wire import reply_text
+from pipeline.transport import contract
+from pipeline.transport.connection import OUTAGE_ERRORS, connect, describe_url
+from pipeline.transport.contract import reply_text
 
 DEFAULT_GROUP = "imgpipe"
 DEAD_PAGE = 100  # dead letters read per XRANGE while retrying them all
-_DEAD_FIELDS = frozenset(wire.DEAD_FIELDS)
+_DEAD_FIELDS = frozenset(contract.DEAD_FIELDS)
 ENTRY_ID = re.compile(r"^[0-9]+(-[0-9]+)?$")
 # redis-py names a pipeline's failing command, binary arguments and all: keep the reason only.
 PIPELINE_ERROR = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
@@ -63,7 +63,7 @@ class Client:
 
     def __init__(self, cfg: RedisSettings, group: str = DEFAULT_GROUP) -> None:
         self.location = describe_url(cfg.url)
-        self.keys = wire.Keys(cfg.prefix)
+        self.keys = contract.Keys(cfg.prefix)
         self.group = group
         self._cfg = cfg
         self._redis = connect(cfg)
@@ -96,7 +96,7 @@ class Client:
                model: Optional[str] = None) -> str:
         """Queue one job (exactly one of image and data); its job id."""
         job_id = job_id or new_job_id()
-        fields: dict[Any, Any] = wire.job_fields(
+        fields: dict[Any, Any] = contract.job_fields(
             image=image, data=data, job_id=job_id, topk=topk, reply_to=reply_to,
             deadline_ms=deadline_ms, model=model)
         with self._translated():
@@ -115,7 +115,7 @@ class Client:
         pipe = self._redis.pipeline(transaction=False)
         for job in jobs:
             job_id = job.get("job_id") or new_job_id()
-            fields: dict[Any, Any] = wire.job_fields(**{**job, "job_id": job_id})
+            fields: dict[Any, Any] = contract.job_fields(**{**job, "job_id": job_id})
             pipe.xadd(self.keys.jobs, fields)
             ids.append(job_id)
             if len(pipe) >= chunk:
@@ -138,7 +138,7 @@ class Client:
         if ttl_s is not None:
             with self._translated():
                 pipe = self._redis.pipeline(transaction=True)
-                pipe.xadd(name, {"v": str(wire.VERSION)}, maxlen=0)  # a stream with no entries
+                pipe.xadd(name, {"v": str(contract.VERSION)}, maxlen=0)  # a stream with no entries
                 pipe.expire(name, _whole_seconds(ttl_s))
                 self._execute(pipe)
         return name
@@ -195,7 +195,8 @@ class Client:
         if not reply:
             return []
         _, entries = reply[0]
-        return [(reply_text(entry_id), wire.decode_result(fields)) for entry_id, fields in entries]
+        return [(reply_text(entry_id), contract.decode_result(fields))
+                for entry_id, fields in entries]
 
     def _blocking(self, block_ms: int) -> redis.Redis:
         if block_ms == 0:

@@ -1,4 +1,4 @@
-"""The Redis that carries jobs and results: connecting, and riding out outages.
+"""Connections to Redis (the jobs' and the cache's), and riding out outages.
 
 Credentials come from the URL, the environment or a file and are never
 logged: only host:port is. While the server is unreachable, or refuses for a
@@ -53,7 +53,8 @@ def describe_url(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{port}"
 
 
-def connect(cfg: RedisSettings, *, extra_timeout_s: float = 0.0) -> redis.Redis:
+def connect(cfg: RedisSettings, *, extra_timeout_s: float = 0.0,
+            health_check_interval_s: int = 30) -> redis.Redis:
     """A client for cfg.url with credentials and TLS applied (lazy: no I/O yet).
 
     `extra_timeout_s` lengthens the socket timeout for callers that block
@@ -62,8 +63,9 @@ def connect(cfg: RedisSettings, *, extra_timeout_s: float = 0.0) -> redis.Redis:
     timeout = cfg.timeout_s + extra_timeout_s
     options: dict[str, Any] = {
         "socket_connect_timeout": cfg.timeout_s, "socket_timeout": timeout,
-        # We retry ourselves, with backoff and one warning per outage.
-        "retry": Retry(NoBackoff(), 0), "health_check_interval": 30,
+        # redis-py retries 10 times with backoff by default: a dead server would
+        # then cost seconds per call. We retry ourselves, with one warning per outage.
+        "retry": Retry(NoBackoff(), 0), "health_check_interval": health_check_interval_s,
     }
     if cfg.username:
         options["username"] = cfg.username

@@ -28,7 +28,8 @@ from pipeline import logs
 from pipeline.config import CacheSettings
 from pipeline.errors import InputError, PermanentError, internal_error
 from pipeline.items import Job, Prepared
-from pipeline.preprocess import PreprocessBackend, create_backend
+from pipeline.preprocess import PreprocessBackend
+from pipeline.preprocess.select import create_backend
 from pipeline.sources import ChunkSource, IterableSource
 from pipeline.sources.files import read_file
 from pipeline.spec import InputLimits, PreprocessSpec

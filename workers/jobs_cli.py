@@ -1,4 +1,4 @@
-"""`imgpipe submit`, `status` and `dead`: thin commands over pipeline.client."""
+"""`imgpipe submit`, `status` and `dead`: thin commands over pipeline.transport.client."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import Any, Optional
 
 from rich.console import Console
 
-from pipeline.client import ENTRY_ID, Client, new_job_id
 from pipeline.config import settings_from_flags
 from pipeline.errors import ConfigError, InputError
 from pipeline.sources import directory
 from pipeline.sources.files import read_file
-from pipeline.wire import MAX_TEXT_CHARS
+from pipeline.transport.client import ENTRY_ID, Client, new_job_id
+from pipeline.transport.contract import MAX_TEXT_CHARS
 
 EXIT_MISSING_RESULTS = 1
 # Least lifetime of a reply stream after its last refresh (--timeout when longer):

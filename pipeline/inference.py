@@ -28,7 +28,7 @@ log = logging.getLogger("imgpipe.inference")
 IDLE_S = 0.5
 
 
-class InferenceWorker:
+class InferenceLoop:
     """Scores batches of Prepared items with one inference backend."""
 
     def __init__(self, backend: InferenceBackend, topk: int,

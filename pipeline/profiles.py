@@ -1,0 +1,61 @@
+"""The profile store: which inference variant `optimize` chose per model and weights.
+
+Read at every start when `model.backend = "auto"`, written by `optimize`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from pipeline.errors import ImgpipeError
+from pipeline.variants import Variant
+
+if TYPE_CHECKING:
+    from pipeline.models import LoadedModel
+
+PROFILES_SUBDIR = "profiles"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What `optimize` chose for one model and its weights."""
+
+    variant: Variant
+    calibration_images: Optional[Path]
+
+
+def profile_path(cache_dir: Path, model: LoadedModel) -> Path:
+    slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(model.name).name)
+    return cache_dir / PROFILES_SUBDIR / f"{slug}-{model.weights_digest[:16]}.json"
+
+
+def chosen(cache_dir: Path, model: LoadedModel) -> Optional[Profile]:
+    """The profile `optimize` wrote for this model and these weights, if any (and valid)."""
+    try:
+        fields = json.loads(profile_path(cache_dir, model).read_text(encoding="utf-8"))
+        variant = Variant(str(fields["backend"]), str(fields.get("precision", "fp32")))
+        variant.validate()
+    except (OSError, ValueError, TypeError, KeyError, ImgpipeError):
+        return None
+    images = fields.get("calibration_images")
+    return Profile(variant, Path(images) if isinstance(images, str) else None)
+
+
+def write_profile(cache_dir: Path, model: LoadedModel, variant: Variant,
+                  calibration_images: Optional[Path], threshold: float,
+                  measured: dict[str, Any]) -> None:
+    """Record `variant` as the choice for `model`, atomically."""
+    path = profile_path(cache_dir, model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile: dict[str, Any] = {
+        "model": model.name, "weights_digest": model.weights_digest,
+        "backend": variant.backend, "precision": variant.precision,
+        "calibration_images": str(calibration_images) if calibration_images else None,
+        "threshold": threshold, "chosen_at": time.time(), "measured": measured}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
