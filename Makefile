@@ -31,11 +31,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_score.py
-	$(BIN)/python benchmarks/bench_cache.py
-	$(BIN)/python benchmarks/bench_serve.py
-	$(BIN)/python benchmarks/bench_optimize.py
-	$(BIN)/python benchmarks/bench_startup.py
+	$(BIN)/python -m benchmarks.bench_score
+	$(BIN)/python -m benchmarks.bench_cache
+	$(BIN)/python -m benchmarks.bench_serve
+	$(BIN)/python -m benchmarks.bench_optimize
+	$(BIN)/python -m benchmarks.bench_startup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

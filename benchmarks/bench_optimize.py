@@ -22,7 +22,7 @@ preprocessing only and end to end interleaved). The result cache is off;
 built artifacts (ONNX, int8, TorchScript) are kept under benchmarks/data/ and
 built before any timing.
 
-    .venv/bin/python benchmarks/bench_optimize.py [--images N] [--variants ...] [--quick]
+    .venv/bin/python -m benchmarks.bench_optimize [--images N] [--variants ...] [--quick]
 
 Writes the table into benchmarks/README.md between the optimize markers and
 the raw numbers to benchmarks/results/optimize-*.json.
@@ -31,7 +31,6 @@ the raw numbers to benchmarks/results/optimize-*.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import subprocess
@@ -41,30 +40,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-# The baseline runs under the user's own thread policy, as their script would.
-USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
-# What the imgpipe command sets for itself before torch loads (workers/cli.py):
-# model only runs with it, like the end-to-end runs it is compared with.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.bench_score import (  # noqa: E402
+from benchmarks import datasets, harness
+from benchmarks.bench_score import (
     BATCH,
-    CORES,
     imgpipe_settings,
-    log,
-    machine,
     measure_baseline,
     measure_pool,
     measure_variant,
-    warm_page_cache,
 )
-from benchmarks.bench_score import Variant as Overrides  # noqa: E402
-from benchmarks.datasets import DATA, describe, ensure_dataset, list_images  # noqa: E402
-from pipeline.errors import ConfigError  # noqa: E402
-from pipeline.variants import Variant  # noqa: E402
+from benchmarks.bench_score import Variant as Overrides
+from benchmarks.harness import CORES, log
+from pipeline.errors import ConfigError
+from pipeline.variants import Variant
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,11 +64,14 @@ MODEL = "efficientnet_lite0"
 DEFAULT_VARIANTS = ("torch", "torchscript", "torch:bf16", "onnxruntime", "onnxruntime:int8")
 # model.threads x preprocess.workers: 0 (the default) = one per core, 1, and half the cores.
 THREAD_GRID = tuple(sorted({0, 1, max(1, CORES // 2)}))
-CACHE_DIR = DATA / "optimize-cache"  # artifacts survive between runs
+CACHE_DIR = datasets.DATA / "optimize-cache"  # artifacts survive between runs
 TARGET_SPEEDUP, TARGET_AGREEMENT, TARGET_END_TO_END = 5.0, 0.99, 0.85
-RESULTS = REPO / "benchmarks" / "results"
-README = REPO / "benchmarks" / "README.md"
-BEGIN, END = "<!-- optimize:begin -->", "<!-- optimize:end -->"
+# The baseline runs under the user's own thread policy, as their script would.
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+# What the imgpipe command sets for itself before torch loads (workers/cli.py):
+# model only runs with it, like the end-to-end runs it is compared with. Nothing
+# imported above loads torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @dataclass
@@ -194,8 +184,8 @@ def validation_samples(directory: Path, settings: Settings) -> dict[str, np.ndar
     from pipeline.backends.calibration import first_files, preprocessed
 
     pre = settings.preprocess
-    return preprocessed(first_files(directory, len(list_images(directory))), pre.spec(),
-                        pre.limits())
+    files = first_files(directory, len(datasets.list_images(directory)))
+    return preprocessed(files, pre.spec(), pre.limits())
 
 
 def measure_model(variant: Variant, settings: Settings, model: LoadedModel,
@@ -207,7 +197,6 @@ def measure_model(variant: Variant, settings: Settings, model: LoadedModel,
     from pipeline.backends.validation import agreement
     from pipeline.errors import ImgpipeError, first_line
     from pipeline.optimize import judged_on
-    from pipeline.timing import timed_calls
 
     result = VariantResult(str(variant))
     started = time.perf_counter()
@@ -226,10 +215,10 @@ def measure_model(variant: Variant, settings: Settings, model: LoadedModel,
         result.agreement_images = found.images
         every = list(samples.values())
         batch = [every[i % len(every)] for i in range(BATCH)]
+        seconds = options.model_seconds / options.repeats
         for _ in range(options.repeats):
-            per_call = timed_calls(lambda: backend.predict(batch),
-                                   options.model_seconds / options.repeats)
-            result.model_only.append(BATCH * len(per_call) / sum(per_call))
+            result.model_only.append(
+                harness.images_per_s(lambda: backend.predict(batch), BATCH, seconds))
     finally:
         backend.close()
     return result
@@ -297,9 +286,9 @@ def baseline_env() -> dict[str, str]:
 
 def baseline(directory: Path) -> float:
     """(b) in a fresh process: torch reads the wait policy once, when it loads."""
-    done = subprocess.run([sys.executable, __file__, "--baseline", str(directory)],
-                          env=baseline_env(), capture_output=True, text=True, check=True)
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"])
+    measured = harness.in_fresh_process("benchmarks.bench_optimize", "--baseline",
+                                        str(directory), env=baseline_env())
+    return float(measured["images_per_s"])
 
 
 def score_phase(results: list[VariantResult], directory: Path,
@@ -419,13 +408,13 @@ def report(info: dict[str, Any], results: list[VariantResult],
     """Everything measured, as the Markdown block that goes into the README."""
     m, data = info["machine"], info["dataset"]
     pick = chosen(results)
-    lines = [f"Measured {info['date']} on {m['cores']} cores ({m['cpu']}), torch {m['torch']}, "
-             f"onnxruntime {m['onnxruntime']}, {m['pillow']} {m['pil_version']}; 1-minute load "
+    lines = [f"{harness.measured_on(info['date'], m)}onnxruntime {m['onnxruntime']}, "
+             f"{m['pillow']} {m['pil_version']}; 1-minute load "
              f"average {m['load_average'][0]:.2f} at the start, "
              f"{info['load_average_end'][0]:.2f} at the end. Model `{MODEL}`, cache off. "
              f"Dataset: {data['files']} JPEGs, {data['bytes'] / 1e6:.0f} MB "
-             f"({_sizes(data['sizes'])}). Best of {info['options']['repeats']} runs ((b), "
-             f"preprocessing only and end to end interleaved); model only "
+             f"({harness.size_mix(data['sizes'])}). Best of {info['options']['repeats']} "
+             f"runs ((b), preprocessing only and end to end interleaved); model only "
              f"{info['options']['model_seconds']:g} s per variant; whole benchmark "
              f"{info['total_s'] / 60:.1f} min.",
              "", "Images per second (higher is better):", "", *variants_table(info, results),
@@ -440,42 +429,19 @@ def report(info: dict[str, Any], results: list[VariantResult],
                  f"{TARGET_AGREEMENT:.0%}, as `imgpipe optimize` picks): "
                  f"{f'`{pick.variant}`' if pick else 'none'}.")
     lines += ["", "Targets:", ""]
-    lines += [f"- {'met' if ok else '**NOT met**'}: {name}" for name, ok in targets(info, results)]
+    lines += harness.target_lines(targets(info, results))
     if pick is not None and grid:
         lines += ["", *thread_lines(pick, grid)]
     return "\n".join(lines)
 
 
-def _sizes(sizes: dict[str, int]) -> str:
-    ordered = sorted(sizes.items(), key=lambda kv: int(kv[0].split("x")[0]))
-    return ", ".join(f"{count} x {size}" for size, count in ordered)
-
-
-def update_readme(block: str) -> None:
-    """Replace the optimize block of benchmarks/README.md (append a section if missing)."""
-    text = README.read_text(encoding="utf-8")
-    fresh = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + fresh + rest.split(END, 1)[1]
-    else:
-        heading = "## Inference variants (`bench_optimize.py`)"
-        text = f"{text.rstrip()}\n\n{heading}\n\n{fresh}\n"
-    README.write_text(text, encoding="utf-8")
-
-
-def save_json(info: dict[str, Any], results: list[VariantResult],
-              grid: Optional[list[ThreadRun]]) -> Path:
-    """Raw results under benchmarks/results/, one file per run."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = RESULTS / f"optimize-{stamp}{'-quick' if info['options']['quick'] else ''}.json"
-    payload = {**info, "variants": [{**asdict(r), "accepted": r.accepted} for r in results],
-               "chosen": (chosen(results) or VariantResult("none")).variant,
-               "threads": [asdict(run) for run in grid or []],
-               "targets": dict(targets(info, results))}
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
+def raw_results(info: dict[str, Any], results: list[VariantResult],
+                grid: Optional[list[ThreadRun]]) -> dict[str, Any]:
+    """Everything measured, every run included, for benchmarks/results/optimize-*.json."""
+    return {**info, "variants": [{**asdict(r), "accepted": r.accepted} for r in results],
+            "chosen": (chosen(results) or VariantResult("none")).variant,
+            "threads": [asdict(run) for run in grid or []],
+            "targets": dict(targets(info, results))}
 
 
 # ---------------------------------------------------------------- main
@@ -488,15 +454,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     options = parse_args(argv)
     started = time.perf_counter()
-    directory = ensure_dataset(options.images)
+    directory = datasets.ensure_dataset(options.images)
     log(f"dataset: {directory}")
     import onnxruntime
 
-    info: dict[str, Any] = {
-        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": {**machine(), "onnxruntime": onnxruntime.__version__},
-        "dataset": describe(directory), "options": asdict(options),
-        "page_cache_warm_s": warm_page_cache(directory)}
+    info = harness.run_header(directory, options)
+    info["machine"]["onnxruntime"] = onnxruntime.__version__
     results = model_phase(directory, options)
     info["runs"] = score_phase(results, directory, options)
     info["baseline"] = max(info["runs"]["baseline"])
@@ -507,9 +470,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     info["total_s"] = time.perf_counter() - started
     block = report(info, results, grid)
     print(block)
-    print(f"\nraw results: {save_json(info, results, grid)}")
+    raw = harness.save_json("optimize", raw_results(info, results, grid), options.quick)
+    print(f"\nraw results: {raw}")
     if options.write_readme:
-        update_readme(block)
+        harness.update_readme("optimize", block, "## Inference variants (`bench_optimize.py`)")
     return 0
 
 

@@ -14,17 +14,15 @@ real CLI, and (a) again under alternative settings. The machine is noisy, so
 only ratios within one run mean anything; each number is the best of
 --repeats interleaved runs. The cache, where the engine has one, is off.
 
-    .venv/bin/python benchmarks/bench_score.py [--images N] [--models ...] [--quick]
+    .venv/bin/python -m benchmarks.bench_score [--images N] [--models ...] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import multiprocessing
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -36,27 +34,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, cast
 
-# Only light imports up here: spawned worker processes re-import this script.
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# Only light imports up here: spawned worker processes re-import this module.
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from benchmarks.datasets import (  # noqa: E402
-    DATA,
-    describe,
-    ensure_dataset,
-    ensure_subset,
-    list_images,
-)
-from pipeline.preprocess.select import (  # noqa: E402
-    create_backend,  # noqa: E402
-    dali_available,
-    pillow_implementation,
-)
-from pipeline.spec import InputLimits, PreprocessSpec  # noqa: E402
+from benchmarks import datasets, harness
+from benchmarks.harness import CORES, log
+from pipeline.preprocess.select import create_backend, dali_available
+from pipeline.spec import InputLimits, PreprocessSpec
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -66,11 +51,7 @@ if TYPE_CHECKING:
 MODELS = ("efficientnet_lite0", "mobilenet_v3_small")
 SLOW_MODELS = {"efficientnet_lite0"}  # (a) and (b) run on a subset for these
 BATCH = 32
-CORES = os.cpu_count() or 1
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-RESULTS = REPO / "benchmarks" / "results"
-README = REPO / "benchmarks" / "README.md"
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 @dataclass(frozen=True)
@@ -188,59 +169,6 @@ def parse_args(argv: Optional[list[str]] = None) -> Options:
                    args.sweep, args.cli, args.write_readme and not args.quick, args.quick)
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def weights_for(model: str) -> Optional[Path]:
-    """The bundled weights for EfficientNet-Lite0; random ones saved once otherwise."""
-    if model == "efficientnet_lite0":
-        return None
-    path = DATA / f"{model}-random.pth"
-    if not path.exists():
-        import torch
-        import torchvision
-
-        torch.manual_seed(0)
-        DATA.mkdir(parents=True, exist_ok=True)
-        torch.save(torchvision.models.get_model(model, weights=None).state_dict(), path)
-    return path
-
-
-def warm_page_cache(directory: Path) -> float:
-    """Read every file once so no measurement pays for the disk; seconds taken."""
-    started = time.perf_counter()
-    for path in list_images(directory):
-        path.read_bytes()
-    return time.perf_counter() - started
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import torch
-
-    cpu = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cores": CORES, "cpu": cpu, "torch": torch.__version__,
-            "python": platform.python_version(), "pillow": pillow_implementation(),
-            "pil_version": Image.__version__, "dali_installed": dali_available(),
-            "load_average": os.getloadavg()}
-
-
-def has_cache_settings() -> bool:
-    """Whether this imgpipe has a cache (it must be off, or re-runs would be hits)."""
-    from pipeline.config import Settings
-
-    return "cache" in Settings.model_fields
-
-
 # ---------------------------------------------------------------- (a) imgpipe
 
 
@@ -255,14 +183,14 @@ class CountingSink:
 
 
 def imgpipe_settings(model: str, extra: Optional[dict[str, Any]] = None) -> Settings:
-    """The default configuration for `model` on the CPU, plus `extra` overrides."""
+    """The default configuration for `model` on the CPU, cache off (or re-runs would
+    be hits), plus `extra` overrides."""
     from pipeline.config import load_settings
 
-    weights = weights_for(model)
+    weights = datasets.weights_for(model)
     overrides: dict[str, Any] = {"model.name": model, "model.device": "cpu",
-                                 "model.weights": str(weights) if weights else None}
-    if has_cache_settings():
-        overrides["cache.enabled"] = False
+                                 "model.weights": str(weights) if weights else None,
+                                 "cache.enabled": False}
     return load_settings(overrides={**overrides, **(extra or {})})
 
 
@@ -281,7 +209,7 @@ def measure_imgpipe(model: str, directory: Path,
         summary = engine.run(directory_source.walk(str(directory)), sink)
     finally:
         engine.close()
-    expected = len(list_images(directory))
+    expected = len(datasets.list_images(directory))
     if sink.records != expected or summary.scored != expected:
         raise RuntimeError(f"imgpipe scored {summary.scored} of {expected} files "
                            f"({sink.records} records; errors {dict(summary.errors)})")
@@ -293,10 +221,8 @@ def measure_variant(model: str, directory: Path, variant: Variant) -> tuple[floa
     images/s and setup seconds."""
     request = json.dumps({"model": model, "directory": str(directory),
                           "overrides": variant.overrides})
-    done = subprocess.run([sys.executable, __file__, "--child", request],
-                          env={**os.environ, **IMGPIPE_ENV, **variant.env},
-                          capture_output=True, text=True, check=True)
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = harness.in_fresh_process("benchmarks.bench_score", "--child", request,
+                                        env={**os.environ, **IMGPIPE_ENV, **variant.env})
     return float(measured["images_per_s"]), float(measured["setup_s"])
 
 
@@ -310,11 +236,11 @@ def child(request: str) -> int:
 
 def measure_cli(model: str, directory: Path) -> dict[str, Any]:
     """The real `imgpipe score DIR --out FILE`, wall time including start-up."""
-    weights = weights_for(model)
+    weights = datasets.weights_for(model)
     command = [str(Path(sys.executable).parent / "imgpipe"), "score", str(directory),
                "--model", model, "--device", "cpu"]
     command += ["--weights", str(weights)] if weights else []
-    env = {**os.environ, **({"IMGPIPE_CACHE__ENABLED": "false"} if has_cache_settings() else {})}
+    env = {**os.environ, "IMGPIPE_CACHE__ENABLED": "false"}
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "results.jsonl"
         started = time.perf_counter()
@@ -363,10 +289,11 @@ def measure_baseline(model: str, directory: Path) -> float:
 
     from pipeline.models import load_model
 
-    module = load_model(model, weights_for(model)).module.eval()
+    module = load_model(model, datasets.weights_for(model)).module.eval()
     torch.set_num_threads(CORES)
     # PhotoFiles is a map-style dataset without subclassing (torch stays out of workers).
-    dataset = cast("Dataset[Any]", PhotoFiles(list_images(directory), baseline_transform()))
+    files = datasets.list_images(directory)
+    dataset = cast("Dataset[Any]", PhotoFiles(files, baseline_transform()))
     loader: DataLoader[Any] = DataLoader(dataset, batch_size=BATCH, num_workers=CORES)
     seen = 0
     started = time.perf_counter()
@@ -388,17 +315,12 @@ def measure_model_only(model: str, seconds: float) -> float:
     from pipeline.models import load_model
 
     spec = PreprocessSpec()
-    backend = TorchBackend(load_model(model, weights_for(model)), torch.device("cpu"),
+    backend = TorchBackend(load_model(model, datasets.weights_for(model)), torch.device("cpu"),
                            BATCH, spec.output_shape, threads=CORES)
     backend.setup()
     rng = np.random.default_rng(0)
     batch = [rng.integers(0, 256, spec.output_shape, dtype=np.uint8) for _ in range(BATCH)]
-    seen = 0
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        backend.predict(batch)
-        seen += BATCH
-    rate = seen / (time.perf_counter() - started)
+    rate = harness.images_per_s(lambda: backend.predict(batch), BATCH, seconds)
     backend.close()
     return rate
 
@@ -461,18 +383,12 @@ def _backend_rate(name: str, files: list[str], chunk: int = 8) -> float:
     return rate
 
 
-def spread(files: list[Path], count: int) -> list[Path]:
-    """`count` files evenly spaced over the list (keeps the mix of sizes)."""
-    step = max(1, len(files) // count)
-    return files[::step][:count]
-
-
 def preprocessing(directory: Path, options: Options) -> dict[str, Any]:
     """(d), best of the repeats, and the single-process rate of each backend."""
-    log(f"(d) preprocessing pool over {len(list_images(directory))} images")
+    log(f"(d) preprocessing pool over {len(datasets.list_images(directory))} images")
     pool_runs = [measure_pool(directory) for _ in range(options.repeats)]
     backends = ["pillow"] + (["dali"] if dali_available() else [])
-    files = spread(list_images(directory), options.single_process_images)
+    files = datasets.spread(datasets.list_images(directory), options.single_process_images)
     log(f"single-process preprocessing, {len(files)} files: {', '.join(backends)}")
     return {"pool_runs": pool_runs, "pool": max(pool_runs), "single_process_files": len(files),
             "single_process": measure_single_process(backends, files)}
@@ -485,8 +401,8 @@ def bench_model(model: str, directory: Path, preprocess_only: float,
                 options: Options) -> ModelResult:
     """(c), then (a) and (b) interleaved, then the sweep, for one model."""
     if model in SLOW_MODELS:
-        directory = ensure_subset(directory, options.subset)
-    result = ModelResult(model, len(list_images(directory)), preprocess_only,
+        directory = datasets.ensure_subset(directory, options.subset)
+    result = ModelResult(model, len(datasets.list_images(directory)), preprocess_only,
                          {"imgpipe": [], "baseline": [], "model_only": []})
     log(f"{model}: (c) model only, {options.model_seconds:.0f} s")
     for _ in range(options.repeats):
@@ -561,13 +477,13 @@ def sweep_table(results: list[ModelResult]) -> list[str]:
 def report(info: dict[str, Any], results: list[ModelResult]) -> str:
     """Everything measured, as the Markdown block that goes into the README."""
     m, data, pre = info["machine"], info["dataset"], info["preprocessing"]
-    lines = [f"Measured {info['date']} on {m['cores']} cores ({m['cpu']}), torch {m['torch']}, "
+    lines = [f"{harness.measured_on(info['date'], m)}"
              f"{m['pillow']} {m['pil_version']} active, DALI installed: "
              f"{'yes' if m['dali_installed'] else 'no'}; 1-minute load average "
              f"{m['load_average'][0]:.2f} at the start, {info['load_average_end'][0]:.2f} at "
              f"the end. Dataset: {data['files']} JPEGs, {data['bytes'] / 1e6:.0f} MB "
-             f"({_sizes(data['sizes'])}). Best of {info['options']['repeats']} interleaved "
-             f"runs; whole benchmark {info['total_s'] / 60:.1f} min.",
+             f"({harness.size_mix(data['sizes'])}). Best of {info['options']['repeats']} "
+             f"interleaved runs; whole benchmark {info['total_s'] / 60:.1f} min.",
              "", "Images per second (higher is better):", "", *results_table(results), ""]
     subset = [r for r in results if r.images < data["files"]]
     if subset:
@@ -577,16 +493,11 @@ def report(info: dict[str, Any], results: list[ModelResult]) -> str:
     rates = ", ".join(f"{name} {rate:.1f}" for name, rate in pre["single_process"].items())
     lines += [f"Single-process preprocessing ({pre['single_process_files']} files, chunks of "
               f"8): {rates} images/s.", *_cli_lines(info), "", "Targets:", ""]
-    lines += [f"- {'met' if ok else '**NOT met**'}: {name}" for name, ok in targets(results)]
+    lines += harness.target_lines(targets(results))
     if any(r.sweep for r in results):
         lines += ["", "(a) under alternative settings (images/s, ratio to the defaults):", "",
                   *sweep_table(results)]
     return "\n".join(lines)
-
-
-def _sizes(sizes: dict[str, int]) -> str:
-    ordered = sorted(sizes.items(), key=lambda kv: int(kv[0].split("x")[0]))
-    return ", ".join(f"{count} x {size}" for size, count in ordered)
 
 
 def _cli_lines(info: dict[str, Any]) -> list[str]:
@@ -599,27 +510,10 @@ def _cli_lines(info: dict[str, Any]) -> list[str]:
             f"{cli['images_per_s_reported']} images/s)."]
 
 
-def update_readme(block: str) -> None:
-    """Replace the results block of benchmarks/README.md (append one if missing)."""
-    text = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n"
-    fresh = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + fresh + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Results\n\n" + fresh + "\n"
-    README.write_text(text, encoding="utf-8")
-
-
-def save_json(info: dict[str, Any], results: list[ModelResult]) -> Path:
-    """Raw results under benchmarks/results/, one file per run."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = RESULTS / f"bench-{stamp}{'-quick' if info['options']['quick'] else ''}.json"
+def raw_results(info: dict[str, Any], results: list[ModelResult]) -> dict[str, Any]:
+    """Everything measured, every run included, for benchmarks/results/bench-*.json."""
     rows = [{**asdict(r), "best": r.summary()} for r in results]
-    payload = {**info, "models": rows, "targets": dict(targets(results))}
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
+    return {**info, "models": rows, "targets": dict(targets(results))}
 
 
 # ---------------------------------------------------------------- main
@@ -631,13 +525,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return child(argv[1])
     options = parse_args(argv)
     started = time.perf_counter()
-    log(f"dataset: {options.images} images (generated once under {DATA})")
-    directory = ensure_dataset(options.images)
-    info: dict[str, Any] = {
-        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": machine(), "dataset": describe(directory), "options": asdict(options),
-        "page_cache_warm_s": warm_page_cache(directory),
-        "cache_disabled": has_cache_settings()}
+    log(f"dataset: {options.images} images (generated once under {datasets.DATA})")
+    directory = datasets.ensure_dataset(options.images)
+    info = harness.run_header(directory, options, cache_disabled=True)
     info["preprocessing"] = preprocessing(directory, options)
     results = [bench_model(model, directory, info["preprocessing"]["pool"], options)
                for model in options.models]
@@ -649,9 +539,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     info["total_s"] = time.perf_counter() - started
     block = report(info, results)
     print(block)
-    print(f"\nraw results: {save_json(info, results)}")
+    print(f"\nraw results: {harness.save_json('bench', raw_results(info, results), options.quick)}")
     if options.write_readme:
-        update_readme(block)
+        harness.update_readme("results", block, "## Results")
     return 0
 
 

@@ -10,7 +10,7 @@ private reply stream, next), path jobs and inline data jobs, against the
 model's own batch-of-1 latency and the preprocessing time of one image,
 measured in the same run; plus the per-stage timings the results carry.
 
-    .venv/bin/python benchmarks/bench_serve.py [--images N] [--model NAME] [--quick]
+    .venv/bin/python -m benchmarks.bench_serve [--images N] [--model NAME] [--quick]
 
 Writes the table into benchmarks/README.md between the serve markers and the
 raw numbers to benchmarks/results/serve-*.json. Starts its own redis-server on
@@ -20,8 +20,6 @@ a free port; never touches another Redis.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -29,40 +27,24 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-# What the imgpipe command sets for itself before torch loads (workers/cli.py):
-# the daemon, (a) and the model-only latency all run with it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchmarks.bench_score import (  # noqa: E402
-    CORES,
-    Variant,
-    has_cache_settings,
-    imgpipe_settings,
-    log,
-    machine,
-    measure_variant,
-    spread,
-    warm_page_cache,
-    weights_for,
-)
-from benchmarks.datasets import describe, ensure_dataset, ensure_subset, list_images  # noqa: E402
+from benchmarks import datasets, harness
+from benchmarks.bench_score import Variant, imgpipe_settings, measure_variant
+from benchmarks.harness import CORES, log
+from benchmarks.services import ServeDaemon, redis_server, running_daemon
 
 if TYPE_CHECKING:
     from pipeline.transport.client import Client
-    from tests.serve_daemon import ServeProcess
 
-README = REPO / "benchmarks" / "README.md"
-RESULTS = REPO / "benchmarks" / "results"
-BEGIN, END = "<!-- serve:begin -->", "<!-- serve:end -->"
+# What the imgpipe command sets for itself before torch loads (workers/cli.py):
+# the daemon, (a) and the model-only latency all run with it. Nothing imported
+# above loads torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 PREFIX = "bench-serve"
 WARMUP_BURST = 64  # jobs sent at once before measuring: full batches, both workers
 WARMUP_SINGLES = 10  # then one at a time: batches of one
@@ -117,34 +99,14 @@ def daemon_env(model: str, redis_url: str, roots: list[Path],
                extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     """The IMGPIPE_* settings of the daemon: (a)'s settings (bench_score's
     imgpipe_settings: model on the CPU, cache off), plus Redis and allowed_roots."""
-    weights = weights_for(model)
+    weights = datasets.weights_for(model)
     env = {"IMGPIPE_MODEL__NAME": model, "IMGPIPE_MODEL__DEVICE": "cpu",
            "IMGPIPE_REDIS_URL": redis_url, "IMGPIPE_REDIS__PREFIX": PREFIX,
-           "IMGPIPE_SERVE__ALLOWED_ROOTS": os.pathsep.join(str(root) for root in roots)}
+           "IMGPIPE_SERVE__ALLOWED_ROOTS": os.pathsep.join(str(root) for root in roots),
+           "IMGPIPE_CACHE__ENABLED": "false"}
     if weights is not None:
         env["IMGPIPE_MODEL__WEIGHTS"] = str(weights)
-    if has_cache_settings():
-        env["IMGPIPE_CACHE__ENABLED"] = "false"
     return {**env, **(extra or {})}
-
-
-@contextmanager
-def running_daemon(env: dict[str, str], log_path: Path) -> Iterator[ServeProcess]:
-    """`imgpipe serve` (python -m workers.cli serve) until it logs "serving ";
-    SIGTERM on the way out (exit 0 expected), SIGKILL to its group if it hangs."""
-    from tests.serve_daemon import ServeProcess
-
-    daemon = ServeProcess(env, log_path)
-    started = time.perf_counter()
-    daemon.start()
-    log(f"daemon ready after {time.perf_counter() - started:.1f} s (pid {daemon.pid})")
-    try:
-        yield daemon
-        status = daemon.stop()
-        if status != 0:
-            raise RuntimeError(f"imgpipe serve exited {status}:\n{daemon.log()[-2000:]}")
-    finally:
-        daemon.close()
 
 
 def warm_up(client: Client, files: list[Path]) -> None:
@@ -185,10 +147,11 @@ def machine_idle() -> Iterator[dict[str, float]]:
     out["idle"] = (spent["idle"] + spent.get("iowait", 0.0)) / max(sum(spent.values()), 1e-9)
 
 
-def daemon_pids(daemon: ServeProcess) -> list[int]:
+def daemon_pids(daemon: ServeDaemon) -> list[int]:
     import psutil
 
-    return [daemon.pid, *(p.pid for p in psutil.Process(daemon.pid).children(recursive=True))]
+    pid = daemon.process.pid
+    return [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
 
 
 # ---------------------------------------------------------------- (b) throughput
@@ -238,18 +201,18 @@ def stage_medians(results: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def ask(client: Client, path: Path, data: bool) -> tuple[float, dict[str, Any]]:
-    """One job, submitted and waited for: (end-to-end ms as the client sees it, result)."""
+    """One job, submitted and waited for: (end-to-end s as the client sees it, result)."""
     payload = path.read_bytes() if data else None
     reply = client.reply_stream()
     started = time.perf_counter()
     job_id = client.submit(image=None if data else str(path), data=payload, reply_to=reply)
     found = client.wait([job_id], stream=reply, timeout_s=RESULT_TIMEOUT_S)
-    elapsed_ms = (time.perf_counter() - started) * 1000
+    elapsed_s = time.perf_counter() - started
     client.delete_stream(reply)
     result = found.get(job_id)
     if result is None or result.get("status") != "ok":
         raise RuntimeError(f"{path.name}: {result or 'no result'}")
-    return elapsed_ms, result
+    return elapsed_s, result
 
 
 def gaps(count: int) -> list[float]:
@@ -259,23 +222,19 @@ def gaps(count: int) -> list[float]:
 
 def measure_latency(client: Client, files: list[Path], data: bool) -> dict[str, Any]:
     """End-to-end latency of one job at a time, with the stage timings results carry."""
-    e2e, results = [], []
+    e2e_s, results = [], []
     for path, gap_s in zip(files, gaps(len(files)), strict=True):
         time.sleep(gap_s)
-        elapsed_ms, result = ask(client, path, data)
-        e2e.append(elapsed_ms)
+        elapsed_s, result = ask(client, path, data)
+        e2e_s.append(elapsed_s)
         results.append(result)
+    e2e = [s * 1000 for s in e2e_s]
     rows = [r["timings_ms"] for r in results]
     unaccounted = [ms - sum(row.get(stage, 0.0) for stage in STAGES)
                    for ms, row in zip(e2e, rows, strict=True)]
-    return {"jobs": len(files), "kind": "data" if data else "path", **percentiles(e2e),
-            "stage_medians_ms": stage_medians(results),
+    return {"jobs": len(files), "kind": "data" if data else "path",
+            **harness.latency_ms(e2e_s), "stage_medians_ms": stage_medians(results),
             "unaccounted_p50_ms": float(np.percentile(unaccounted, 50)), "samples_ms": e2e}
-
-
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    p50, p99 = np.percentile(samples_ms, [50, 99])
-    return {"p50_ms": float(p50), "p99_ms": float(p99), "mean_ms": float(np.mean(samples_ms))}
 
 
 def model_latency(model: str, calls: int) -> dict[str, float]:
@@ -287,8 +246,8 @@ def model_latency(model: str, calls: int) -> dict[str, float]:
     from pipeline.models import load_model
 
     shape = imgpipe_settings(model).preprocess.spec().output_shape
-    backend = TorchBackend(load_model(model, weights_for(model)), torch.device("cpu"), 1,
-                           shape, threads=CORES)
+    loaded = load_model(model, datasets.weights_for(model))
+    backend = TorchBackend(loaded, torch.device("cpu"), 1, shape, threads=CORES)
     backend.setup()
     sample = [np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)]
     for _ in range(10):
@@ -298,9 +257,9 @@ def model_latency(model: str, calls: int) -> dict[str, float]:
         time.sleep(gap_s)  # idle between images, as at low load
         started = time.perf_counter()
         backend.predict(sample)
-        samples.append((time.perf_counter() - started) * 1000)
+        samples.append(time.perf_counter() - started)
     backend.close()
-    return percentiles(samples)
+    return harness.latency_ms(samples)
 
 
 def preprocess_latency(model: str, files: list[Path]) -> dict[str, float]:
@@ -317,20 +276,20 @@ def preprocess_latency(model: str, files: list[Path]) -> dict[str, float]:
     for path in files:
         started = time.perf_counter()
         outcome = backend.run([read_file(str(path), pre.max_file_bytes)])[0]
-        samples.append((time.perf_counter() - started) * 1000)
+        samples.append(time.perf_counter() - started)
         if not isinstance(outcome, np.ndarray):
             raise RuntimeError(f"{path.name}: {outcome}")
     backend.close()
-    return percentiles(samples)
+    return harness.latency_ms(samples)
 
 
 # ---------------------------------------------------------------- the run
 
 
 def throughput(options: Options, directory: Path, client: Client,
-               daemon: ServeProcess, redis_pid: int) -> list[dict[str, Any]]:
+               daemon: ServeDaemon, redis_pid: int) -> list[dict[str, Any]]:
     """(a) and (b) interleaved, `repeats` pairs; (a) runs while the daemon idles."""
-    files = list_images(directory)
+    files = datasets.list_images(directory)
     pids = daemon_pids(daemon)
     pairs = []
     for attempt in range(options.repeats):
@@ -347,7 +306,7 @@ def throughput(options: Options, directory: Path, client: Client,
 
 def latency(options: Options, directory: Path, client: Client) -> dict[str, Any]:
     """Model and preprocessing alone, then path and data jobs one at a time."""
-    files = spread(list_images(directory), options.latency_jobs)
+    files = datasets.spread(datasets.list_images(directory), options.latency_jobs)
     log(f"latency: model alone (batch of 1) and preprocessing alone, {len(files)} each")
     out: dict[str, Any] = {"model": model_latency(options.model, len(files)),
                            "preprocess": preprocess_latency(options.model, files)}
@@ -364,7 +323,7 @@ def no_delay_latency(options: Options, directory: Path, url: str,
     from pipeline.config import RedisSettings
     from pipeline.transport.client import Client
 
-    files = spread(list_images(directory), options.latency_jobs)
+    files = datasets.spread(datasets.list_images(directory), options.latency_jobs)
     env = daemon_env(options.model, url, [directory], {"IMGPIPE_BATCHING__MAX_DELAY_MS": "0"})
     with running_daemon(env, scratch / "serve-no-delay.log"), \
             Client(RedisSettings(url=url, prefix=PREFIX)) as client:
@@ -378,17 +337,15 @@ def run(options: Options, directory: Path, scratch: Path) -> dict[str, Any]:
     """Redis and the daemon up, throughput pairs, latency; everything torn down."""
     from pipeline.config import RedisSettings
     from pipeline.transport.client import Client
-    from tests.redis_server import RedisServer
 
     out: dict[str, Any] = {}
-    with RedisServer(scratch / "redis") as server:
-        assert server.process is not None
+    with redis_server(scratch / "redis") as server:
         out["redis"] = configure_redis(server.url)
         env = daemon_env(options.model, server.url, [directory])
         with running_daemon(env, scratch / "serve.log") as daemon, \
                 Client(RedisSettings(url=server.url, prefix=PREFIX)) as client:
             log("warming the daemon up")
-            warm_up(client, list_images(directory))
+            warm_up(client, datasets.list_images(directory))
             out["pairs"] = throughput(options, directory, client, daemon, server.process.pid)
             out["latency"] = latency(options, directory, client)
             out["daemon_warnings"] = warnings(daemon.log())
@@ -422,7 +379,7 @@ def warnings(daemon_log: str) -> list[str]:
 def report(n: dict[str, Any]) -> str:
     """Everything measured, as the Markdown block that goes into the README."""
     m, data, settings = n["machine"], n["dataset"], n["settings"]
-    lines = [f"Measured {n['date']} on {m['cores']} cores ({m['cpu']}), torch {m['torch']}, "
+    lines = [f"{harness.measured_on(n['date'], m)}"
              f"{m['pillow']} {m['pil_version']}, redis-server {n['redis']['version']} "
              f"(hz {n['redis']['hz']}, no persistence); 1-minute load average "
              f"{m['load_average'][0]:.2f} at the start, {n['load_average_end'][0]:.2f} at the "
@@ -433,7 +390,7 @@ def report(n: dict[str, Any]) -> str:
              f"benchmark {n['total_s'] / 60:.1f} min.",
              "", "Throughput, interleaved (a) then (b), each row one pair:", "",
              *throughput_table(n["pairs"]), "", *latency_lines(n), "", "Targets:", ""]
-    lines += [f"- {'met' if ok else '**NOT met**'}: {name}" for name, ok in targets(n)]
+    lines += harness.target_lines(targets(n))
     if n["daemon_warnings"]:
         lines += ["", f"The daemon logged {len(n['daemon_warnings'])} warnings or errors, "
                   f"the first: `{n['daemon_warnings'][0]}`"]
@@ -509,46 +466,22 @@ def targets(n: dict[str, Any]) -> list[tuple[str, bool]]:
              f"{overhead(n):.1f} ms", overhead(n) <= limit)]
 
 
-def write_readme(block: str) -> None:
-    """Replace the serve block of benchmarks/README.md (append a section if missing)."""
-    text = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n"
-    fresh = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + fresh + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Serving (`bench_serve.py`)\n\n" + fresh + "\n"
-    README.write_text(text, encoding="utf-8")
-
-
-def save_json(numbers: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = RESULTS / f"serve-{stamp}{'-quick' if numbers['options']['quick'] else ''}.json"
-    path.write_text(json.dumps(numbers, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     options = parse_args(argv)
     started = time.perf_counter()
-    directory = ensure_subset(ensure_dataset(max(options.images, 1000)), options.images)
+    directory = datasets.first_images(options.images)
     batching = imgpipe_settings(options.model).batching
-    numbers: dict[str, Any] = {
-        "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": machine(), "dataset": describe(directory), "options": asdict(options),
-        "settings": {"max_batch_size": batching.max_batch_size,
-                     "max_delay_ms": batching.max_delay_ms},
-        "page_cache_warm_s": warm_page_cache(directory)}
+    numbers = harness.run_header(directory, options, settings={
+        "max_batch_size": batching.max_batch_size, "max_delay_ms": batching.max_delay_ms})
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as scratch:
         numbers.update(run(options, directory, Path(scratch)))
     numbers["load_average_end"] = os.getloadavg()
     numbers["total_s"] = time.perf_counter() - started
     block = report(numbers)
     print(block)
-    print(f"\nraw results: {save_json(numbers)}")
+    print(f"\nraw results: {harness.save_json('serve', numbers, options.quick)}")
     if options.write_readme:
-        write_readme(block)
+        harness.update_readme("serve", block, "## Serving (`bench_serve.py`)")
     return 0
 
 

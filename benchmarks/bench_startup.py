@@ -4,12 +4,12 @@ Three cases, each the median of a few runs, next to what a user would
 write instead (a DataLoader + torchvision transforms + eager model script,
 batch 32, on the same files; it has no cache, so it scores them all):
   (a) an empty directory;
-  (b) 1,000 files that the result cache answers in full (scored once before);
+  (b) 1,000 files (--files) that the result cache answers in full (scored once before);
   (c) the first record of a cold run: 1,000 files the cache has never seen,
       the model's cache scope known from earlier runs, `--out -` read line by
       line until the first record arrives (the script: its first printed line).
 
-    python -m benchmarks.bench_startup [--runs 3]
+    python -m benchmarks.bench_startup [--runs 3] [--files 1000]
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.datasets import SAMPLES
+from benchmarks.harness import REPO
+
 IMGPIPE = [sys.executable, "-m", "workers.cli", "score"]
-FILES = 1000
 # What a user would write instead: the torchvision recipe, a DataLoader, eager
 # EfficientNet-Lite0, one line per image.
 SEED_SCRIPT = """
@@ -52,30 +53,28 @@ with torch.no_grad():
         for name, top in zip(names, model(batch).softmax(1).argmax(1).tolist()):
             print(name.name, top, flush=True)
 """
+SEED = [sys.executable, "-c", SEED_SCRIPT]
 
 
 def copies(directory: Path, count: int, tag: bytes) -> Path:
     """`count` distinct JPEGs (one sample, a different trailing byte pattern each)."""
     directory.mkdir()
-    photo = (ROOT / "samples" / "coffee.jpg").read_bytes()
+    photo = (SAMPLES / "coffee.jpg").read_bytes()
     for index in range(count):
         (directory / f"{index:04}.jpg").write_bytes(photo + tag + index.to_bytes(4, "big"))
     return directory
 
 
-SEED = [sys.executable, "-c", SEED_SCRIPT]
-
-
 def whole_command_s(command: list[str], *args: str) -> float:
     started = time.perf_counter()
-    subprocess.run([*command, *args], check=True, capture_output=True, cwd=ROOT)
+    subprocess.run([*command, *args], check=True, capture_output=True, cwd=REPO)
     return time.perf_counter() - started
 
 
 def first_record_s(command: list[str], *args: str) -> float:
     started = time.perf_counter()
     with subprocess.Popen([*command, *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, cwd=ROOT) as process:
+                          stderr=subprocess.DEVNULL, cwd=REPO) as process:
         assert process.stdout is not None
         process.stdout.readline()
         elapsed = time.perf_counter() - started
@@ -86,26 +85,28 @@ def first_record_s(command: list[str], *args: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    runs = parser.parse_args().runs
+    parser.add_argument("--files", type=int, default=1000, help="files in cases (b) and (c)")
+    args = parser.parse_args()
+    runs, files = args.runs, args.files
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         cache = ["--cache-dir", str(root / "cache")]
         empty = root / "empty"
         empty.mkdir()
-        cached = copies(root / "cached", FILES, b"cached")
+        cached = copies(root / "cached", files, b"cached")
         whole_command_s(IMGPIPE, str(cached), *cache)  # fills the cache, remembers the scope
         rows = [
             ("empty directory",
              [whole_command_s(IMGPIPE, str(empty), *cache) for _ in range(runs)],
              [whole_command_s(SEED, str(empty)) for _ in range(runs)]),
-            (f"{FILES} files, all answered by imgpipe's result cache",
+            (f"{files} files, all answered by imgpipe's result cache",
              [whole_command_s(IMGPIPE, str(cached), *cache) for _ in range(runs)],
              [whole_command_s(SEED, str(cached))]),  # one run: about a minute
         ]
         cold: list[float] = []
         seed_cold: list[float] = []
         for run in range(runs):
-            fresh = copies(root / f"cold-{run}", FILES, f"cold-{run}".encode())
+            fresh = copies(root / f"cold-{run}", files, f"cold-{run}".encode())
             cold.append(first_record_s(IMGPIPE, str(fresh), *cache, "--out", "-"))
             seed_cold.append(first_record_s(SEED, str(fresh)))
             shutil.rmtree(fresh)

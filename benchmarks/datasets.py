@@ -1,4 +1,5 @@
-"""Benchmark inputs: a cached directory of JPEGs built from the photos in samples/.
+"""Benchmark inputs: a cached directory of JPEGs built from the photos in samples/,
+and the random weights of the models that have no bundled ones.
 
 Every image is a deterministic function of (seed, index): a camera-like size
 from `SIZES` (a quarter of them portrait), filled with a mosaic of randomly
@@ -12,10 +13,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -34,6 +37,7 @@ PORTRAIT_FRACTION = 0.25
 QUALITY = (85, 92)  # inclusive
 TILE_SIDE = 700  # mosaic tiles are about this many pixels on their shorter side
 COMPLETE = ".complete"  # marker file; hidden, so directory.walk skips it
+FULL_SIZE = 1000  # bench_score's directory; smaller runs elsewhere take its first files
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,11 @@ def ensure_dataset(count: int, seed: int = 0, root: Path = DATA) -> Path:
     return directory
 
 
+def first_images(count: int, seed: int = 0) -> Path:
+    """The first `count` files of the full-size dataset (of `count`, if larger)."""
+    return ensure_subset(ensure_dataset(max(count, FULL_SIZE), seed), count)
+
+
 def _dataset_name(count: int, seed: int) -> str:
     return f"photos-n{count}-s{seed}-v{FORMAT_VERSION}"
 
@@ -108,6 +117,35 @@ def ensure_subset(source: Path, count: int) -> Path:
 def list_images(directory: Path) -> list[Path]:
     """Non-hidden files of a dataset directory, sorted by name."""
     return sorted(p for p in directory.iterdir() if not p.name.startswith("."))
+
+
+def spread(files: list[Path], count: int) -> list[Path]:
+    """`count` files evenly spaced over the list (keeps the mix of sizes)."""
+    step = max(1, len(files) // count)
+    return files[::step][:count]
+
+
+def warm_page_cache(directory: Path) -> float:
+    """Read every file once so no measurement pays for the disk; seconds taken."""
+    started = time.perf_counter()
+    for path in list_images(directory):
+        path.read_bytes()
+    return time.perf_counter() - started
+
+
+def weights_for(model: str) -> Optional[Path]:
+    """The bundled weights for EfficientNet-Lite0; random ones saved once otherwise."""
+    if model == "efficientnet_lite0":
+        return None
+    path = DATA / f"{model}-random.pth"
+    if not path.exists():
+        import torch
+        import torchvision
+
+        torch.manual_seed(0)
+        DATA.mkdir(parents=True, exist_ok=True)
+        torch.save(torchvision.models.get_model(model, weights=None).state_dict(), path)
+    return path
 
 
 def file_name(index: int) -> str:
