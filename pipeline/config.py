@@ -65,6 +65,15 @@ class ModelSettings(Section):
     calibration_images: UnsetIfBlank[Path] = None
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     threads: int = Field(0, ge=0)
+    artifacts_dir: UnsetIfBlank[Path] = None
+
+    def artifacts_directory(self) -> Path:
+        """Where exported and compiled models are kept: `artifacts_dir`, else
+        $XDG_CACHE_HOME/imgpipe/artifacts (apart from `cache.dir`: a cache of
+        images elsewhere need not export the model again)."""
+        if self.artifacts_dir is not None:
+            return self.artifacts_dir
+        return CacheSettings().directory() / "artifacts"
 
     @model_validator(mode="after")
     def _variant_exists(self) -> ModelSettings:

@@ -32,10 +32,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from pipeline import prebuilt
 from pipeline.config import CacheSettings, ModelSettings, RedisSettings, Settings
 from pipeline.errors import ConfigError, ModelLoadError, first_line
 from pipeline.preprocess.select import pillow_implementation
 from pipeline.transport.connection import connect, describe_url
+from pipeline.variants import Variant
 
 Status = Literal["ok", "warn", "fail", "skip"]
 OK: Status = "ok"
@@ -242,6 +244,28 @@ def _model(settings: Settings, serve: bool) -> list[Check]:
     except ModelLoadError as exc:
         return [Check("model", FAIL, str(exc))]
     return [Check("model", OK, detail)]
+
+
+def _inference(settings: Settings, serve: bool) -> list[Check]:
+    """Which inference variant the engine will choose here, and why (nothing loaded)."""
+    cfg = settings.model
+    if cfg.backend != "auto":
+        return [Check("inference", OK, f"{Variant(cfg.backend, cfg.precision)}: set by "
+                                        "model.backend")]
+    optimized = "; a profile written by imgpipe optimize for these weights overrides it"
+    if _inference_device(cfg.device) != "cpu":
+        return [Check("inference", OK, f"torch: eager on a GPU (no checked faster variant "
+                                        f"on a GPU yet){optimized}")]
+    record = prebuilt.recall(cfg.artifacts_directory(), prebuilt.key_for(settings))
+    if isinstance(record, prebuilt.Refused):
+        return [Check("inference", WARN, f"torch: eager, since the ONNX export was refused "
+                                          f"({record.refused}){optimized}")]
+    if isinstance(record, prebuilt.Checked):
+        return [Check("inference", OK, f"onnxruntime: the CPU default, {record.note()}; "
+                                        f"starts without torch{optimized}")]
+    return [Check("inference", OK, "onnxruntime: the CPU default, exported and checked "
+                                    "against eager PyTorch on first use (once, about 20 s)"
+                                    f"{optimized}")]
 
 
 def _locate_model(cfg: ModelSettings) -> str:
@@ -473,5 +497,5 @@ def _scrub(text: str, secrets: list[str]) -> str:
 
 _PROBES: list[tuple[str, Callable[[Settings, bool], list[Check]]]] = [
     ("python", _python), ("torch", _torch), ("dali", _dali), ("pillow", _pillow),
-    ("model", _model), ("cache", _cache), ("redis", _redis),
+    ("model", _model), ("inference", _inference), ("cache", _cache), ("redis", _redis),
 ]

@@ -6,6 +6,7 @@ the stages, so a full queue slows the source and memory stays flat.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -16,17 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from pipeline import __version__
+from pipeline import __version__, prebuilt
 from pipeline.batching import END, Batcher
 from pipeline.cache import scopes
 from pipeline.cache.lookup import CacheLookup, ResultScope
 from pipeline.config import Settings
+from pipeline.errors import ImgpipeError, ModelLoadError, first_line
 from pipeline.inference import InferenceLoop
 from pipeline.items import Job, Prepared
 from pipeline.notify import Heartbeat
+from pipeline.prebuilt import PrebuiltBackend
 from pipeline.predictions import Record
 from pipeline.preprocess.pool import PreprocessPool, WorkerPlan
 from pipeline.preprocess.select import resolve_backend
+from pipeline.profiles import chosen
 from pipeline.sources import ChunkSource, IterableSource
 from pipeline.variants import Variant
 
@@ -37,10 +41,15 @@ if TYPE_CHECKING:
     from pipeline.backends import InferenceBackend
     from pipeline.metrics import Metrics
     from pipeline.models import LoadedModel
+    from pipeline.prebuilt import ModelCard
 # torch, the models and the inference backends are imported when a model loads:
-# a run the result cache answers in full never needs them.
+# a run the result cache answers in full never needs them, nor does a run on
+# the CPU default once its checked export exists (pipeline/prebuilt.py).
 
 Sink = Callable[[list[Record]], None]
+log = logging.getLogger("imgpipe.engine")
+# backend "auto" without an optimize profile, on the CPU: lossless and ~3x eager.
+CPU_DEFAULT = Variant("onnxruntime")
 
 
 @dataclass
@@ -90,8 +99,9 @@ class Engine:
         self.metrics = metrics
         self.progress = Heartbeat()
         self.device: Any = None  # a torch.device once the model loads ("cpu" until then)
-        self.model: LoadedModel
+        self.model: LoadedModel | ModelCard
         self.inference: InferenceBackend
+        self.variant_note = ""  # why this variant: the summary and doctor say it
         self._fallbacks_reported = 0
         self.cores = os.cpu_count() or 1
 
@@ -127,27 +137,98 @@ class Engine:
         return hasattr(self, "inference")
 
     def _load_model(self) -> None:
-        from pipeline.backends import backend_for, resolve_device
-        from pipeline.models import load_model
-
-        model_cfg = self.settings.model
-        self.device = resolve_device(model_cfg.device)
         started = time.perf_counter()
-        self.model = load_model(model_cfg.name, model_cfg.weights, model_cfg.labels)
-        self.variant, calibration_images = self._inference_variant()
-        self.inference = backend_for(self.settings, self.model, self.device, self.variant,
-                                     calibration_images)
-        self.inference.setup()
+        if not self._load_prebuilt():
+            self._load_with_torch()
         if self.metrics is not None:
             self.metrics.model_loaded(time.perf_counter() - started)
             self.metrics.set_info(__version__, self.model.name, str(self.device))
 
+    def _load_prebuilt(self) -> bool:
+        """The CPU default's checked ONNX export from an earlier run, opened without
+        torch; False where it does not apply (then the model loads with torch)."""
+        if self.settings.model.backend != "auto" or not self._surely_cpu():
+            return False
+        store = self.settings.model.artifacts_directory()
+        checked = prebuilt.recall(store, self._prebuilt_key())
+        if not isinstance(checked, prebuilt.Checked) or chosen(
+                self.settings.cache.directory(), checked.card):
+            return False
+        backend = PrebuiltBackend(checked, self.settings.batching.max_batch_size,
+                                  self.settings.preprocess.spec().output_shape,
+                                  self.settings.model.threads)
+        try:
+            backend.setup()
+        except ModelLoadError as exc:
+            log.warning("%s: exporting the model again", exc)
+            prebuilt.forget(store, self._prebuilt_key())
+            return False
+        self.device, self.model, self.inference = "cpu", checked.card, backend
+        self.variant, self.variant_note = CPU_DEFAULT, f"the CPU default, {checked.note()}"
+        return True
+
+    def _load_with_torch(self) -> None:
+        from pipeline.backends import backend_for, resolve_device
+        from pipeline.models import load_model
+
+        cfg = self.settings.model
+        self.device = resolve_device(cfg.device)
+        self.model = model = load_model(cfg.name, cfg.weights, cfg.labels)
+        profile = chosen(self.settings.cache.directory(), model)
+        calibration_images = cfg.calibration_images
+        if cfg.backend != "auto":
+            self.variant, self.variant_note = Variant(cfg.backend, cfg.precision), \
+                "set by model.backend"
+        elif profile is not None:
+            self.variant, self.variant_note = profile.variant, "chosen by imgpipe optimize"
+            calibration_images = profile.calibration_images
+        elif self.device.type == "cpu" and self._load_checked_default(model):
+            return
+        else:
+            self.variant = Variant("torch")
+            if self.device.type != "cpu":
+                self.variant_note = "eager: no checked faster variant on a GPU yet"
+        self.inference = backend_for(self.settings, model, self.device, self.variant,
+                                     calibration_images)
+        self.inference.setup()
+
+    def _load_checked_default(self, model: LoadedModel) -> bool:
+        """ONNX Runtime fp32, exported and checked against eager on first use; False
+        (eager, with the reason recorded and said once) when it fails either."""
+        from pipeline.backends.checked import checked_default
+
+        store, key = self.settings.model.artifacts_directory(), self._prebuilt_key()
+        earlier = prebuilt.recall(store, key)
+        if isinstance(earlier, prebuilt.Refused):
+            self.variant_note = f"eager: the ONNX export was refused ({earlier.refused})"
+            return False
+        try:
+            backend, checked = checked_default(self.settings, model, self.device)
+        except (ImgpipeError, RuntimeError, OSError) as exc:
+            why = first_line(exc)
+            log.warning("ONNX Runtime is not used for %s: %s; running eager PyTorch",
+                        model.name, why)
+            prebuilt.refuse(store, key, why)
+            self.variant_note = f"eager: the ONNX export was refused ({why})"
+            return False
+        prebuilt.remember(store, key, checked)
+        self.inference, self.variant = backend, CPU_DEFAULT
+        self.variant_note = f"the CPU default, {checked.note()}"
+        return True
+
+    def _prebuilt_key(self) -> str:
+        return prebuilt.key_for(self.settings)
+
+    def _surely_cpu(self) -> bool:
+        """Whether the model runs on the CPU, known without torch (whose CUDA check
+        is the only sure one) where no GPU can be present."""
+        device = self.settings.model.device
+        return device == "cpu" or (device == "auto" and not _may_have_gpu())
+
     def _remembered_scope(self) -> Optional[scopes.ModelScope]:
         """The model's cache scope from an earlier run, where loading it can wait:
         with the cache on, and surely no GPU to choose (its check needs torch)."""
-        device = self.settings.model.device
-        if not self.settings.cache.enabled or not (
-                device == "cpu" or (device == "auto" and not _may_have_gpu())):
+        if not self.settings.cache.enabled or not self._surely_cpu():
             return None
         return scopes.recall(self._scopes_directory(), scopes.identity(self.settings.model))
 
@@ -156,19 +237,6 @@ class Engine:
 
     def _device_type(self) -> str:
         return str(getattr(self.device, "type", self.device))
-
-    def _inference_variant(self) -> tuple[Variant, Optional[Path]]:
-        """The configured variant and its calibration images; for backend "auto",
-        what `imgpipe optimize` chose for this model and weights, else eager torch."""
-        cfg = self.settings.model
-        if cfg.backend != "auto":
-            return Variant(cfg.backend, cfg.precision), cfg.calibration_images
-        from pipeline.profiles import chosen
-
-        profile = chosen(self.settings.cache.directory(), self.model)
-        if profile is None:
-            return Variant("torch"), None
-        return profile.variant, profile.calibration_images
 
     def _open_cache(self) -> Optional[CacheLookup]:
         cfg = self.settings.cache
@@ -280,7 +348,7 @@ class _LoadedOnDemand:
             return self.engine.inference
 
     @property
-    def model(self) -> LoadedModel:
+    def model(self) -> LoadedModel | ModelCard:
         return self._backend().model
 
     @property
@@ -290,7 +358,7 @@ class _LoadedOnDemand:
     def setup(self) -> None:
         self._backend()
 
-    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
+    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor | np.ndarray:
         return self._backend().predict(samples)
 
     def close(self) -> None:

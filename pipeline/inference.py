@@ -8,6 +8,7 @@ loop owns no I/O: records go to a sink callback.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
@@ -15,13 +16,12 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 if TYPE_CHECKING:
-    import torch
 
     from pipeline.backends import InferenceBackend
 from pipeline.batching import Batcher
 from pipeline.errors import TransientError
 from pipeline.items import Prepared
-from pipeline.predictions import Record, error_record, ok_record, top_k
+from pipeline.predictions import Record, error_record, ok_record, to_numpy, top_k
 
 Remember = Callable[[Prepared, list[dict[str, Any]]], None]
 log = logging.getLogger("imgpipe.inference")
@@ -68,12 +68,13 @@ class InferenceLoop:
                 self.remember(item, top)
         self.batches += 1
 
-    def _logits(self, pixels: list[np.ndarray]) -> torch.Tensor:
+    def _logits(self, pixels: list[np.ndarray]) -> np.ndarray:
         """The batch's logits; a batch too big for the device's free memory is halved."""
-        import torch
-
+        torch = sys.modules.get("torch")
+        if torch is None:  # a backend that runs without torch runs without CUDA
+            return to_numpy(self.backend.predict(pixels))
         try:
-            return self.backend.predict(pixels)
+            return to_numpy(self.backend.predict(pixels))
         except torch.cuda.OutOfMemoryError as exc:
             if len(pixels) == 1:
                 raise TransientError("out of device memory on a single image") from exc
@@ -81,7 +82,7 @@ class InferenceLoop:
             torch.cuda.empty_cache()
         log.warning("out of device memory on a batch of %d: running it in halves", len(pixels))
         half = len(pixels) // 2
-        return torch.cat([self._logits(pixels[:half]), self._logits(pixels[half:])])
+        return np.concatenate([self._logits(pixels[:half]), self._logits(pixels[half:])])
 
     def drain(self, batcher: Batcher[Prepared], sink: Callable[[list[Record]], None],
               idle: Callable[[], None] = lambda: None) -> None:

@@ -3,26 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from pipeline.items import Prepared
-
-if TYPE_CHECKING:
-    import torch  # only top_k needs it: records are made without it
 
 Record = dict[str, Any]
 
 
-def top_k(logits: torch.Tensor, k: int, labels: Sequence[str]) -> list[list[dict[str, Any]]]:
-    """Softmax top-k per row: [{"label", "index", "score"}, ...] best first."""
-    import torch
+def top_k(logits: Any, k: int, labels: Sequence[str]) -> list[list[dict[str, Any]]]:
+    """Softmax top-k per row: [{"label", "index", "score"}, ...] best first.
 
-    probs = torch.softmax(logits.float(), dim=1)
-    scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
-    rows = zip(scores.cpu().tolist(), indices.cpu().tolist(), strict=True)
-    return [[{"label": labels[i], "index": i, "score": round(s, 6)}
-             for s, i in zip(row_scores, row_indices, strict=True)]
-            for row_scores, row_indices in rows]
+    `logits` is a NumPy array or a torch tensor (on any device); the softmax is
+    computed here in float64, so every backend's scores round the same way.
+    """
+    rows = to_numpy(logits).astype(np.float64)
+    rows = np.exp(rows - rows.max(axis=1, keepdims=True))
+    probs = rows / rows.sum(axis=1, keepdims=True)
+    k = min(k, probs.shape[1])
+    # Ties keep the lower class index first, as a stable sort of -p does.
+    best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[{"label": labels[i], "index": int(i), "score": round(float(row[i]), 6)}
+             for i in indices]
+            for row, indices in zip(probs, best, strict=True)]
+
+
+def to_numpy(logits: Any) -> np.ndarray:
+    """A backend's logits as a NumPy array (torch tensors are detached and moved)."""
+    if isinstance(logits, np.ndarray):
+        return logits
+    return logits.detach().float().cpu().numpy()
 
 
 def ok_record(item: Prepared, model: str, predictions: list[dict[str, Any]]) -> Record:

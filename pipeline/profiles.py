@@ -9,15 +9,22 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
 from pipeline.errors import ImgpipeError
 from pipeline.variants import Variant
 
-if TYPE_CHECKING:
-    from pipeline.models import LoadedModel
-
 PROFILES_SUBDIR = "profiles"
+
+
+class Identified(Protocol):
+    """A model as profiles know it (a LoadedModel, or a ModelCard without torch)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def weights_digest(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -28,12 +35,12 @@ class Profile:
     calibration_images: Optional[Path]
 
 
-def profile_path(cache_dir: Path, model: LoadedModel) -> Path:
+def profile_path(cache_dir: Path, model: Identified) -> Path:
     slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(model.name).name)
     return cache_dir / PROFILES_SUBDIR / f"{slug}-{model.weights_digest[:16]}.json"
 
 
-def chosen(cache_dir: Path, model: LoadedModel) -> Optional[Profile]:
+def chosen(cache_dir: Path, model: Identified) -> Optional[Profile]:
     """The profile `optimize` wrote for this model and these weights, if any (and valid)."""
     try:
         fields = json.loads(profile_path(cache_dir, model).read_text(encoding="utf-8"))
@@ -45,7 +52,7 @@ def chosen(cache_dir: Path, model: LoadedModel) -> Optional[Profile]:
     return Profile(variant, Path(images) if isinstance(images, str) else None)
 
 
-def write_profile(cache_dir: Path, model: LoadedModel, variant: Variant,
+def write_profile(cache_dir: Path, model: Identified, variant: Variant,
                   calibration_images: Optional[Path], threshold: float,
                   measured: dict[str, Any]) -> None:
     """Record `variant` as the choice for `model`, atomically."""

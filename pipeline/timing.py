@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -23,3 +23,14 @@ def timed_calls(call: Callable[[], Any], seconds: float) -> list[float]:
 def percentiles(latencies: list[float]) -> tuple[float, float]:
     p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
     return float(p50), float(p99)
+
+
+def warm_up(predict: Callable[[list[np.ndarray]], Any], sample_shape: tuple[int, ...],
+            sizes: Iterable[int]) -> float:
+    """Run one blank batch of each size (allocations, kernel choice, compilation
+    happen now, not on the first real batch); the seconds it took."""
+    started = time.perf_counter()
+    blank = np.zeros(sample_shape, dtype=np.uint8)
+    for size in sizes:
+        predict([blank] * size)
+    return time.perf_counter() - started

@@ -23,9 +23,13 @@ def samples_dir() -> Path:
 def pytest_configure(config: pytest.Config) -> None:
     """Keep the test suite's cache out of the user's ~/.cache (subprocesses inherit it)."""
     os.environ["IMGPIPE_CACHE__DIR"] = tempfile.mkdtemp(prefix="imgpipe-test-cache-")
+    # One export of each model for the whole session, whatever cache dir a test uses.
+    os.environ["IMGPIPE_MODEL__ARTIFACTS_DIR"] = os.path.join(os.environ["IMGPIPE_CACHE__DIR"],
+                                                              "artifacts")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    os.environ.pop("IMGPIPE_MODEL__ARTIFACTS_DIR", None)
     shutil.rmtree(os.environ.pop("IMGPIPE_CACHE__DIR", ""), ignore_errors=True)
 
 

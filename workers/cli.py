@@ -439,7 +439,8 @@ def _print_summary(console: Console, summary: Any, skipped: int, engine: Any,
                       f"{counts['errors']} errors, {counts['bytes_read'] / 2**20:.1f} MiB read",
                       markup=False)
     pillow = pillow_implementation()
-    model = (f"model {engine.model.name} on {engine.device} ({engine.variant})"
+    why = f": {engine.variant_note}" if engine.variant_note else ""
+    model = (f"model {engine.model.name} on {engine.device} ({engine.variant}{why})"
              if engine.model_loaded else
              f"model {engine.result_scope.model_id} not loaded: the cache answered every image")
     console.print(f"{model}; preprocessing {engine.preprocess_backend} ({pillow})", markup=False)

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rich.console import Console
 
@@ -16,8 +16,10 @@ from pipeline.config import settings_from_flags
 from pipeline.errors import ConfigError, InputError
 from pipeline.sources import directory
 from pipeline.sources.files import read_file
-from pipeline.transport.client import ENTRY_ID, Client, new_job_id
 from pipeline.transport.contract import MAX_TEXT_CHARS
+
+if TYPE_CHECKING:  # redis-py costs every other command a quarter second
+    from pipeline.transport.client import Client
 
 EXIT_MISSING_RESULTS = 1
 # Least lifetime of a reply stream after its last refresh (--timeout when longer):
@@ -55,6 +57,8 @@ def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None
 
 
 def _client(args: argparse.Namespace) -> Client:
+    from pipeline.transport.client import Client
+
     return Client.from_settings(settings_from_flags(vars(args)))
 
 
@@ -126,6 +130,8 @@ def _files(inputs: list[Path], recursive: bool) -> Iterator[str]:
 
 def _job_id(path: str) -> str:
     """The path itself when it fits the contract (readable results), else a fresh id."""
+    from pipeline.transport.client import new_job_id
+
     return path if _is_text(path) and len(path) <= MAX_TEXT_CHARS else new_job_id()
 
 
@@ -203,6 +209,8 @@ def _check_dead_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--count must be at least 1, not {args.count}")
     if args.ids and args.action != "retry":
         raise ConfigError(f"dead {args.action} takes no ids (only dead retry does)")
+    from pipeline.transport.client import ENTRY_ID
+
     malformed = [entry_id for entry_id in args.ids if not ENTRY_ID.match(entry_id)]
     if malformed:
         raise ConfigError(f"not dead letter ids: {', '.join(malformed[:5])} (ids look like "

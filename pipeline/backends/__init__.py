@@ -15,6 +15,7 @@ from pipeline.backends.torch import TorchBackend, resolve_device
 from pipeline.config import Settings
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel
+from pipeline.prebuilt import ModelCard
 from pipeline.variants import Variant
 
 __all__ = ["InferenceBackend", "TorchBackend", "Variant", "backend_for",
@@ -27,23 +28,27 @@ class InferenceBackend(Protocol):
     """Runs one LoadedModel on one device; heavy work happens in setup()."""
 
     name: str
-    model: LoadedModel
     max_batch_size: int
     warmup_s: float
-    last_staging_s: float
+
+    @property
+    def model(self) -> LoadedModel | ModelCard: ...
+
+    @property
+    def last_staging_s(self) -> float: ...
 
     def setup(self) -> None: ...
 
-    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor: ...
+    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor | np.ndarray: ...
 
     def close(self) -> None: ...
 
 
 def create_inference_backend(variant: Variant, model: LoadedModel, device: torch.device,
                              max_batch_size: int, sample_shape: tuple[int, int, int],
-                             threads: int, cache_dir: Path,
+                             threads: int, artifacts_dir: Path,
                              calibration: Optional[CalibrationSet] = None) -> InferenceBackend:
-    """The backend for `variant`; built artifacts are kept under cache_dir/artifacts.
+    """The backend for `variant`; what it builds is kept in `artifacts_dir`.
 
     ModelLoadError when the variant cannot run on `device`.
     """
@@ -51,7 +56,7 @@ def create_inference_backend(variant: Variant, model: LoadedModel, device: torch
     reason = variant.unavailable(device)
     if reason is not None:
         raise ModelLoadError(reason)
-    store = ArtifactStore.in_cache(cache_dir)
+    store = ArtifactStore(artifacts_dir)
     args = (model, device, max_batch_size, sample_shape, threads)
     if variant.backend == "onnxruntime":
         from pipeline.backends.onnx import OnnxBackend
@@ -77,4 +82,5 @@ def backend_for(settings: Settings, model: LoadedModel, device: torch.device, va
         calibration = CalibrationSet.from_directory(calibration_images, pre.spec(), pre.limits())
     return create_inference_backend(
         variant, model, device, max_batch_size or settings.batching.max_batch_size,
-        pre.spec().output_shape, settings.model.threads, settings.cache.directory(), calibration)
+        pre.spec().output_shape, settings.model.threads, settings.model.artifacts_directory(),
+        calibration)

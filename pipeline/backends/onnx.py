@@ -18,7 +18,6 @@ the calibration set's digest.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -32,15 +31,15 @@ import torch
 from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions
 from pipeline.backends.calibration import CalibrationSet
 from pipeline.backends.normalised import Normalised, module_device
-from pipeline.backends.staging import warm_up
 from pipeline.errors import ModelLoadError, first_line, root_cause
 from pipeline.models import LoadedModel
+from pipeline.prebuilt import INPUT_NAME, OnnxRunner
+from pipeline.timing import warm_up
 
 log = logging.getLogger("imgpipe.backends.onnx")
 
 OPSET = 18
 RECIPE_VERSION = 1  # bump when the export changes in a way the versions do not capture
-INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
 QUANT_RECIPE = "int8-qdq-minmax-per-channel/v1"  # bump when quantize_int8 changes
 CALIBRATION_BATCH = 8
@@ -205,7 +204,6 @@ class OnnxBackend:
         self.exporter = exporter_for(model.module)
         self.warmup_s = 0.0
         self.export_s = 0.0  # time spent exporting in setup(); 0 when the artifact was reused
-        self.last_staging_s = 0.0  # the last batch's np.stack into the input buffer
         self.artifact: Path | None = None
         self.providers: list[str] = []
 
@@ -224,20 +222,19 @@ class OnnxBackend:
 
     def setup(self) -> None:
         """Export (or reuse) the artifact, open a session, warm up with 1 and max."""
-        ort, _ = _onnxruntime()
         if self.precision == "int8" and self.device.type != "cpu":
             raise ModelLoadError("onnxruntime:int8 runs on the CPU only")
         build = self._quantize if self.precision == "int8" else self._export
-        self.artifact, self.session = self.store.open(
-            self.artifact_key(), build, lambda path: self._session(ort, path))
-        self.providers = list(self.session.get_providers())
+        self.artifact, self.runner = self.store.open(self.artifact_key(), build, self._runner)
+        self.providers = self.runner.providers
         if self.device.type == "cuda" and "CUDAExecutionProvider" not in self.providers:
             log.warning("onnxruntime cannot use %s here (providers %s): running on the CPU",
                         self.device, ", ".join(self.providers))
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
-        self.buffer = np.empty((self.max_batch_size, *self.sample_shape), dtype=np.uint8)
         self.warmup_s = warm_up(self.predict, self.sample_shape, (1, self.max_batch_size))
+
+    @property
+    def last_staging_s(self) -> float:
+        return self.runner.last_staging_s if hasattr(self, "runner") else 0.0
 
     def _export(self, path: Path) -> None:
         started = time.perf_counter()
@@ -256,44 +253,24 @@ class OnnxBackend:
         log.info("quantized %s to int8 on %d calibration images in %.1f s",
                  self.model.name, len(samples), time.perf_counter() - started)
 
-    def _session(self, ort: Any, path: Path) -> Any:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        # Idle threads sleep rather than spin on cores the preprocessing
-        # workers need (as OMP_WAIT_POLICY=PASSIVE does for torch).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(str(path), sess_options=options,
-                                    providers=self._providers(ort))
+    def _runner(self, path: Path) -> OnnxRunner:
+        _onnxruntime()  # a clear error when it is not installed
+        cuda = (self.device.index or 0) if self.device.type == "cuda" else None
+        runner = OnnxRunner(path, self.max_batch_size, self.sample_shape, self.threads, cuda)
+        runner.open()
+        return runner
 
-    def _providers(self, ort: Any) -> list[Any]:
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
-        return providers
-
-    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
+    def predict(self, samples: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 CHW samples -> float logits on the CPU, one row per sample."""
-        if not samples or len(samples) > self.max_batch_size:
-            raise ValueError(f"batch of {len(samples)} does not fit max_batch_size "
-                             f"{self.max_batch_size}")
-        started = time.perf_counter()
-        batch = self.buffer[: len(samples)]
-        np.stack(samples, out=batch)
-        self.last_staging_s = time.perf_counter() - started
         try:
-            (logits,) = self.session.run([self.output_name], {self.input_name: batch})
+            return self.runner.run(samples)
         except Exception as exc:
             if self.device.type == "cuda" and "out of memory" in str(exc).lower():
-                # The inference worker halves a batch on this error type.
+                # The inference loop halves a batch on this error type.
                 raise torch.cuda.OutOfMemoryError(first_line(exc)) from exc
             raise
-        if logits.shape[0] != len(samples):
-            raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(samples)} inputs")
-        return torch.from_numpy(logits)
 
     def close(self) -> None:
-        self.__dict__.pop("session", None)
-        self.__dict__.pop("buffer", None)
+        runner = self.__dict__.pop("runner", None)
+        if runner is not None:
+            runner.close()

@@ -7,9 +7,7 @@ of it finished. On the CPU the same code runs without pinning or copies.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -47,14 +45,3 @@ class StagingRing:
         assert event is not None
         event.record()
         return on_device
-
-
-def warm_up(predict: Callable[[list[np.ndarray]], Any], sample_shape: tuple[int, ...],
-            sizes: Iterable[int]) -> float:
-    """Run one blank batch of each size (allocations, kernel choice, compilation
-    happen now, not on the first real batch); the seconds it took."""
-    started = time.perf_counter()
-    blank = np.zeros(sample_shape, dtype=np.uint8)
-    for size in sizes:
-        predict([blank] * size)
-    return time.perf_counter() - started

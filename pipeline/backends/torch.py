@@ -18,9 +18,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pipeline.backends.staging import StagingRing, warm_up
+from pipeline.backends.staging import StagingRing
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel
+from pipeline.timing import warm_up
 
 RING_BATCHES_AHEAD = 1
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

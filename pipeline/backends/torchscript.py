@@ -21,9 +21,10 @@ import torch
 
 from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions
 from pipeline.backends.normalised import Normalised
-from pipeline.backends.staging import StagingRing, warm_up
+from pipeline.backends.staging import StagingRing
 from pipeline.errors import ModelLoadError, root_cause
 from pipeline.models import LoadedModel
+from pipeline.timing import warm_up
 
 log = logging.getLogger("imgpipe.backends.torchscript")
 RECIPE = "uint8-nchw-normalised/trace-freeze/v1"  # bump when trace() changes

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ModelLoadError
+from pipeline.predictions import to_numpy
 
 DEFAULT_THRESHOLD = 0.99
 
@@ -24,7 +25,7 @@ class Scorer(Protocol):
 
     max_batch_size: int
 
-    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor: ...
+    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor | np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ def check(result: Agreement, threshold: float = DEFAULT_THRESHOLD) -> None:
             f"({result.images} images, max score drift {result.max_score_drift:.4g})")
 
 
-def _probabilities(logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits.detach().float().cpu(), dim=1)
+def _probabilities(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.softmax(torch.as_tensor(to_numpy(logits)).float(), dim=1)
 
 
 def _percent(fraction: float) -> str:

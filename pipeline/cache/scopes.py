@@ -18,7 +18,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from pipeline import __version__
 from pipeline.config import ModelSettings
@@ -55,8 +55,8 @@ def recall(directory: Path, key: str) -> Optional[ModelScope]:
         return None
 
 
-def remember(directory: Path, key: str, scope: ModelScope) -> None:
-    """Keep `scope` under `key`, atomically; a cache directory that cannot be
+def remember(directory: Path, key: str, scope: Any) -> None:
+    """Keep `scope` (a dataclass) under `key`, atomically; a cache directory that cannot be
     written only costs the next run a model load."""
     try:
         directory.mkdir(parents=True, exist_ok=True)

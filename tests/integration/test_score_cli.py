@@ -303,15 +303,17 @@ def test_onnxruntime_backend_scores_like_torch_and_exports_once(
     # given the photos scored by eager PyTorch, and an empty artifact store
     torch_out, first, second = (tmp_path / f"{n}.jsonl" for n in ("torch", "first", "second"))
     cache = tmp_path / "cache"
-    assert run("score", str(samples_dir), "--no-cache", "--out", str(torch_out)).returncode == 0
+    assert run("score", str(samples_dir), "--no-cache", "--model-backend", "torch",
+               "--out", str(torch_out)).returncode == 0
 
     # when ONNX Runtime scores them twice
-    env = {"IMGPIPE_MODEL__BACKEND": "onnxruntime", "IMGPIPE_CACHE__DIR": str(cache)}
+    env = {"IMGPIPE_MODEL__BACKEND": "onnxruntime",
+           "IMGPIPE_MODEL__ARTIFACTS_DIR": str(cache / "artifacts")}
     written = []
     for out in (first, second):
         result = run("score", str(samples_dir), "--no-cache", "--out", str(out), env=env)
         assert result.returncode == 0, result.stderr
-        assert "(onnxruntime)" in result.stderr
+        assert "(onnxruntime: set by model.backend)" in result.stderr
         artifacts = list((cache / "artifacts").glob("*.onnx"))
         written.append([(a, a.stat().st_mtime_ns) for a in artifacts])
 
@@ -341,7 +343,7 @@ def test_score_runs_a_named_variant_and_int8_asks_for_calibration(
     scored = run(*base, "--model-backend", "onnxruntime", "--precision", "int8",
                  "--calibration-images", str(samples_dir), "--out", str(out))
     assert scored.returncode == 0, scored.stderr
-    assert "(onnxruntime:int8)" in scored.stderr
+    assert "(onnxruntime:int8: set by model.backend)" in scored.stderr
     assert [r["status"] for r in result_records(out)] == ["ok"] * 6
 
     # an impossible pair is refused before anything loads

@@ -50,7 +50,7 @@ def mobilenets(tmp_path_factory) -> list[LoadedModel]:
 
 def variant(name: str, model: LoadedModel, cache_dir: Path, calibration=None):
     backend = create_inference_backend(Variant.parse(name), model, CPU, MAX_BATCH, SHAPE, 0,
-                                       cache_dir, calibration)
+                                       cache_dir / "artifacts", calibration)
     backend.setup()
     return backend
 

@@ -1,0 +1,188 @@
+"""Models that start without PyTorch: a checked ONNX export, recalled by the model's files.
+
+On the CPU, `model.backend = "auto"` runs ONNX Runtime fp32 (the same top-1 as
+eager PyTorch, probabilities within about 1e-6). The first start exports the
+model, checks the export against eager PyTorch on real photographs, and
+records here what later starts need to run it: the model's name, labels and
+weights digest, the artifact's path and size, and the check's numbers, under
+the same key as the model's cache scope (`scopes.identity`, which changes
+with any of the model's files). A later start that finds the record opens
+the artifact with ONNX Runtime alone: no torch import, no model build, no
+eager warm-up. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from pipeline.cache import scopes
+from pipeline.config import Settings
+from pipeline.errors import ModelLoadError, first_line
+from pipeline.timing import warm_up
+
+RECORDS_SUBDIR = "checked"
+INPUT_NAME = "pixels"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What records need of a model, without the model itself."""
+
+    name: str
+    labels: list[str]
+    weights_digest: str
+
+
+@dataclass(frozen=True)
+class Checked:
+    """An ONNX export that scored like eager PyTorch, and how closely."""
+
+    card: ModelCard
+    artifact: str
+    size_bytes: int
+    images: int  # photographs it was checked on
+    max_score_drift: float  # largest probability difference from eager fp32
+
+    def note(self) -> str:
+        return (f"checked against eager PyTorch on {self.images} photographs: same top-1, "
+                f"probabilities within {self.max_score_drift:.1g}")
+
+
+def key_for(settings: Settings) -> str:
+    """The record's key: the model's files (as for its cache scope) and input shape."""
+    channels, height, width = settings.preprocess.spec().output_shape
+    return f"{scopes.identity(settings.model)}-{channels}x{height}x{width}"
+
+
+def records_directory(artifacts_dir: Path) -> Path:
+    return artifacts_dir / RECORDS_SUBDIR
+
+
+def remember(artifacts_dir: Path, key: str, checked: Checked) -> None:
+    scopes.remember(records_directory(artifacts_dir), key, checked)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Why the export is not used: it failed to build, or its check."""
+
+    refused: str
+
+
+def refuse(artifacts_dir: Path, key: str, why: str) -> None:
+    scopes.remember(records_directory(artifacts_dir), key, Refused(why))
+
+
+def recall(artifacts_dir: Path, key: str) -> Checked | Refused | None:
+    """What was recorded under `key`: a check whose artifact is still there, whole,
+    or a refusal; None when nothing (valid) was."""
+    try:
+        fields = json.loads((records_directory(artifacts_dir) / f"{key}.json").read_text())
+        if "refused" in fields:
+            return Refused(str(fields["refused"]))
+        checked = Checked(**{**fields, "card": ModelCard(**fields["card"])})
+        if os.stat(checked.artifact).st_size != checked.size_bytes:
+            return None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return checked
+
+
+def forget(artifacts_dir: Path, key: str) -> None:
+    (records_directory(artifacts_dir) / f"{key}.json").unlink(missing_ok=True)
+
+
+class OnnxRunner:
+    """An ONNX graph from uint8 NCHW `pixels` to `logits`, run by ONNX Runtime."""
+
+    def __init__(self, path: Path, max_batch_size: int, sample_shape: tuple[int, int, int],
+                 threads: int = 0, cuda_device: Optional[int] = None) -> None:
+        self.path = path
+        self.max_batch_size = max_batch_size
+        self.sample_shape = sample_shape
+        self.threads = threads
+        self.cuda_device = cuda_device
+        self.last_staging_s = 0.0  # the last batch's np.stack into the input buffer
+
+    def open(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        # Idle threads sleep rather than spin on cores the preprocessing
+        # workers need (as OMP_WAIT_POLICY=PASSIVE does for torch).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if self.cuda_device is not None and (
+                "CUDAExecutionProvider" in ort.get_available_providers()):
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.cuda_device}))
+        self.session = ort.InferenceSession(str(self.path), sess_options=options,
+                                            providers=providers)
+        self.providers = list(self.session.get_providers())
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.buffer = np.empty((self.max_batch_size, *self.sample_shape), dtype=np.uint8)
+
+    def run(self, samples: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 CHW samples -> float logits, one row per sample."""
+        if not samples or len(samples) > self.max_batch_size:
+            raise ValueError(f"batch of {len(samples)} does not fit max_batch_size "
+                             f"{self.max_batch_size}")
+        started = time.perf_counter()
+        batch = self.buffer[: len(samples)]
+        np.stack(samples, out=batch)
+        self.last_staging_s = time.perf_counter() - started
+        (logits,) = self.session.run([self.output_name], {self.input_name: batch})
+        if logits.shape[0] != len(samples):
+            raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(samples)} inputs")
+        return np.asarray(logits)
+
+    def close(self) -> None:
+        self.__dict__.pop("session", None)
+        self.__dict__.pop("buffer", None)
+
+
+class PrebuiltBackend:
+    """A checked ONNX export run on the CPU without torch: an InferenceBackend."""
+
+    name = "onnxruntime"
+
+    def __init__(self, checked: Checked, max_batch_size: int,
+                 sample_shape: tuple[int, int, int], threads: int = 0) -> None:
+        self.model = checked.card
+        self.checked = checked
+        self.max_batch_size = max_batch_size
+        self.runner = OnnxRunner(Path(checked.artifact), max_batch_size, sample_shape, threads)
+        self.warmup_s = 0.0
+
+    @property
+    def last_staging_s(self) -> float:
+        return self.runner.last_staging_s
+
+    def setup(self) -> None:
+        try:
+            self.runner.open()
+        except Exception as exc:  # onnxruntime's errors share no useful base class
+            raise ModelLoadError(f"cannot load {self.checked.artifact}: {first_line(exc)}"
+                                 ) from exc
+        # One small batch: ONNX Runtime on the CPU has nothing to compile or tune,
+        # and a full one would only delay the first record.
+        self.warmup_s = warm_up(self.predict, self.runner.sample_shape, (1,))
+
+    def predict(self, samples: Sequence[np.ndarray]) -> np.ndarray:
+        return self.runner.run(samples)
+
+    def close(self) -> None:
+        self.runner.close()
+
