@@ -27,7 +27,7 @@ from pipeline.inference import InferenceLoop
 from pipeline.items import Job, Prepared
 from pipeline.notify import Heartbeat
 from pipeline.prebuilt import PrebuiltBackend
-from pipeline.predictions import Record
+from pipeline.predictions import Prediction, Record
 from pipeline.preprocess.pool import PreprocessPool, WorkerPlan
 from pipeline.preprocess.select import resolve_backend
 from pipeline.profiles import chosen
@@ -246,7 +246,7 @@ class Engine:
         cache.setup()
         return cache
 
-    def _remember(self, item: Prepared, predictions: list[dict[str, Any]]) -> None:
+    def _remember(self, item: Prepared, predictions: list[Prediction]) -> None:
         if self.cache is not None and item.digest is not None:
             self.cache.store_predictions(item.digest, predictions)
 

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 from pipeline.batching import Batcher
 from pipeline.errors import TransientError
 from pipeline.items import Prepared
-from pipeline.predictions import Record, error_record, ok_record, to_numpy, top_k
+from pipeline.predictions import Prediction, Record, error_record, ok_record, to_numpy, top_k
 
-Remember = Callable[[Prepared, list[dict[str, Any]]], None]
+Remember = Callable[[Prepared, list[Prediction]], None]
 log = logging.getLogger("imgpipe.inference")
 IDLE_S = 0.5
 
@@ -51,7 +51,7 @@ class InferenceLoop:
         return [error_record(item) if item.error is not None
                 else ok_record(item, self.model_name, self._kept(item)) for item in batch]
 
-    def _kept(self, item: Prepared) -> list[dict[str, Any]]:
+    def _kept(self, item: Prepared) -> list[Prediction]:
         return (item.predictions or [])[:item.job.topk or self.default_topk]
 
     def _infer(self, ready: list[Prepared]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Literal, NotRequired, Optional, TypedDict
 
 import numpy as np
 
@@ -40,4 +40,29 @@ class Prepared:
     timings_ms: dict[str, float] = field(default_factory=dict)
     digest: Optional[str] = None
     cache: Optional[str] = None
-    predictions: Optional[list[dict[str, Any]]] = None
+    predictions: Optional[list[Prediction]] = None
+
+
+class Prediction(TypedDict):
+    label: str
+    index: int
+    score: float  # softmax probability, rounded to 6 digits
+
+
+class ErrorInfo(TypedDict):
+    code: str  # stable: README, "Records"
+    message: str
+
+
+class Record(TypedDict):
+    """One output per input, JSON-ready: what results files, result streams and
+    metrics are made of (README, "Records")."""
+
+    path: str
+    status: Literal["ok", "error"]
+    ref: NotRequired[str]  # the source's handle (a stream entry id)
+    model: NotRequired[str]
+    predictions: NotRequired[list[Prediction]]
+    timings_ms: NotRequired[dict[str, float]]
+    cache: NotRequired[str]  # which cache level answered, with status "ok"
+    error: NotRequired[ErrorInfo]

@@ -1,18 +1,18 @@
-"""Turning logits and errors into output records (plain dicts, JSON-ready)."""
+"""Turning logits and errors into output records (typed dicts, JSON-ready)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.items import Prepared
+from pipeline.items import Prediction, Prepared, Record
 
-Record = dict[str, Any]
+__all__ = ["Prediction", "Record", "error_record", "ok_record", "to_numpy", "top_k"]
 
 
-def top_k(logits: Any, k: int, labels: Sequence[str]) -> list[list[dict[str, Any]]]:
+def top_k(logits: Any, k: int, labels: Sequence[str]) -> list[list[Prediction]]:
     """Softmax top-k per row: [{"label", "index", "score"}, ...] best first.
 
     `logits` is a NumPy array or a torch tensor (on any device); the softmax is
@@ -24,7 +24,7 @@ def top_k(logits: Any, k: int, labels: Sequence[str]) -> list[list[dict[str, Any
     k = min(k, probs.shape[1])
     # Ties keep the lower class index first, as a stable sort of -p does.
     best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [[{"label": labels[i], "index": int(i), "score": round(float(row[i]), 6)}
+    return [[Prediction(label=labels[i], index=int(i), score=round(float(row[i]), 6))
              for i in indices]
             for row, indices in zip(probs, best, strict=True)]
 
@@ -36,9 +36,10 @@ def to_numpy(logits: Any) -> np.ndarray:
     return logits.detach().float().cpu().numpy()
 
 
-def ok_record(item: Prepared, model: str, predictions: list[dict[str, Any]]) -> Record:
+def ok_record(item: Prepared, model: str, predictions: list[Prediction]) -> Record:
     record = _base(item, "ok")
-    record.update(model=model, predictions=predictions, timings_ms=_rounded(item.timings_ms))
+    record["model"], record["predictions"] = model, predictions
+    record["timings_ms"] = _rounded(item.timings_ms)
     if item.cache is not None:
         record["cache"] = item.cache
     return record
@@ -51,7 +52,7 @@ def error_record(item: Prepared) -> Record:
     return record
 
 
-def _base(item: Prepared, status: str) -> Record:
+def _base(item: Prepared, status: Literal["ok", "error"]) -> Record:
     record: Record = {"path": item.job.path, "status": status}
     if item.job.ref is not None:
         record["ref"] = item.job.ref

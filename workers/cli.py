@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from pipeline.config import Settings
     from pipeline.engine import Engine
     from pipeline.items import Job
+    from pipeline.predictions import Record
     from pipeline.sinks.results import ResultFile, ResultSink
 
 EXIT_INTERRUPTED = 130
@@ -246,7 +247,7 @@ def _score_jobs(args: argparse.Namespace, stderr: Console, settings: Settings,
         health.ready()
         total = directory.count(root, args.recursive, skip) if stderr.is_terminal else None
         with _Progress(stderr, total) as advance:
-            def write(records: list[dict[str, Any]]) -> None:
+            def write(records: list[Record]) -> None:
                 sink.write(records)
                 advance(len(records))
             summary = engine.run(jobs, write)

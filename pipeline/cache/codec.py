@@ -39,11 +39,12 @@ import itertools
 import json
 import math
 import struct
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 
 from pipeline.cache.keys import FILE_KIND, RESULT_KIND, TENSOR_KIND, parse_key
+from pipeline.items import Prediction
 
 FORMAT_VERSION = 1
 TENSOR_MAGIC = b"IPT\x00"
@@ -89,7 +90,7 @@ def decode_tensor(blob: bytes, spec_digest: str) -> np.ndarray:
     return array
 
 
-def encode_result(predictions: list[dict[str, Any]]) -> bytes:
+def encode_result(predictions: list[Prediction]) -> bytes:
     """Serialise one image's predictions (JSON-ready dicts) with a checksum."""
     payload = json.dumps(predictions, separators=(",", ":"), ensure_ascii=False,
                          allow_nan=False).encode()
@@ -97,7 +98,7 @@ def encode_result(predictions: list[dict[str, Any]]) -> bytes:
     return head[:-8] + _checksum(head, b"", payload) + payload
 
 
-def decode_result(blob: bytes) -> list[dict[str, Any]]:
+def decode_result(blob: bytes) -> list[Prediction]:
     """The predictions in `blob`; CorruptEntry on any mismatch."""
     if len(blob) < _RESULT_HEAD.size:
         raise CorruptEntry("result entry is truncated")
@@ -213,7 +214,7 @@ def _parse_tensor(blob: bytes) -> tuple[np.ndarray, bytes]:
     return array, digest
 
 
-def _parse_predictions(payload: bytes) -> list[dict[str, Any]]:
+def _parse_predictions(payload: bytes) -> list[Prediction]:
     try:
         predictions = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -224,7 +225,7 @@ def _parse_predictions(payload: bytes) -> list[dict[str, Any]]:
         raise CorruptEntry("result payload holds an object that is not a prediction")
     if not _is_ranking(predictions):
         raise CorruptEntry("predictions are not distinct classes, best first")
-    return predictions
+    return cast(list[Prediction], predictions)  # each one checked above
 
 
 def _is_prediction(prediction: dict[str, Any]) -> bool:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pipeline.cache.codec import CorruptEntry, decode_result, encode_result
 from pipeline.cache.tiered import TieredCache
+from pipeline.items import Prediction
 
-Predictions = list[dict[str, Any]]
+Predictions = list[Prediction]
 # Softmax scores are float32 rounded to 6 decimals: each is off by at most
 # 5e-7, and float32 adds about as much again to their sum.
 SUM_TOLERANCE_PER_SCORE = 1e-6

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import redis
 
+from pipeline.items import ErrorInfo, Record
 from pipeline.logs import UNFOLDED
-from pipeline.predictions import Record
 from pipeline.transport import contract
 from pipeline.transport.connection import Outage
 from pipeline.transport.contract import JobRequest, Keys
@@ -116,14 +116,16 @@ class ResultPublisher:
     def dead_letter(self, request: JobRequest, fields: Mapping[bytes, bytes],
                     deliveries: int) -> None:
         """File a job delivered too often under <prefix>:dead, with an error result."""
-        error = {"code": "too_many_deliveries",
-                 "message": f"delivered {deliveries} times without a result (it may crash or "
-                            f"stall the daemon); moved to {self.streams.keys.dead}"}
+        error = ErrorInfo(code="too_many_deliveries",
+                          message=f"delivered {deliveries} times without a result (it may "
+                                  f"crash or stall the daemon); moved to "
+                                  f"{self.streams.keys.dead}")
         dead: dict[Any, Any] = dict(fields)  # the original fields, then ours
         dead.update({b"error": json.dumps(error), b"deliveries": str(deliveries),
                      b"entry_id": request.entry_id})
-        result = contract.result_fields({"status": "error", "error": error}, request,
-                                        self.model, 0.0)
+        result = contract.result_fields(
+            Record(path=request.job_id, status="error", error=error), request, self.model,
+            0.0)
 
         def send() -> list[object]:
             pipe = self.client.pipeline(transaction=True)
