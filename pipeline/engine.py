@@ -22,6 +22,7 @@ from pipeline.batching import END, Batcher
 from pipeline.cache import scopes
 from pipeline.cache.lookup import CacheLookup, ResultScope
 from pipeline.config import Settings
+from pipeline.cores import usable_cores
 from pipeline.errors import ImgpipeError, ModelLoadError, first_line
 from pipeline.inference import InferenceLoop
 from pipeline.items import Job, Prepared
@@ -103,7 +104,7 @@ class Engine:
         self.inference: InferenceBackend
         self.variant_note = ""  # why this variant: the summary and doctor say it
         self._fallbacks_reported = 0
-        self.cores = os.cpu_count() or 1
+        self.cores = usable_cores()
 
     def setup(self, lazy: bool = False) -> None:
         """Load the model and start the workers. With `lazy`, a model whose cache

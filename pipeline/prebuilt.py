@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.cache import scopes
 from pipeline.config import Settings
+from pipeline.cores import usable_cores
 from pipeline.errors import ModelLoadError, first_line
 from pipeline.timing import warm_up
 
@@ -116,7 +117,7 @@ class OnnxRunner:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads or os.cpu_count() or 1
+        options.intra_op_num_threads = self.threads or usable_cores()
         options.inter_op_num_threads = 1
         # Idle threads sleep rather than spin on cores the preprocessing
         # workers need (as OMP_WAIT_POLICY=PASSIVE does for torch).

@@ -167,7 +167,7 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", dest="batching.max_batch_size", type=int)
     parser.add_argument("--max-delay-ms", dest="batching.max_delay_ms", type=float)
     parser.add_argument("--workers", dest="preprocess.workers", type=int,
-                        help="preprocessing processes (default: one per core)")
+                        help="preprocessing processes (default: one per usable core)")
     parser.add_argument("--backend", dest="preprocess.backend",
                         choices=["auto", "pillow", "dali"])
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.backends.staging import StagingRing
+from pipeline.cores import usable_cores
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel
 from pipeline.timing import warm_up
@@ -63,7 +64,7 @@ class TorchBackend:
     def setup(self) -> None:
         """Move to the device, build the staging ring, compile if asked, warm up."""
         if self.device.type == "cpu":
-            torch.set_num_threads(self.threads or os.cpu_count() or 1)
+            torch.set_num_threads(self.threads or usable_cores())
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         self.module = self.model.module.to(self.device).to(memory_format=torch.channels_last)

@@ -9,7 +9,6 @@ so that pass runs on every load, in well under a second.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ import torch
 from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions
 from pipeline.backends.normalised import Normalised
 from pipeline.backends.staging import StagingRing
+from pipeline.cores import usable_cores
 from pipeline.errors import ModelLoadError, root_cause
 from pipeline.models import LoadedModel
 from pipeline.timing import warm_up
@@ -76,7 +76,7 @@ class TorchScriptBackend:
 
     def setup(self) -> None:
         if self.device.type == "cpu":
-            torch.set_num_threads(self.threads or os.cpu_count() or 1)
+            torch.set_num_threads(self.threads or usable_cores())
         self.artifact, self.module = self.store.open(self.artifact_key(), self._trace, self._load)
         self.ring = StagingRing(3, self.max_batch_size, self.sample_shape, self.device)
         self.warmup_s = warm_up(self.predict, self.sample_shape, (1, self.max_batch_size))
