@@ -43,5 +43,7 @@ class StagingRing:
             return host
         on_device = host.to(self.device, non_blocking=True)
         assert event is not None
-        event.record()
+        # On this device's stream: a bare record() uses the current device's,
+        # which is GPU 0 in a thread that never chose one.
+        event.record(torch.cuda.current_stream(self.device))
         return on_device

@@ -30,13 +30,21 @@ INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
 def resolve_device(requested: str) -> torch.device:
-    """"auto" means the first CUDA device when there is one, else the CPU."""
+    """"auto" means the first CUDA device when there is one, else the CPU; a CUDA
+    device always has its index ("cuda" is cuda:0), so that nothing later falls
+    back to whichever device is current."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ModelLoadError(f"device {requested!r} requested but CUDA is not available")
-    return device
+    index = device.index or 0
+    if index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {requested!r} requested but there are "
+                             f"{torch.cuda.device_count()} CUDA devices")
+    return torch.device("cuda", index)
 
 
 class TorchBackend:
@@ -66,6 +74,9 @@ class TorchBackend:
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads or usable_cores())
         if self.device.type == "cuda":
+            # The current device is per thread and defaults to GPU 0: make it ours, so
+            # that nothing (streams, events, caching allocator) opens a context there.
+            torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
         self.module = self.model.module.to(self.device).to(memory_format=torch.channels_last)
         if self.compile_cache is not None:
