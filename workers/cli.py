@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from pipeline.items import Job
     from pipeline.predictions import Record
     from pipeline.sinks.results import ResultFile, ResultSink
+    from pipeline.sources.inputs import Inputs
 
 EXIT_INTERRUPTED = 130
 STARTED = time.perf_counter()  # the command's start, for the summary's wall time
@@ -64,8 +65,15 @@ def _parser() -> argparse.ArgumentParser:
         "Fast image preprocessing and batched inference."))
     parser.add_argument("--version", action="version", version=f"imgpipe {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    score = commands.add_parser("score", help="score every image in a directory")
-    score.add_argument("directory", type=Path)
+    score = commands.add_parser("score", help="score image files, directories and glob "
+                                "patterns")
+    score.add_argument("inputs", nargs="*", metavar="INPUT", help="an image file, a "
+                       "directory (its visible files), or a glob pattern, quoted: "
+                       "'photos/*.jpg', 'photos/**/*.png'")
+    score.add_argument("--files-from", metavar="FILE", help="also score the files FILE "
+                       "lists, one per line (- for standard input)")
+    score.add_argument("-0", "--null", action="store_true", help="with --files-from: the "
+                       "names are separated by NUL bytes (find -print0), not newlines")
     score.add_argument("--out", help="results file: .jsonl or .csv (resumable); - for "
                        "JSONL on stdout; default: a top-1 table on stdout")
     score.add_argument("--overwrite", action="store_true", help="with --out FILE: start "
@@ -202,12 +210,17 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _score(args: argparse.Namespace, stderr: Console) -> int:
-    from pipeline.sinks.results import inspect_result_file
-    from pipeline.sources import directory
+    from pipeline.sources.inputs import Inputs
 
     settings = _settings(args)
-    if not args.directory.is_dir():
-        raise ConfigError(f"{args.directory} is not a directory")
+    with Inputs(args.inputs, args.files_from, args.null, args.recursive) as inputs:
+        return _score_inputs(args, stderr, settings, inputs)
+
+
+def _score_inputs(args: argparse.Namespace, stderr: Console, settings: Settings,
+                  inputs: Inputs) -> int:
+    from pipeline.sinks.results import inspect_result_file
+
     if settings.cache.enabled:
         settings.cache.hmac_key()  # an unreadable key file fails before the model loads
     # Read before the model loads, so a wrong --out fails at once.
@@ -215,24 +228,23 @@ def _score(args: argparse.Namespace, stderr: Console) -> int:
                if args.out not in (None, "-") else None)
     done = results.done if results is not None else set()
     skip = _skipper(done, results.own_files() if results is not None else [])
-    root = str(args.directory)
-    jobs = directory.walk(root, args.recursive, skip)
+    jobs = inputs.jobs(skip)
     first = next(jobs, None)
     if first is None:  # no model to load, no workers to start (nor torch to import)
-        _report_nothing_to_score(stderr, args, settings, results, len(done))
+        _report_nothing_to_score(stderr, args, settings, results, len(done), inputs)
         return 0
-    return _score_jobs(args, stderr, settings, itertools.chain([first], jobs), results, skip)
+    return _score_jobs(args, stderr, settings, itertools.chain([first], jobs), results, skip,
+                       inputs)
 
 
 def _score_jobs(args: argparse.Namespace, stderr: Console, settings: Settings,
                 jobs: Iterator[Job], results: Optional[ResultFile],
-                skip: Callable[[str], bool]) -> int:
+                skip: Callable[[str], bool], inputs: Inputs) -> int:
     from pipeline.engine import Engine
     from pipeline.metrics import Metrics
-    from pipeline.sources import directory
     from pipeline.status_server import Health, start_configured
 
-    root, done = str(args.directory), results.done if results is not None else set()
+    done = results.done if results is not None else set()
     metrics, health = Metrics(), Health()
     endpoint = None
     if args.metrics_port is not None:
@@ -245,7 +257,7 @@ def _score_jobs(args: argparse.Namespace, stderr: Console, settings: Settings,
             engine.setup(lazy=True)
         sink = _sink(args.out, results, engine)
         health.ready()
-        total = directory.count(root, args.recursive, skip) if stderr.is_terminal else None
+        total = inputs.count(skip) if stderr.is_terminal else None
         with _Progress(stderr, total) as advance:
             def write(records: list[Record]) -> None:
                 sink.write(records)
@@ -258,22 +270,20 @@ def _score_jobs(args: argparse.Namespace, stderr: Console, settings: Settings,
         if endpoint is not None:
             endpoint.stop()
     _print_summary(stderr, summary, len(done), engine, args.out)
-    if not args.recursive:
-        _hint_subdirectories(stderr, root)
+    _hint_subdirectories(stderr, inputs.subdirectories_left_out)
     return EXIT_INTERRUPTED if summary.interrupted else 0
 
 
 def _report_nothing_to_score(console: Console, args: argparse.Namespace, settings: Settings,
-                             results: Optional[ResultFile], skipped: int) -> None:
+                             results: Optional[ResultFile], skipped: int,
+                             inputs: Inputs) -> None:
     if results is not None:
         results.check(_settings_known_unloaded(settings))  # the rest needs the model
         results.open().close()  # the file exists afterwards, as after any run
-    console.print(f"done: nothing to score in {args.directory} ({_wall_s():.1f} s)",
-                  markup=False)
+    console.print(f"done: nothing to score in {inputs} ({_wall_s():.1f} s)", markup=False)
     if skipped:
         console.print(f"skipped {skipped} files already in {args.out}", markup=False)
-    if not args.recursive:
-        _hint_subdirectories(console, str(args.directory))
+    _hint_subdirectories(console, inputs.subdirectories_left_out)
 
 
 def _sink(out: Optional[str], results: Optional[ResultFile], engine: Engine) -> ResultSink:
@@ -302,10 +312,9 @@ def _settings_known_unloaded(settings: Settings) -> dict[str, Any]:
             "preprocess_digest": settings.preprocess.spec().digest()}
 
 
-def _hint_subdirectories(console: Console, root: str) -> None:
-    from pipeline.sources import directory
-
-    count = directory.count_subdirectories(root)
+def _hint_subdirectories(console: Console, count: int) -> None:
+    """Without --recursive: how many subdirectories of the directories scored were
+    left out (counted as the walk passed them)."""
     if count:
         noun = "subdirectory" if count == 1 else "subdirectories"
         console.print(f"skipped {count} {noun}; use --recursive to score them", markup=False)

@@ -10,22 +10,27 @@ from pipeline.items import Job
 
 
 def walk(root: str, recursive: bool = False,
-         skip: Callable[[str], bool] = lambda path: False) -> Iterator[Job]:
+         skip: Callable[[str], bool] = lambda path: False,
+         left_out: Callable[[str], None] = lambda path: None) -> Iterator[Job]:
     """Yield a Job for every non-hidden entry that is not a directory.
 
     Unreadable entries are still yielded (reading them reports why), so every
     input file gets exactly one record. Directory symlinks are followed when
     recursive; a link back to an ancestor yields a `symlink_loop` error job.
+    Without `recursive`, `left_out` is told of each visible subdirectory passed
+    over (for a hint to use --recursive).
     """
     pending = [(root, frozenset({_identity(root)}))]
     while pending:
         directory, ancestors = pending.pop()
-        for entry in _entries(directory):
+        for entry in entries(directory):
             if entry.name.startswith("."):
                 continue
-            if _is_dir(entry):
+            if is_dir(entry):
                 if recursive:
                     yield from _descend(entry, ancestors, pending)
+                else:
+                    left_out(entry.path)
             elif not skip(entry.path):
                 yield Job(entry.path)
 
@@ -40,15 +45,17 @@ def _descend(entry: os.DirEntry[str], ancestors: frozenset[tuple[int, int]],
         pending.append((entry.path, ancestors | {identity}))
 
 
-def _entries(directory: str) -> Iterator[os.DirEntry[str]]:
+def entries(directory: str) -> Iterator[os.DirEntry[str]]:
+    """The entries of `directory`, one at a time; none when it cannot be listed."""
     try:
-        with os.scandir(directory) as entries:
-            yield from entries
+        with os.scandir(directory) as listing:
+            yield from listing
     except OSError:
         return  # an unreadable sub-directory has no files we can list
 
 
-def _is_dir(entry: os.DirEntry[str]) -> bool:
+def is_dir(entry: os.DirEntry[str]) -> bool:
+    """Whether `entry` is a directory or a link to one (False when that cannot be told)."""
     try:
         return entry.is_dir()
     except OSError:
@@ -58,11 +65,6 @@ def _is_dir(entry: os.DirEntry[str]) -> bool:
 def _identity(path: str) -> tuple[int, int]:
     info = os.stat(path)
     return (info.st_dev, info.st_ino)
-
-
-def count_subdirectories(root: str) -> int:
-    """How many visible subdirectories `root` has (not walked: a hint for --recursive)."""
-    return sum(1 for entry in _entries(root) if not entry.name.startswith(".") and _is_dir(entry))
 
 
 def count(root: str, recursive: bool = False,

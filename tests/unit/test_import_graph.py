@@ -6,7 +6,7 @@ from __future__ import annotations
 import grimp
 import pytest
 
-PACKAGES = ("pipeline", "workers")
+PACKAGES = ("imgpipe", "pipeline", "workers")
 
 
 @pytest.fixture(scope="module")
