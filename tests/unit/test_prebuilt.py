@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.predictions import top_k
 from pipeline.prebuilt import Checked, ModelCard, Refused, forget, recall, refuse, remember
+from pipeline.predictions import top_k
 
 LABELS = ["cat", "dog", "fox", "owl"]
 
