@@ -37,7 +37,7 @@ def test_optimize_chooses_a_validated_backend_that_score_then_uses(
     scored = run("score", str(samples_dir), "--model", str(tiny_model), "--cache-dir",
                  str(cache))
     assert scored.returncode == 0, scored.stderr
-    assert f"({chosen})" in scored.stderr
+    assert f"({chosen}: chosen by imgpipe optimize)" in scored.stderr
 
 
 def test_when_no_variant_qualifies_nothing_is_written(run, samples_dir: Path,
