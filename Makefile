@@ -30,12 +30,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline workers tests benchmarks
 	$(BIN)/mypy
 
+# The bench extra (Celery, for bench_command) is installed by name: `pip install
+# .[bench]` would put plain Pillow back over Pillow-SIMD. Same pin as pyproject.toml.
 bench: $(STAMP)
+	$(BIN)/pip install --quiet 'celery[redis]>=5.5,<6'
 	$(BIN)/python -m benchmarks.bench_score
 	$(BIN)/python -m benchmarks.bench_cache
 	$(BIN)/python -m benchmarks.bench_serve
 	$(BIN)/python -m benchmarks.bench_optimize
 	$(BIN)/python -m benchmarks.bench_startup
+	$(BIN)/python -m benchmarks.bench_command
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,6 @@
 """Benchmark inputs: a cached directory of JPEGs built from the photos in samples/,
-and the random weights of the models that have no bundled ones.
+a labelled directory of real ImageNet photographs (from ../shared/data), and the
+random weights of the models that have no bundled ones.
 
 Every image is a deterministic function of (seed, index): a camera-like size
 from `SIZES` (a quarter of them portrait), filled with a mosaic of randomly
@@ -10,6 +11,7 @@ file size) of a real photo of that size, saved at JPEG quality 85-92.
 
 from __future__ import annotations
 
+import csv
 import multiprocessing
 import os
 import re
@@ -38,6 +40,10 @@ QUALITY = (85, 92)  # inclusive
 TILE_SIDE = 700  # mosaic tiles are about this many pixels on their shorter side
 COMPLETE = ".complete"  # marker file; hidden, so directory.walk skips it
 FULL_SIZE = 1000  # bench_score's directory; smaller runs elsewhere take its first files
+# 100 labelled ImageNet validation photographs (one per tenth class), shared, read-only.
+SHARED_PHOTOS = REPO.parent / "shared" / "data" / "imagenet-val-100"
+PHOTO_QUALITIES = tuple(range(85, 95))  # each photo is re-encoded once per quality
+LABELS_FILE = ".labels.csv"  # hidden, so `imgpipe score DIR` and list_images skip it
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,49 @@ def _complete_datasets(root: Path, seed: int, at_least: int) -> list[Path]:
         if match and int(match[1]) >= at_least and (directory / COMPLETE).exists():
             found.append((int(match[1]), directory))
     return [directory for _, directory in sorted(found)]
+
+
+def ensure_labelled_photos(source: Path = SHARED_PHOTOS, root: Path = DATA) -> Path:
+    """The shared ImageNet photographs, each re-encoded at every quality in
+    PHOTO_QUALITIES (1,000 files for 100 photos): every file's bytes differ, so no
+    cache keyed by content can hit, and each keeps its photo's label. One flat
+    directory, made once; the labels are in its LABELS_FILE (file,index,name)."""
+    directory = root / f"imagenet-val-100-x{len(PHOTO_QUALITIES)}-v{FORMAT_VERSION}"
+    if (directory / COMPLETE).exists():
+        return directory
+    if not (source / "labels.csv").exists():
+        raise RuntimeError(f"the labelled photographs are missing: {source}/labels.csv")
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with open(source / "labels.csv", encoding="utf-8", newline="") as handle:
+        for photo in csv.DictReader(handle):
+            for quality in PHOTO_QUALITIES:
+                name = f"{photo['wnid']}-q{quality}.jpg"
+                _reencode(source / photo["file"], directory / name, quality)
+                rows.append({"file": name, "index": photo["index"], "name": photo["name"]})
+    with open(directory / LABELS_FILE, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, ["file", "index", "name"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (directory / COMPLETE).write_text(f"{len(rows)}\n")
+    return directory
+
+
+def labels_of(directory: Path) -> dict[str, int]:
+    """File name -> ImageNet class index, from ensure_labelled_photos' LABELS_FILE."""
+    with open(directory / LABELS_FILE, encoding="utf-8", newline="") as handle:
+        return {row["file"]: int(row["index"]) for row in csv.DictReader(handle)}
+
+
+def _reencode(source: Path, target: Path, quality: int) -> None:
+    """Save `source` again as a JPEG of `quality`, in its own colour mode (L, RGB,
+    CMYK) so that decoding still has to deal with it."""
+    with Image.open(source) as image:
+        image.load()
+        picture = image if image.mode in ("L", "RGB", "CMYK") else image.convert("RGB")
+        partial = target.parent / f".{target.name}.partial"
+        picture.save(partial, "JPEG", quality=quality)
+    partial.replace(target)
 
 
 def ensure_subset(source: Path, count: int) -> Path:

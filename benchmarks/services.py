@@ -1,10 +1,12 @@
 """The processes a benchmark starts for itself: a throwaway redis-server on a free
-port (never the shared Redis on 6379) and the real `imgpipe serve` daemon.
+port (never the shared Redis on 6379), the real `imgpipe serve` daemon and a
+Celery worker.
 Adapted from tests/redis_server.py and tests/serve_daemon.py, without pytest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -45,9 +47,10 @@ class ServeDaemon:
 
 
 @contextmanager
-def redis_server(directory: Path) -> Iterator[RedisServer]:
+def redis_server(directory: Path, persistence: bool = True) -> Iterator[RedisServer]:
     """redis-server on 127.0.0.1, data and log in `directory`, AOF on as the tests
-    run it; killed on the way out."""
+    run it (off with `persistence=False`: no fsync or background rewrite while jobs
+    with inline images go through); killed on the way out."""
     executable = shutil.which("redis-server")
     if executable is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -55,7 +58,8 @@ def redis_server(directory: Path) -> Iterator[RedisServer]:
     port = free_port()
     process = subprocess.Popen(
         [executable, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-         "--save", "", "--appendonly", "yes", "--logfile", "redis.log", "--daemonize", "no"],
+         "--save", "", "--appendonly", "yes" if persistence else "no",
+         "--logfile", "redis.log", "--daemonize", "no"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: answers_ping(port), process, REDIS_START_TIMEOUT_S,
@@ -92,6 +96,30 @@ def running_daemon(env: dict[str, str], log_path: Path) -> Iterator[ServeDaemon]
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
+
+
+@contextmanager
+def running_celery_worker(app: str, concurrency: int, name: str, env: dict[str, str],
+                          log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`celery -A app worker` (prefork, `concurrency` processes, node `name`) in its
+    own process group, once it logs that it is ready; SIGTERM (Celery's warm
+    shutdown) on the way out, SIGKILL to its group if it hangs or the block fails."""
+    command = [sys.executable, "-m", "celery", "-A", app, "worker", "--pool", "prefork",
+               "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
+               "--loglevel", "INFO"]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                   cwd=REPO, env=env, start_new_session=True)
+    try:
+        wait_until(lambda: " ready." in tail(log_path), process, DAEMON_START_TIMEOUT_S,
+                   lambda: f"celery worker {name} did not start:\n{tail(log_path)}")
+        yield process
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # prefork children left behind too
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 def free_port() -> int:
