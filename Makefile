@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/imgpipe score samples
 
-test: $(STAMP)
+# Lint and types first (as CI runs it, on a clean machine), then the suite.
+test: $(STAMP) lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the sample photographs and a GPU skip."""
+"""Shared fixtures: the sample photographs, a GPU skip, and the fixture plugins."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.redis_server import redis_server, redis_server_factory  # noqa: F401  (fixtures)
+# Fixture modules, registered as plugins: every test may ask for their fixtures
+# (redis_server, redis_server_factory, daemon_factory) without importing them.
+pytest_plugins = ["tests.redis_server", "tests.serve_daemon"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"

@@ -3,7 +3,8 @@
 Never the shared Redis on 6379. AOF is on, so `stop()` then `start()` (even
 after kill -9) brings the same data back on the same port.
 
-    from tests.redis_server import redis_server, redis_server_factory  # fixtures
+A pytest plugin (tests/conftest.py's pytest_plugins): every test may ask for
+the `redis_server` and `redis_server_factory` fixtures without importing them.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -53,11 +56,15 @@ class RedisServer:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
+            [self.executable, *self.arguments(), "--bind", "127.0.0.1",
              "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
              "--logfile", "redis.log", "--daemonize", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_ready()
+
+    def arguments(self) -> list[str]:
+        """What the server listens on."""
+        return ["--port", str(self.port)]
 
     def stop(self, kill: bool = False) -> None:
         """SIGTERM (a clean shutdown) or, with `kill`, SIGKILL; wait for the exit."""
@@ -90,10 +97,14 @@ class RedisServer:
         """True when the server answers PING with PONG (not LOADING)."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                return conn.recv(64).startswith(b"+PONG")
+                return self._pong(conn)
         except OSError:
             return False
+
+    @staticmethod
+    def _pong(conn: socket.socket) -> bool:
+        conn.sendall(b"PING\r\n")
+        return conn.recv(64).startswith(b"+PONG")
 
     def close(self) -> None:
         """Kill the server; the directory is left for pytest's tmp_path cleanup."""
@@ -116,6 +127,64 @@ class RedisServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A private certificate authority and a server certificate it signed,
+    for 127.0.0.1 (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> TlsFiles:
+        """Made with the openssl command (the test is skipped without it)."""
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.skip("openssl is not installed (apt-get install openssl)")
+        directory.mkdir(parents=True, exist_ok=True)
+        files = cls(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+        (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+        for command in (
+                ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                 "-subj", "/CN=imgpipe test CA", "-keyout", "ca.key", "-out", "ca.pem"],
+                ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                 "-keyout", "server.key", "-out", "server.csr"],
+                ["x509", "-req", "-days", "2", "-in", "server.csr", "-CA", "ca.pem",
+                 "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.cnf",
+                 "-out", "server.pem"]):
+            subprocess.run([openssl, *command], cwd=directory, check=True,
+                           capture_output=True, timeout=60)
+        return files
+
+
+class TlsRedisServer(RedisServer):
+    """A redis-server that speaks TLS only (rediss://), with a certificate for
+    127.0.0.1 from the private CA `tls.ca`; clients need no certificate."""
+
+    def __init__(self, directory: Path, tls: TlsFiles) -> None:
+        super().__init__(directory)
+        self.tls = tls
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.port}/0"
+
+    def arguments(self) -> list[str]:
+        return ["--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
+                "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "no"]
+
+    def ping(self) -> bool:
+        context = ssl.create_default_context(cafile=str(self.tls.ca))
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as plain, \
+                    context.wrap_socket(plain, server_hostname="127.0.0.1") as conn:
+                return self._pong(conn)
+        except OSError:
+            return False
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """`imgpipe serve` in a subprocess, for tests: start, wait until ready, signal, kill.
 
-    from tests.serve_daemon import daemon_factory  # fixture
+A pytest plugin (tests/conftest.py's pytest_plugins): every test may ask for
+the `daemon_factory` fixture; import only the helpers and types.
 """
 
 from __future__ import annotations

@@ -22,14 +22,34 @@ SHAPE = (3, 224, 224)
 
 
 def test_staging_ring_is_pinned_and_reused() -> None:
-    ring = StagingRing(3, 4, SHAPE, torch.device("cuda"))
+    # given a ring of 3 pinned slots, and a GPU stream held busy (a spin kernel
+    # of about a second) so that every copy queued behind it is still pending
+    # when the ring comes round to its slot again
+    slots = 3
+    ring = StagingRing(slots, 4, SHAPE, torch.device("cuda"))
     assert all(buffer.is_pinned() for buffer in ring.buffers)
-    samples = [np.full(SHAPE, value, np.uint8) for value in (1, 2)]
-    first = ring.stage(samples)
-    assert first.is_cuda and first.shape == (2, *SHAPE)
-    assert first[1].float().mean().item() == 2.0
-    pointers = {ring.stage(samples).data_ptr() for _ in range(6)}
-    assert len(ring.buffers) == 3 and len(pointers) >= 1
+    host = [buffer.data_ptr() for buffer in ring.buffers]
+    assert len(set(host)) == slots
+    torch.cuda._sleep(2_000_000_000)  # GPU cycles; nothing waits for it here
+    # when 2 x slots batches of distinct values are staged
+    batches = [[np.full(SHAPE, 10 * call + index, np.uint8) for index in range(2)]
+               for call in range(2 * slots)]
+    staged = []
+    for call, batch in enumerate(batches):
+        staged.append(ring.stage(batch))
+        # then each went through the next slot in turn: that pinned buffer holds it
+        slot = ring.buffers[call % slots]
+        assert int(slot[0, 0, 0, 0]) == 10 * call and int(slot[1, 0, 0, 0]) == 10 * call + 1
+    # and the ring reused its buffers, never allocating new ones ...
+    assert [buffer.data_ptr() for buffer in ring.buffers] == host
+    assert all(buffer.is_pinned() for buffer in ring.buffers)
+    # ... and reused a slot only once the copy out of it had finished: every
+    # batch arrived on the device as it was, none overwritten by a later one
+    torch.cuda.synchronize()
+    for call, batch in enumerate(staged):
+        assert batch.is_cuda and batch.shape == (2, *SHAPE)
+        assert [int(batch[index].min()) for index in range(2)] == [10 * call, 10 * call + 1]
+        assert [int(batch[index].max()) for index in range(2)] == [10 * call, 10 * call + 1]
 
 
 def test_cuda_logits_match_the_cpu(samples_dir: Path) -> None:

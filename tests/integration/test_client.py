@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import redis
@@ -26,6 +26,7 @@ from pipeline.transport import client as client_module
 from pipeline.transport import contract
 from pipeline.transport.client import Client, Consumer
 from tests.redis_server import RedisServer
+from tests.serve_daemon import wait_until
 
 GROUP = "workers"
 MODEL = "mean_colour"
@@ -163,6 +164,31 @@ def test_submit_many_sends_chunk_by_chunk(client: Client, raw: redis.Redis,
 
 # -- results ------------------------------------------------------------------
 
+def blocked_readers(raw: redis.Redis) -> int:
+    """Connections to the server blocked in an XREAD (a Client.wait waiting)."""
+    return sum(1 for conn in raw.client_list() if conn["cmd"] == "xread" and "b" in conn["flags"])
+
+
+class Waiting:
+    """Client.wait(...) on a thread of its own; result() joins it."""
+
+    def __init__(self, client: Client, job_ids: list[str], **options: Any) -> None:
+        self.got: Optional[dict[str, dict[str, Any]]] = None
+        self._thread = threading.Thread(target=self._wait, args=(client, job_ids, options),
+                                        daemon=True)
+        self._thread.start()
+
+    def _wait(self, client: Client, job_ids: list[str], options: dict[str, Any]) -> None:
+        self.got = client.wait(job_ids, **options)
+
+    def result(self, within_s: float) -> dict[str, dict[str, Any]]:
+        """What wait returned; fails if it has not returned within `within_s`."""
+        self._thread.join(within_s)
+        assert not self._thread.is_alive() and self.got is not None, \
+            f"wait did not return within {within_s} s"
+        return self.got
+
+
 def test_wait_collects_only_its_own_results(client: Client, daemon: Daemon,
                                             raw: redis.Redis, keys: contract.Keys) -> None:
     # given three jobs replying to a private stream, and a stranger's result in it
@@ -170,35 +196,37 @@ def test_wait_collects_only_its_own_results(client: Client, daemon: Daemon,
     assert stream.startswith(keys.results + ":") and stream != client.reply_stream()
     ids = [client.submit(data=b"x", reply_to=stream) for _ in range(3)]
     raw.xadd(stream, {"v": "1", "job_id": "someone-else", "status": "ok"})
-    # when the daemon finishes two of them: one now, one while we wait
+    # when the daemon finishes two of them: one before the wait, one while it
+    # blocks (its timeout far beyond the test's own limit)
     daemon.serve(1)
-    later = threading.Timer(0.2, daemon.serve, args=(1,))
-    later.start()
-    started = time.monotonic()
-    got = client.wait(ids, stream=stream, timeout_s=1.0)
-    elapsed = time.monotonic() - started
-    later.join()
-    # then those two come back decoded and the wait ends at the timeout, not before
+    waiting = Waiting(client, ids[:2], stream=stream, timeout_s=3600)
+    wait_until(lambda: blocked_readers(raw) == 1, 60, "the wait to block on its stream")
+    daemon.serve(1)
+    # then the wait returns as soon as it has both, decoded, and nothing else
+    got = waiting.result(within_s=60)
     assert set(got) == set(ids[:2])
-    assert 1.0 <= elapsed < 2.0
     for job_id, result in got.items():
         assert result["job_id"] == job_id and result["status"] == "ok"
         assert result["predictions"] == [{"label": "cat", "index": 3, "score": 0.9}]
         assert result["timings_ms"] == {"queue_wait": 1.0, "infer": 2.5}
-    # and once the last one is done, wait returns as soon as it has them all
-    daemon.serve(1)
+    # and a wait for all three ends at its timeout, not before, with the two
     started = time.monotonic()
-    assert set(client.wait(ids, stream=stream, timeout_s=5.0)) == set(ids)
-    assert time.monotonic() - started < 1.0
+    assert set(client.wait(ids, stream=stream, timeout_s=1.0)) == set(ids[:2])
+    assert time.monotonic() - started >= 1.0
+    # and once the last one is done, a wait returns all three
+    daemon.serve(1)
+    assert set(Waiting(client, ids, stream=stream, timeout_s=3600).result(60)) == set(ids)
     client.delete_stream(stream)
     assert raw.exists(stream) == 0
 
 
 def test_wait_with_nothing_to_come_times_out_empty(client: Client) -> None:
+    # a wait for jobs that never finish ends at its timeout, empty
     started = time.monotonic()
     assert client.wait(["nope"], stream=client.reply_stream(), timeout_s=0.2) == {}
-    assert client.wait([], stream=client.reply_stream(), timeout_s=5) == {}
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started >= 0.2
+    # and a wait for no jobs at all returns at once, long before its timeout
+    assert Waiting(client, [], stream=client.reply_stream(), timeout_s=3600).result(60) == {}
 
 
 def test_a_reply_stream_with_a_ttl_exists_empty_and_expires(client: Client, daemon: Daemon,
@@ -228,8 +256,16 @@ def test_results_follows_the_stream(client: Client, daemon: Daemon, keys: contra
     # when the follower has read them, and a third job finishes while it blocks
     seen = list(itertools.islice(stream, 2))
     third = client.submit(data=b"z")
-    threading.Timer(0.2, daemon.serve, args=(1,)).start()
+
+    def finish_once_blocked() -> None:
+        wait_until(lambda: blocked_readers(daemon.raw) == 1, 60, "the follower to block")
+        daemon.serve(1)
+
+    finisher = threading.Thread(target=finish_once_blocked)
+    finisher.start()
     seen.append(next(stream))
+    finisher.join(60)
+    assert not finisher.is_alive()
     stream.close()
     # then every result arrives once, in order, decoded; a path outside the roots is an error
     assert [result["job_id"] for _, result in seen] == [*first, third]

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import csv
+import fcntl
+import http.client
 import json
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Optional
 
 import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import read_jsonl
+from tests.integration.conftest import IMGPIPE, read_jsonl
+from tests.redis_server import free_port
+from tests.serve_daemon import wait_until
 
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat"}
 HEADER_KEY = "imgpipe_results"
@@ -349,3 +357,95 @@ def test_score_runs_a_named_variant_and_int8_asks_for_calibration(
     # an impossible pair is refused before anything loads
     wrong = run(*base, "--model-backend", "torchscript", "--precision", "bf16")
     assert wrong.returncode == 2 and "torchscript does not run in 'bf16'" in wrong.stderr
+
+
+def test_out_dash_writes_one_json_record_per_image_to_stdout(samples_dir: Path,
+                                                              tiny_model: Path,
+                                                              tmp_path: Path) -> None:
+    # when the samples are scored with --out - (from a working directory of its own)
+    result = subprocess.run(
+        [*IMGPIPE, "score", str(samples_dir), "--out", "-", "--model", str(tiny_model),
+         "--no-cache", "--topk", "2"], capture_output=True, text=True, timeout=300,
+        cwd=tmp_path)
+    # then stdout holds one JSON record per image, and nothing else: no settings
+    # header, no table, no summary (that goes to stderr)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(Path(r["path"]).name for r in records) == sorted(
+        p.name for p in samples_dir.iterdir())
+    assert all(r["status"] == "ok" and len(r["predictions"]) == 2 for r in records), records
+    assert not any(HEADER_KEY in r for r in records)
+    assert "6 scored, 0 errors" in result.stderr
+    # and no file named "-" was made
+    assert os.listdir(tmp_path) == []
+
+
+def scrape(port: int) -> Optional[dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    """Every sample of http://127.0.0.1:port/metrics; None if nothing answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200, response.status
+        text = response.read().decode()
+    except OSError:
+        return None
+    finally:
+        conn.close()
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def metric(samples: Optional[dict[tuple[str, frozenset[tuple[str, str]]], float]], name: str,
+           **labels: str) -> float:
+    return 0.0 if samples is None else samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_SETPIPE_SZ"), reason="needs Linux pipes")
+def test_metrics_port_serves_prometheus_metrics_while_scoring(tiny_model: Path,
+                                                              tmp_path: Path) -> None:
+    # given 60 small pictures, scored one per batch with --out - into a pipe of
+    # one page that the test reads only after scraping: the run cannot finish
+    # before, its records do not fit
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(60):
+        Image.new("RGB", (32, 24), (4 * index, 100, 200)).save(images / f"{index:02}.png")
+    reading, writing = os.pipe()
+    fcntl.fcntl(writing, fcntl.F_SETPIPE_SZ, 4096)
+    port = free_port()
+    scoring = subprocess.Popen(
+        [*IMGPIPE, "score", str(images), "--out", "-", "--metrics-port", str(port),
+         "--model", str(tiny_model), "--no-cache", "--workers", "1", "--batch-size", "1"],
+        stdout=writing, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    os.close(writing)
+    try:
+        # when its metrics port is scraped while it scores
+        def scored() -> bool:
+            assert scoring.poll() is None, "the run ended before its records were read"
+            return metric(scrape(port), "imgpipe_jobs_total", status="ok") >= 1
+
+        wait_until(scored, 120, "a scored image on /metrics")
+        during = scrape(port)
+        assert scoring.poll() is None
+        # then Prometheus' parser reads the run so far: some images scored, the
+        # model loaded, the command ready
+        assert during is not None
+        assert 1 <= metric(during, "imgpipe_jobs_total", status="ok") < 60
+        assert metric(during, "imgpipe_jobs_total", status="error") == 0
+        assert metric(during, "imgpipe_stage_seconds_count", stage="inference") >= 1
+        assert metric(during, "imgpipe_model_load_seconds") > 0
+        assert metric(during, "imgpipe_ready") == 1
+        # and once its records are read, the run completes and the port closes
+        with os.fdopen(reading, "rb") as stdout:
+            reading = -1
+            lines = stdout.read().splitlines()
+        _, stderr = scoring.communicate(timeout=120)
+    finally:
+        if reading != -1:
+            os.close(reading)
+        scoring.kill()
+        scoring.wait(30)
+    assert scoring.returncode == 0, stderr
+    assert len(lines) == 60 and all(json.loads(line)["status"] == "ok" for line in lines)
+    assert scrape(port) is None

@@ -22,6 +22,7 @@ import redis
 from PIL import Image
 
 from pipeline.config import RedisSettings, ServeSettings
+from pipeline.errors import TransientError
 from pipeline.items import Job
 from pipeline.transport import contract
 from pipeline.transport.client import Client
@@ -37,8 +38,8 @@ from tests.integration.test_serve_faults import (
     serve_env,
     unanswered_ids,
 )
-from tests.redis_server import RedisServer
-from tests.serve_daemon import DaemonFactory, daemon_factory, wait_until  # noqa: F401
+from tests.redis_server import RedisServer, TlsFiles, TlsRedisServer
+from tests.serve_daemon import DaemonFactory, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +73,7 @@ def client_for(server: RedisServer, prefix: str) -> Client:
 
 @pytest.mark.parametrize("path", ["/proc/1/exe", "/proc/2/exe"])
 def test_a_job_naming_an_unreadable_link_is_answered_and_both_daemons_survive(
-        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server: RedisServer,
         prefix: str, tmp_path: Path, tiny_model: Path, path: str) -> None:
     # given two daemons whose allowed root is / (so /proc/... passes the prefix check)
     env = serve_env(redis_server, prefix, Path("/"), tiny_model)
@@ -166,7 +167,7 @@ def _stream_source(server: RedisServer, prefix: str, root: Path) -> StreamSource
 # -- reply_to may not name the daemon's own streams ------------------------------
 
 def test_reply_to_the_jobs_or_dead_stream_is_refused_and_no_queued_job_is_lost(
-        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server: RedisServer,
         prefix: str, root: Path, tiny_model: Path) -> None:
     # given a queue of jobs with hostile reply_to fields among them, and a small
     # results_maxlen (which once trimmed the jobs stream itself)
@@ -197,7 +198,7 @@ def test_reply_to_the_jobs_or_dead_stream_is_refused_and_no_queued_job_is_lost(
 
 
 def test_a_clients_own_reply_stream_is_never_trimmed(
-        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server: RedisServer,
         prefix: str, root: Path, tiny_model: Path) -> None:
     # given another application's stream holding 1,000 entries
     conn = connect(redis_server)
@@ -220,8 +221,31 @@ def test_a_clients_own_reply_stream_is_never_trimmed(
     conn.close()
 
 
+def test_the_default_result_stream_is_trimmed_to_about_results_maxlen(
+        daemon_factory: DaemonFactory, redis_server: RedisServer,
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    # given 600 queued jobs for the default result stream, and results_maxlen 50
+    conn = connect(redis_server)
+    results = f"{prefix}:results"
+    node = int(conn.config_get("stream-node-max-entries")["stream-node-max-entries"])
+    with client_for(redis_server, prefix) as client:
+        ids = client.submit_many({"image": "red.png"} for _ in range(600))
+    # when a daemon has answered every one of them
+    daemon = daemon_factory(serve_env(redis_server, prefix, root, tiny_model,
+                                      SERVE__RESULTS_MAXLEN="50"))
+    wait_until(lambda: conn.xlen(f"{prefix}:jobs") == 0, 120, "every job answered", [daemon])
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+    assert "stopped after answering 600 jobs" in daemon.log()
+    # then the stream kept about the last 50 results, no fewer, and more only by
+    # what trimming "~" leaves (Redis drops whole nodes of `node` entries)
+    kept = [contract.decode_result(fields)["job_id"] for _, fields in conn.xrange(results)]
+    assert 50 <= len(kept) <= 50 + node < len(ids), (len(kept), node)
+    assert len(set(kept)) == len(kept) and set(kept) <= set(ids)
+    conn.close()
+
+
 def test_a_private_reply_stream_expires_after_its_last_result(
-        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server: RedisServer,
         prefix: str, root: Path, tiny_model: Path) -> None:
     # given a private reply stream that is not there when the result comes (its
     # caller gave up and deleted it), and the shared default stream
@@ -243,7 +267,7 @@ def test_a_private_reply_stream_expires_after_its_last_result(
 # -- checking and opening a path are one step ------------------------------------
 
 def test_a_link_swapped_under_path_jobs_never_serves_the_outside_file(
-        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server: RedisServer,
         prefix: str, root: Path, tiny_model: Path) -> None:
     # given the labels the model gives the inside and the outside picture
     daemon = daemon_factory(serve_env(redis_server, prefix, root, tiny_model))
@@ -299,7 +323,7 @@ def _flip(bait: Path, outside: Path, stop: threading.Event) -> None:
 # -- a Redis that refuses writes -------------------------------------------------
 
 def test_a_redis_out_of_memory_mid_run_pauses_the_daemon_and_loses_nothing(
-        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,
         prefix: str, root: Path, tiny_model: Path) -> None:
     # given a daemon serving a Redis of its own
     server = redis_server_factory()
@@ -324,7 +348,7 @@ def test_a_redis_out_of_memory_mid_run_pauses_the_daemon_and_loses_nothing(
 
 
 def test_a_daemon_starts_against_a_redis_out_of_memory_and_serves_once_it_is_freed(
-        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,
         prefix: str, root: Path, tiny_model: Path) -> None:
     # given a queue and its group, in a Redis over its memory limit
     server = redis_server_factory()
@@ -344,7 +368,7 @@ def test_a_daemon_starts_against_a_redis_out_of_memory_and_serves_once_it_is_fre
 
 
 def test_the_jobs_stream_deleted_under_a_daemon_is_created_again(
-        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server: RedisServer,
         prefix: str, root: Path, tiny_model: Path) -> None:
     # given a daemon blocked reading its jobs stream
     daemon = daemon_factory(serve_env(redis_server, prefix, root, tiny_model))
@@ -362,7 +386,7 @@ def test_the_jobs_stream_deleted_under_a_daemon_is_created_again(
 # -- leaving cleanly -------------------------------------------------------------
 
 def test_a_daemon_that_stops_cleanly_leaves_the_consumer_group(
-        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server: RedisServer,
         prefix: str, root: Path, tiny_model: Path) -> None:
     daemon = daemon_factory(serve_env(redis_server, prefix, root, tiny_model,
                                       SERVE__CONSUMER="leaving"))
@@ -377,7 +401,7 @@ def test_a_daemon_that_stops_cleanly_leaves_the_consumer_group(
 
 
 def test_a_drain_that_outlasts_its_grace_period_exits_1_and_loses_nothing(
-        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,
         prefix: str, root: Path, tiny_model: Path) -> None:
     # given a daemon busy with a backlog, and a Redis that stops answering, so the
     # jobs in flight cannot be published
@@ -406,7 +430,7 @@ def test_a_drain_that_outlasts_its_grace_period_exits_1_and_loses_nothing(
 
 
 def test_each_result_its_ack_and_its_delete_go_in_one_transaction(
-        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,
         prefix: str, root: Path, tiny_model: Path) -> None:
     # given every command a daemon sends, as Redis's MONITOR sees them
     server = redis_server_factory()
@@ -504,7 +528,7 @@ def _mutated(rng: Any, data: bytes) -> bytes:
 
 
 def test_thousands_of_random_jobs_each_get_exactly_one_answer_and_the_daemon_lives(
-        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,
         prefix: str, root: Path, tiny_model: Path, samples_dir: Path) -> None:
     # given a Redis of its own (a random reply_to may name any stream), and real
     # pictures to mutate: a JPEG and a PNG
@@ -564,7 +588,7 @@ def chaos_jobs(count: int, photo: bytes, prefix: str) -> Iterator[tuple[dict[str
 
 
 def test_chaos_daemons_and_redis_killed_in_turn_lose_no_job(
-        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,
         prefix: str, root: Path, tiny_model: Path, samples_dir: Path) -> None:
     # given a Redis that fsyncs every write (so its kill -9 loses nothing acknowledged),
     # two daemons, and 600 jobs, a quarter of them hostile, queued 100 at a time
@@ -614,3 +638,130 @@ def _answered_ids(tally: Tally) -> set[str]:
     with contextlib.suppress(redis.ConnectionError):
         tally.read()
     return set(tally.counts)
+
+
+# -- credentials and TLS ---------------------------------------------------------
+
+SECRET = "pw-3b9e1f07-never-in-a-log"
+
+
+def test_a_password_in_the_redis_url_never_reaches_the_daemons_log(
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    # given a Redis that wants a password, and a daemon given it in its URL
+    server = redis_server_factory()
+    conn = connect(server)
+    conn.config_set("requirepass", SECRET)  # this connection stays logged in
+    url = f"redis://:{SECRET}@127.0.0.1:{server.port}/0"
+    env = {**serve_env(server, prefix, root, tiny_model, REDIS__TIMEOUT_S="1"),
+           "IMGPIPE_REDIS_URL": url}
+    daemon = daemon_factory(env)
+    tally = Tally(conn, f"{prefix}:results")
+    with Client(RedisSettings(url=url, prefix=prefix)) as client:
+        # when it serves jobs, good and bad, ...
+        jobs = [client.submit("red.png"), client.submit("/etc/passwd"),
+                client.submit(data=b"not an image")]
+        tally.wait_for(jobs, serving=[daemon])
+        # ... rides out an outage, ...
+        with server.paused():
+            daemon.wait_for_log("unavailable")
+        daemon.wait_for_log("is back")
+        jobs.append(client.submit("red.png"))
+        tally.wait_for(jobs, serving=[daemon])
+    # ... and stops
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+    # then its log names the server by host and port, and never the password
+    log = daemon.log()
+    assert f"127.0.0.1:{server.port}" in log
+    assert SECRET not in log and "redis://" not in log, log[-3000:]
+    conn.close()
+
+
+@pytest.mark.parametrize("user", [None, "imgpipe-worker"], ids=["default user", "ACL user"])
+def test_a_password_file_and_an_acl_username_log_the_daemon_in(
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,
+        prefix: str, root: Path, tiny_model: Path, tmp_path: Path,
+        user: str | None) -> None:
+    # given a Redis that lets no one in without a password: either the default
+    # user's, or an ACL user's (limited to the prefix's keys) while the default
+    # user has another password
+    server = redis_server_factory()
+    conn = connect(server)
+    if user is None:
+        conn.config_set("requirepass", SECRET)
+    else:
+        conn.execute_command("ACL", "SETUSER", user, "on", f">{SECRET}", f"~{prefix}:*",
+                             "+@all")
+        conn.config_set("requirepass", "the-default-users-own-" + SECRET)
+    stranger = redis.Redis.from_url(server.url)
+    with pytest.raises(redis.AuthenticationError):
+        stranger.ping()
+    stranger.close()
+    # and the password in a file, as `echo PASSWORD > FILE` writes it
+    password_file = tmp_path / "redis.password"
+    password_file.write_text(SECRET + "\n")
+    credentials = {"IMGPIPE_REDIS__PASSWORD_FILE": str(password_file)}
+    if user is not None:
+        credentials["IMGPIPE_REDIS__USERNAME"] = user
+    # when a daemon and a client use the file (and the username)
+    daemon = daemon_factory({**serve_env(server, prefix, root, tiny_model), **credentials})
+    settings = RedisSettings(url=server.url, prefix=prefix, username=user,
+                             password_file=password_file)
+    with Client(settings) as client:
+        jobs = [client.submit("red.png") for _ in range(3)]
+        # then they are logged in (as that user) and every job is answered
+        results = client.wait(jobs, stream=client.keys.results, timeout_s=120)
+        assert {job: result["status"] for job, result in results.items()} == \
+            dict.fromkeys(jobs, "ok")
+        own = conn.client_id()
+        users = {entry["user"] for entry in conn.client_list() if int(entry["id"]) != own}
+        assert users == {user or "default"}, users
+    assert daemon.stop() == 0, daemon.log()[-3000:]
+    assert SECRET not in daemon.log()
+    conn.close()
+
+
+def test_a_rediss_server_with_a_private_ca_is_served_through_tls_ca_file(
+        daemon_factory: DaemonFactory, prefix: str, root: Path, tiny_model: Path,
+        tmp_path: Path) -> None:
+    # given a Redis that speaks TLS only, its certificate from a private CA
+    tls = TlsFiles.make(tmp_path / "tls")
+    with TlsRedisServer(tmp_path / "redis-tls", tls) as server:
+        # (without the CA file, no client gets in: the certificate is not trusted)
+        with Client(RedisSettings(url=server.url, prefix=prefix, timeout_s=5)) as stranger, \
+                pytest.raises(TransientError):
+            stranger.status()
+        # when a daemon and a client are given the CA file
+        env = {**serve_env(server, prefix, root, tiny_model),
+               "IMGPIPE_REDIS__TLS_CA_FILE": str(tls.ca)}
+        daemon = daemon_factory(env)
+        settings = RedisSettings(url=server.url, prefix=prefix, tls_ca_file=tls.ca)
+        with Client(settings) as client:
+            jobs = [client.submit("red.png") for _ in range(3)]
+            # then every job is answered over TLS
+            results = client.wait(jobs, stream=client.keys.results, timeout_s=120)
+        assert sorted(results) == sorted(jobs)
+        assert all(result["status"] == "ok" for result in results.values())
+        assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+@pytest.mark.xfail(strict=True, reason="imgpipe treats a missing redis.tls_ca_file as a Redis "
+                   "outage (redis-py's ConnectionError 'No such file or directory') and "
+                   "retries forever instead of refusing the setting")
+def test_a_missing_tls_ca_file_is_a_config_error(
+        daemon_factory: DaemonFactory, prefix: str, root: Path, tiny_model: Path,
+        tmp_path: Path) -> None:
+    # given a TLS Redis, and a daemon whose CA file does not exist
+    tls = TlsFiles.make(tmp_path / "tls")
+    missing = tmp_path / "no-such-ca.pem"
+    with TlsRedisServer(tmp_path / "redis-tls", tls) as server:
+        env = {**serve_env(server, prefix, root, tiny_model),
+               "IMGPIPE_REDIS__TLS_CA_FILE": str(missing)}
+        daemon = daemon_factory(env, start=False).start(wait_ready=False)
+        assert daemon.process is not None
+        # when it starts: it exits (or, wrongly, reports Redis unavailable)
+        wait_until(lambda: daemon.process.poll() is not None or "unavailable" in daemon.log(),
+                   120, "an exit or an outage", [])
+        # then it exits 2 with one line naming the setting and the file
+        assert daemon.process.poll() == 2, daemon.log()[-3000:]
+        assert "redis.tls_ca_file" in daemon.log() and str(missing) in daemon.log()

@@ -28,12 +28,7 @@ from pipeline.config import RedisSettings
 from pipeline.transport.client import Client
 from tests.builders import MeanColour
 from tests.redis_server import RedisServer, free_port
-from tests.serve_daemon import (  # noqa: F401
-    DaemonFactory,
-    ServeProcess,
-    daemon_factory,
-    wait_until,
-)
+from tests.serve_daemon import DaemonFactory, ServeProcess, wait_until
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="needs AF_UNIX")]
@@ -210,7 +205,7 @@ def answer_all(client: Client, job_ids: list[str]) -> dict[str, dict[str, Any]]:
 # -- sd_notify --------------------------------------------------------------------
 
 def test_ready_after_warm_up_watchdog_while_serving_status_and_stopping(
-        daemon_factory: DaemonFactory, notify_socket: NotifySocket,  # noqa: F811
+        daemon_factory: DaemonFactory, notify_socket: NotifySocket,
         redis_server: RedisServer, prefix: str, images: Path, tiny_model: Path) -> None:
     # given a daemon started the way systemd starts a Type=notify unit, /readyz
     # polled from the moment it starts
@@ -291,7 +286,7 @@ class HangsOnWhite(torch.nn.Module):
 
 
 def test_watchdog_pings_stop_while_inference_is_stuck(
-        daemon_factory: DaemonFactory, notify_socket: NotifySocket,  # noqa: F811
+        daemon_factory: DaemonFactory, notify_socket: NotifySocket,
         redis_server: RedisServer, prefix: str, images: Path, tmp_path: Path) -> None:
     # given a daemon whose model hangs on white images, with a short stall timeout
     model = tmp_path / "hangs_on_white.pt"
@@ -323,7 +318,7 @@ def test_watchdog_pings_stop_while_inference_is_stuck(
 # -- /metrics ---------------------------------------------------------------------
 
 def test_metrics_scraped_and_parsed_by_prometheus_move_with_the_jobs(
-        daemon_factory: DaemonFactory, redis_server: RedisServer,  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server: RedisServer,
         prefix: str, images: Path, tiny_model: Path) -> None:
     # given a serving daemon, scraped once
     port = free_port()
@@ -376,14 +371,15 @@ def test_metrics_scraped_and_parsed_by_prometheus_move_with_the_jobs(
 # -- /healthz and /readyz ---------------------------------------------------------
 
 def test_health_and_readiness_flip_from_starting_to_ready_to_draining(
-        daemon_factory: DaemonFactory, redis_server_factory: Callable[[], RedisServer],  # noqa: F811
+        daemon_factory: DaemonFactory, redis_server_factory: Callable[[], RedisServer],
         prefix: str, images: Path, tiny_model: Path) -> None:
     # given a daemon started while its Redis is down
     server = redis_server_factory()
     server.stop()
     port = free_port()
     daemon = daemon_factory(serve_env(server, prefix, images, tiny_model,
-                                      METRICS__PORT=str(port), SERVE__DRAIN_GRACE_S="120"),
+                                      METRICS__PORT=str(port), SERVE__DRAIN_GRACE_S="120",
+                                      REDIS__TIMEOUT_S="1"),
                             start=False)
     daemon.start(wait_ready=False)
     daemon.wait_for_log("unavailable", timeout_s=WAIT_S)
@@ -407,10 +403,13 @@ def test_health_and_readiness_flip_from_starting_to_ready_to_draining(
         # when SIGTERM starts the drain
         daemon.signal(signal.SIGTERM)
         daemon.wait_for_log("finishing the jobs in flight")
-        # then it is draining, not ready, while still up
+        # then it is draining, not ready, ...
         wait_until(lambda: get(port, "/readyz") == (503, "draining"), 10.0,
                    "/readyz 503 draining", [daemon])
-        time.sleep(1.0)
+        # ... and stays so, still up, once a command has timed out on the
+        # stopped Redis (the second outage it logs)
+        wait_until(lambda: daemon.log().count("unavailable") >= 2, 60.0,
+                   "a command to time out", [daemon])
         assert alive(daemon)
         assert get(port, "/readyz") == (503, "draining")
         assert value(scrape(port), "imgpipe_ready") == 0
