@@ -1,34 +1,76 @@
 """`imgpipe optimize`: pick the fastest inference variant that scores like eager fp32.
 
 Each candidate variant (backend and precision) scores a validation set of real
-images, preprocessed like production, next to the eager fp32 reference; one
-under the agreement threshold is refused, whatever its speed. int8 variants
-calibrate on the first `CALIBRATION_IMAGES` files of the same directory and
-are validated on the others (on all of them when there are no others). Of the
-accepted variants the fastest model-only throughput wins, within a
-batch-of-one latency target if given. The choice is written as a profile,
-keyed by model and weights digest, which `score` and `serve` use when
-`model.backend = "auto"`.
+photographs, preprocessed like production, next to the eager fp32 reference
+(`pipeline.backends.validation`):
+
+- on a labelled set (subdirectories named by class, or a labels CSV) a variant is
+  accepted when its top-1 accuracy is at least 99% of eager fp32's on the same
+  images (MLPerf's closed-division rule for quantized models);
+- on unlabelled photographs, when its top-1 agreement with eager fp32 reaches
+  the threshold (93% by default, from measurements on real photographs);
+- judged on fewer than `MIN_JUDGED_IMAGES` images it is undecided, never accepted.
+
+int8 calibrates on the first `CALIBRATION_IMAGES` files of
+`model.calibration_images` (`--calibration-images`), else of the validation
+directory, and is never judged on those files. Of the accepted variants the
+fastest model-only throughput wins, within a batch-of-one latency target if
+given. The choice is written as a profile, keyed by model and weights digest,
+which `score` and `serve` use when `model.backend = "auto"`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from pipeline.backends import InferenceBackend, TorchBackend, Variant, backend_for
-from pipeline.backends.calibration import CALIBRATION_IMAGES, first_files, preprocessed
-from pipeline.backends.validation import agreement
+from pipeline.backends.calibration import (
+    CALIBRATION_IMAGES,
+    CalibrationSet,
+    first_files,
+    preprocessed,
+)
+from pipeline.backends.validation import (
+    DEFAULT_AGREEMENT,
+    MIN_ACCURACY_RATIO,
+    MIN_JUDGED_IMAGES,
+    ClassNames,
+    Judgement,
+    ValidationSet,
+    judge,
+    probabilities,
+    read_wnids,
+    refusal,
+    validation_set,
+)
 from pipeline.config import Settings
-from pipeline.errors import ImgpipeError, first_line
+from pipeline.errors import ConfigError, ImgpipeError, first_line
 from pipeline.models import LoadedModel
 from pipeline.profiles import write_profile
 from pipeline.timing import percentiles, timed_calls
 
 MAX_VALIDATION_IMAGES = 500
+
+
+@dataclass(frozen=True)
+class Options:
+    """What `imgpipe optimize` was asked (its flags)."""
+
+    images: Path  # the validation set
+    variants: Optional[list[Variant]] = None  # None: every variant the device runs
+    threshold: float = DEFAULT_AGREEMENT  # unlabelled: least top-1 agreement
+    min_ratio: float = MIN_ACCURACY_RATIO  # labelled: least accuracy, as a fraction of fp32's
+    latency_ms: Optional[float] = None
+    seconds: float = 3.0
+    labels_csv: Optional[Path] = None
+    wnids: Optional[Path] = None
+    unlabelled: bool = False  # ignore labels: judge on agreement
 
 
 @dataclass(frozen=True)
@@ -38,54 +80,157 @@ class Candidate:
     variant: str
     top1_agreement: float
     max_score_drift: float
-    images: int  # validation images its agreement was measured on
+    images: int  # validation images it was judged on
     images_per_s: float
     batch1_p50_ms: float
     accepted: bool
     why: str = ""
+    top1: Optional[float] = None  # accuracy on a labelled set
+    top5: Optional[float] = None
+    reference_top1: Optional[float] = None  # eager fp32's, on the same images
+    reference_top5: Optional[float] = None
+    decided: bool = True  # False: judged on too few images to accept or refuse
 
 
-def run(settings: Settings, variants: Optional[list[Variant]], images: Path, threshold: float,
-        latency_ms: Optional[float], seconds: float) -> tuple[list[Candidate], Optional[Variant]]:
-    """Every candidate measured (by default, every variant the device runs), and
-    the chosen variant (None when none qualifies)."""
+@dataclass(frozen=True)
+class Outcome:
+    """Every candidate measured, the chosen variant (None when none qualifies), and
+    what they were judged on."""
+
+    candidates: list[Candidate]
+    chosen: Optional[Variant]
+    images: Path
+    judged: int  # images in the validation set (int8 leaves out its calibration files)
+    labelled_by: str  # "" when unlabelled
+    rule: str  # the acceptance rule, in words
+    reference: Judgement  # eager fp32's accuracy on the whole set, when labelled
+    calibration: str  # what int8 calibrates on, in words ("" when no int8 variant)
+    left_out: int = 0  # files not judged: without a label, or not decodable
+    notes: list[str] = field(default_factory=list)  # said under the table
+
+
+def run(settings: Settings, options: Options) -> Outcome:
+    """Measure every candidate on `options.images` and write the fastest accepted one
+    as the profile. ConfigError for a set without images or with unknown labels."""
     from pipeline.backends import resolve_device
     from pipeline.models import load_model
     from pipeline.variants import candidates as every_variant
 
+    images = options.images
+    if not first_files(images, 1):
+        raise ConfigError(f"--images {images} holds no images")
     cfg = settings.model
+    calibration_dir = cfg.calibration_images or images
+    if not calibration_dir.is_dir():
+        raise ConfigError(f"--calibration-images {calibration_dir} is not a directory")
     model = load_model(cfg.name, cfg.weights, cfg.labels)
     device = resolve_device(cfg.device)
-    variants = variants or every_variant(device)
+    variants = options.variants or every_variant(device)
+    vset = _validation_set(model, options)
+    if not vset.files:
+        raise ConfigError(f"--images {images} holds no images")
     pre = settings.preprocess
-    every = preprocessed(first_files(images, MAX_VALIDATION_IMAGES), pre.spec(), pre.limits())
-    if not every:
-        raise ImgpipeError(f"{images} holds no images to validate with")
+    decoded = preprocessed(list(vset.files), pre.spec(), pre.limits())
+    if not decoded:
+        count = len(vset.files)
+        raise ConfigError(f"--images {images} holds no images: " + (
+            "its one file does not decode as an image" if count == 1 else
+            f"none of its {count} files decodes as an image"))
+    paths = [path for path in vset.files if path in decoded]
+    labels = None if vset.labels is None else [
+        label for path, label in zip(vset.files, vset.labels, strict=True) if path in decoded]
+    samples = [decoded[path] for path in paths]
     reference = TorchBackend(model, device, settings.batching.max_batch_size,
                              pre.spec().output_shape, cfg.threads)
     reference.setup()
-    candidates = []
-    for variant in variants:
-        candidates.append(_candidate(settings, model, device, variant, images, reference,
-                                     judged_on(variant, images, every), threshold, latency_ms,
-                                     seconds))
-    reference.close()
-    accepted = [c for c in candidates if c.accepted]
-    best = max(accepted, key=lambda c: c.images_per_s, default=None)
-    if best is None:
-        return candidates, None
-    variant = Variant.parse(best.variant)
-    write_profile(settings.cache.directory(), model, variant,
-                  images.resolve() if variant.precision == "int8" else None, threshold,
-                  asdict(best))
-    return candidates, variant
+    try:
+        expected = probabilities(reference, samples)
+    finally:
+        reference.close()
+    judged = _Judged(paths, samples, labels, expected)
+    int8 = any(variant.precision == "int8" for variant in variants)
+    calibration = _calibration_files(settings, calibration_dir) if int8 else frozenset()
+    rule = (f"top-1 accuracy at least {options.min_ratio:.0%} of eager fp32's on the same "
+            f"images" if labels is not None else
+            f"top-1 agreement with eager fp32 at least {options.threshold:.0%}")
+    held_out = judged.without(calibration)
+    hint = (f" ({len(paths) - len(held_out.paths)} of the validation images calibrate it: "
+            f"pass --calibration-images DIR with other photographs)"
+            if len(held_out.paths) < len(paths) else "")
+    candidates = [_candidate(settings, model, device, variant, calibration_dir,
+                             held_out if variant.precision == "int8" else judged,
+                             options, hint if variant.precision == "int8" else "")
+                  for variant in variants]
+    best = max((c for c in candidates if c.accepted), key=lambda c: c.images_per_s,
+               default=None)
+    chosen = Variant.parse(best.variant) if best is not None else None
+    if chosen is not None and best is not None:
+        write_profile(settings.cache.directory(), model, chosen,
+                      calibration_dir.resolve() if chosen.precision == "int8" else None,
+                      {"images": str(images.resolve()), "judged": best.images,
+                       "labelled_by": vset.labelled_by or None, "rule": rule,
+                       "min_accuracy_ratio": options.min_ratio if labels is not None else None,
+                       "threshold": options.threshold if labels is None else None},
+                      asdict(best))
+    notes = []
+    if len(paths) < MIN_JUDGED_IMAGES:
+        notes.append(f"the validation set is too small to decide: {_count(len(paths), 'image')}, "
+                     f"at least {MIN_JUDGED_IMAGES} are needed; no variant is accepted "
+                     f"on it")
+    return Outcome(candidates, chosen, images, len(paths), vset.labelled_by, rule,
+                   judge(expected, expected, labels),
+                   _calibration_words(calibration_dir, images, len(calibration)) if int8
+                   else "", vset.left_out + len(vset.files) - len(paths), notes)
+
+
+def _validation_set(model: LoadedModel, options: Options) -> ValidationSet:
+    if options.unlabelled:
+        return validation_set(options.images, None, limit=MAX_VALIDATION_IMAGES)
+    wnids = read_wnids(options.wnids, len(model.labels)) if options.wnids else None
+    return validation_set(options.images, ClassNames(model.name, model.labels, wnids),
+                          options.labels_csv, MAX_VALIDATION_IMAGES)
+
+
+def _calibration_files(settings: Settings, directory: Path) -> frozenset[str]:
+    """The real paths of the files int8 calibrates on (as `score` will)."""
+    pre = settings.preprocess
+    try:
+        files = CalibrationSet.from_directory(directory, pre.spec(), pre.limits()).files
+    except ImgpipeError as exc:
+        raise ConfigError(str(exc)) from exc
+    return frozenset(os.path.realpath(path) for path in files)
+
+
+def _calibration_words(directory: Path, images: Path, count: int) -> str:
+    same = os.path.realpath(directory) == os.path.realpath(images)
+    where = f"--images {images}" if same else f"--calibration-images {directory}"
+    return (f"int8 calibrates on {where} (its first {CALIBRATION_IMAGES} files in path "
+            f"order: {count} here) and is never judged on those")
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """The validation images, their labels, and eager fp32's probabilities on them."""
+
+    paths: list[str]
+    samples: list[np.ndarray]
+    labels: Optional[list[int]]
+    expected: torch.Tensor
+
+    def without(self, excluded: frozenset[str]) -> _Judged:
+        keep = [i for i, path in enumerate(self.paths)
+                if os.path.realpath(path) not in excluded]
+        return _Judged([self.paths[i] for i in keep], [self.samples[i] for i in keep],
+                       None if self.labels is None else [self.labels[i] for i in keep],
+                       self.expected[keep])
 
 
 def judged_on(variant: Variant, images: Path,
               samples: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The samples (by path, from `images`) a variant's agreement is measured on:
-    int8 calibrates on the first files, so it is judged on the others (on all of
-    them when there are no others)."""
+    """The samples (by path, from `images`) benchmarks/bench_optimize.py measures a
+    variant's agreement on: int8 calibrates on the first files, so it is judged on
+    the others (on all of them when there are no others: `optimize` itself leaves
+    such a variant undecided instead)."""
     if variant.precision != "int8":
         return list(samples.values())
     calibration = set(first_files(images, CALIBRATION_IMAGES))
@@ -94,34 +239,87 @@ def judged_on(variant: Variant, images: Path,
 
 
 def _candidate(settings: Settings, model: LoadedModel, device: Any, variant: Variant,
-               images: Path, reference: TorchBackend, samples: list[np.ndarray],
-               threshold: float, latency_ms: Optional[float], seconds: float) -> Candidate:
+               calibration_dir: Path, judged: _Judged, options: Options,
+               hint: str = "") -> Candidate:
     """A variant measured, or refused with the reason it cannot run here."""
     try:
-        backend = backend_for(settings, model, device, variant, images)
+        backend = backend_for(settings, model, device, variant, calibration_dir)
         backend.setup()
     except (ImgpipeError, RuntimeError) as exc:
         return Candidate(str(variant), 0.0, 0.0, 0, 0.0, 0.0, False,
                          f"cannot run here: {first_line(exc)}")
     try:
-        return _measure(str(variant), backend, reference, samples, threshold, latency_ms,
-                        seconds)
+        return _measure(str(variant), backend, judged, options, hint)
     finally:
         backend.close()
 
 
-def _measure(name: str, backend: InferenceBackend, reference: TorchBackend,
-             samples: list[np.ndarray], threshold: float, latency_ms: Optional[float],
-             seconds: float) -> Candidate:
-    result = agreement(reference, backend, samples)
-    full = [samples[i % len(samples)] for i in range(reference.max_batch_size)]
-    per_batch = timed_calls(lambda: backend.predict(full), seconds)
-    single = timed_calls(lambda: backend.predict(full[:1]), seconds / 2)
-    p50, _ = percentiles(single)
-    why = ""
-    if result.top1 < threshold:
-        why = f"top-1 agreement {result.top1:.2%} under the {threshold:.2%} threshold"
-    elif latency_ms is not None and p50 > latency_ms:
-        why = f"batch-of-one p50 {p50:.1f} ms over the {latency_ms:g} ms target"
-    return Candidate(name, result.top1, result.max_score_drift, result.images,
-                     len(full) * len(per_batch) / sum(per_batch), p50, not why, why)
+def _measure(name: str, backend: InferenceBackend, judged: _Judged, options: Options,
+             hint: str = "") -> Candidate:
+    """Judged, then timed: model-only images/s at the largest batch, batch-of-one p50.
+    `hint` says why it may be judged on too few images."""
+    if judged.samples:
+        result = judge(judged.expected, probabilities(backend, judged.samples),
+                       judged.labels)
+        timing = judged.samples
+    else:
+        result = Judgement(0, 0.0, 0.0)
+        timing = []
+    full = [timing[i % len(timing)] for i in range(backend.max_batch_size)] if timing else []
+    per_batch = timed_calls(lambda: backend.predict(full), options.seconds) if full else []
+    single = timed_calls(lambda: backend.predict(full[:1]), options.seconds / 2) if full else []
+    p50 = percentiles(single)[0] if single else 0.0
+    why = refusal(result, options.threshold, options.min_ratio) if result.images else None
+    decided = result.images >= MIN_JUDGED_IMAGES
+    if not decided:
+        verdict = (f"refused ({why})" if why else "accepted") if result.images else ""
+        why = (f"undecided: judged on {_count(result.images, 'image')}, fewer than the "
+               f"{MIN_JUDGED_IMAGES} needed{hint}" + (f"; on these it would be {verdict}"
+                                                       if verdict else ""))
+    elif why is None and options.latency_ms is not None and p50 > options.latency_ms:
+        why = f"batch-of-one p50 {p50:.1f} ms over the {options.latency_ms:g} ms target"
+    return Candidate(name, result.top1_agreement, result.max_score_drift,
+                     result.images,
+                     len(full) * len(per_batch) / sum(per_batch) if per_batch else 0.0,
+                     p50, why is None, why or "", result.top1, result.top5,
+                     result.reference_top1, result.reference_top5, decided)
+
+
+def table(outcome: Outcome) -> list[str]:
+    """What `imgpipe optimize` prints: the set and the rule, then a row per variant."""
+    ref = outcome.reference
+    labelled = (f"labelled by {outcome.labelled_by}" if outcome.labelled_by
+                else "unlabelled")
+    left_out = f"; {outcome.left_out} files left out (no label, or not an image)" \
+        if outcome.left_out else ""
+    lines = [f"validation: {_count(outcome.judged, 'image')} of {outcome.images}, "
+             f"{labelled}{left_out}"]
+    if ref.reference_top1 is not None and ref.reference_top5 is not None:
+        lines.append(f"eager fp32 (the reference): top-1 {ref.reference_top1:.2%}, top-5 "
+                     f"{ref.reference_top5:.2%}")
+    lines.append(f"rule: {outcome.rule}; at least {MIN_JUDGED_IMAGES} images to decide")
+    if outcome.calibration:
+        lines.append(outcome.calibration)
+    lines.append(f"{'variant':<19}{'images':>6} {'top-1':>7} {'top-5':>7} {'agree':>7} "
+                 f"{'drift':>6} {'images/s':>9} {'b1 p50':>9}  verdict")
+    for c in outcome.candidates:
+        verdict = "ok" if c.accepted else (c.why if c.why.startswith("undecided")
+                                           else f"refused: {c.why}")
+        if c.images or c.images_per_s:
+            measured = (f"{c.images:>6} {_percent(c.top1):>7} {_percent(c.top5):>7} "
+                        f"{_percent(c.top1_agreement if c.images else None):>7} "
+                        f"{c.max_score_drift:>6.3f} {c.images_per_s:>9.1f} "
+                        f"{c.batch1_p50_ms:>6.1f} ms")
+        else:
+            measured = f"{'-':>6} {'-':>7} {'-':>7} {'-':>7} {'-':>6} {'-':>9} {'-':>9}"
+        lines.append(f"{c.variant:<19}{measured}  {verdict}")
+    lines.extend(outcome.notes)
+    return lines
+
+
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -53,16 +53,17 @@ def chosen(cache_dir: Path, model: Identified) -> Optional[Profile]:
 
 
 def write_profile(cache_dir: Path, model: Identified, variant: Variant,
-                  calibration_images: Optional[Path], threshold: float,
+                  calibration_images: Optional[Path], validation: dict[str, Any],
                   measured: dict[str, Any]) -> None:
-    """Record `variant` as the choice for `model`, atomically."""
+    """Record `variant` as the choice for `model`, atomically, with what it was judged
+    on and by which rule (`validation`) and what was measured."""
     path = profile_path(cache_dir, model)
     path.parent.mkdir(parents=True, exist_ok=True)
     profile: dict[str, Any] = {
         "model": model.name, "weights_digest": model.weights_digest,
         "backend": variant.backend, "precision": variant.precision,
         "calibration_images": str(calibration_images) if calibration_images else None,
-        "threshold": threshold, "chosen_at": time.time(), "measured": measured}
+        "validation": validation, "chosen_at": time.time(), "measured": measured}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)

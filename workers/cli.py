@@ -116,13 +116,26 @@ def _parser() -> argparse.ArgumentParser:
 
     optimize = commands.add_parser("optimize", help="choose the fastest inference backend "
                                    "that scores like eager fp32; score and serve use it")
-    _measurement_flags(optimize, images="validation images (real ones, like production's)")
-    optimize.add_argument("--threshold", type=float, default=0.99,
-                          help="least top-1 agreement with eager fp32 (default 0.99)")
+    _measurement_flags(optimize, images="validation set: at least 100 real photographs like "
+                       "production's, labelled (one subdirectory per class, or a labels.csv) "
+                       "or not")
+    optimize.add_argument("--labels-csv", type=Path, metavar="FILE", help="labels of the "
+                          "--images files: a CSV with a 'file' column (relative to --images) "
+                          "and one of index, wnid, label, name (default: DIR/labels.csv)")
+    optimize.add_argument("--wnids", type=Path, metavar="FILE", help="the model's WordNet ids, "
+                          "one per line in class-index order, for labels such as n01440764")
+    optimize.add_argument("--unlabelled", action="store_true", help="ignore labels: judge "
+                          "on top-1 agreement with eager fp32")
+    optimize.add_argument("--min-accuracy-ratio", type=float, default=None, metavar="R",
+                          help="labelled set: least top-1 accuracy as a fraction of eager "
+                          "fp32's (default 0.99)")
+    optimize.add_argument("--threshold", type=float, default=None,
+                          help="unlabelled set: least top-1 agreement with eager fp32 "
+                          "(default 0.93)")
     optimize.add_argument("--latency-ms", type=float,
                           help="most batch-of-one p50 latency a variant may have")
     _cache_dir_flag(optimize)
-    optimize.set_defaults(handler=_optimize)
+    optimize.set_defaults(handler=_optimize, images=None)
 
     cache = commands.add_parser("cache", help="inspect or empty the cache")
     cache.add_argument("action", choices=["stats", "clear", "verify"])
@@ -361,26 +374,38 @@ def _bench(args: argparse.Namespace, stderr: Console) -> int:
 
 def _optimize(args: argparse.Namespace, stderr: Console) -> int:
     from pipeline import optimize
+    from pipeline.backends.validation import DEFAULT_AGREEMENT, MIN_ACCURACY_RATIO
 
+    if args.images is None:
+        raise ConfigError("optimize needs --images DIR: at least 100 real photographs like "
+                          "production's (labelled, for the accuracy rule, or not)")
     if not args.images.is_dir():
         raise ConfigError(f"--images {args.images} is not a directory")
-    if not 0 < args.threshold <= 1:
-        raise ConfigError("--threshold must be in (0, 1]")
+    for flag, path in (("--labels-csv", args.labels_csv), ("--wnids", args.wnids)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag} {path} is not a file")
+    if args.unlabelled and args.labels_csv is not None:
+        raise ConfigError("--unlabelled and --labels-csv contradict each other")
+    threshold = DEFAULT_AGREEMENT if args.threshold is None else args.threshold
+    ratio = MIN_ACCURACY_RATIO if args.min_accuracy_ratio is None else args.min_accuracy_ratio
+    for flag, value in (("--threshold", threshold), ("--min-accuracy-ratio", ratio)):
+        if not 0 < value <= 1:
+            raise ConfigError(f"{flag} must be in (0, 1]")
+    options = optimize.Options(args.images, args.backends, threshold, ratio, args.latency_ms,
+                               args.seconds, args.labels_csv, args.wnids, args.unlabelled)
     with stderr.status("exporting, validating and measuring"):
-        candidates, chosen = optimize.run(_settings(args), args.backends, args.images,
-                                          args.threshold, args.latency_ms, args.seconds)
+        outcome = optimize.run(_settings(args), options)
     stdout = Console(highlight=False, soft_wrap=True)
-    for c in candidates:
-        verdict = "ok" if c.accepted else f"refused: {c.why}"
-        measured = (f"top-1 agreement {c.top1_agreement:7.2%} on {c.images} images, max score "
-                    f"drift {c.max_score_drift:.2g}, {c.images_per_s:7.1f} images/s, "
-                    f"batch-of-one p50 {c.batch1_p50_ms:.1f} ms: " if c.images else "")
-        stdout.print(f"{c.variant:<18} {measured}{verdict}", markup=False)
-    if chosen is None:
-        stderr.print("imgpipe: no variant met the requirements; nothing written", markup=False)
+    for line in optimize.table(outcome):
+        stdout.print(line, markup=False)
+    if outcome.chosen is None:
+        undecided = any(not c.decided for c in outcome.candidates)
+        stderr.print("imgpipe: no variant met the requirements" + (
+            " (some were judged on too few images to decide)" if undecided else "")
+            + "; nothing written", markup=False)
         return 1
-    stdout.print(f"chosen: {chosen} (used by score and serve with model.backend = auto)",
-                 markup=False)
+    stdout.print(f"chosen: {outcome.chosen} (used by score and serve with model.backend = "
+                 f"auto)", markup=False)
     return 0
 
 
