@@ -11,20 +11,30 @@ import os
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, TypeVar
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from pipeline.errors import ConfigError
-from pipeline.spec import InputLimits, Interpolation, PreprocessSpec
+from pipeline.recipes import GENERIC, Recipe, model_recipe
+from pipeline.sources.urls import Prefix, UrlPolicy
+from pipeline.spec import (
+    TTA_VIEWS,
+    InputLimits,
+    Interpolation,
+    PreprocessSpec,
+    TtaMode,
+)
 
 ENV_PREFIX = "IMGPIPE_"
 # Short names for the settings every Redis command needs.
@@ -44,9 +54,50 @@ def _split_paths(value: Any) -> Any:
     return value
 
 
+def _split_urls(value: Any) -> Any:
+    # From the environment a list of URL prefixes comes as one string, separated by spaces.
+    if isinstance(value, str):
+        return value.split()
+    return value
+
+
+def _crop_value(value: Any) -> Any:
+    """A crop as a setting: "auto", N (square), or "HxW" (also [H, W]; from the
+    environment "N" or "HxW"), canonical: an int when square, else "HxW"."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        value = f"{value[0]}x{value[1]}"
+    if isinstance(value, str) and value != "auto":
+        height, cross, width = value.strip().lower().partition("x")
+        try:
+            sides = (int(height), int(width if cross else height))
+        except ValueError:
+            raise ValueError("expected \"auto\", a size N, or HEIGHTxWIDTH such as "
+                             "\"224x192\"") from None
+        value = sides[0] if sides[0] == sides[1] else f"{sides[0]}x{sides[1]}"
+    if (isinstance(value, int) and not isinstance(value, bool)
+            or isinstance(value, str) and value != "auto"):
+        _crop_sides(value)  # ValueError out of range
+    return value
+
+
+def _crop_sides(value: int | str) -> tuple[int, int]:
+    """(height, width) of a canonical crop value; ValueError when out of range."""
+    if isinstance(value, int):
+        sides = (value, value)
+    else:
+        height, _, width = value.partition("x")
+        sides = (int(height), int(width))
+    if not all(1 <= side <= 8192 for side in sides):
+        raise ValueError("crop sides must be 1 to 8192 pixels")
+    return sides
+
+
 T = TypeVar("T")
+CropSetting = Annotated[Union[Literal["auto"], int, str], BeforeValidator(_crop_value)]
+SizeSetting = Union[Literal["auto"], Annotated[int, Field(ge=1, le=8192)]]
 UnsetIfBlank = Annotated[Optional[T], BeforeValidator(_blank_is_none)]
 PathList = Annotated[list[Path], BeforeValidator(_split_paths)]
+UrlList = Annotated[list[str], BeforeValidator(_split_urls)]
 REDIS_URL = r"^(redis|rediss|unix)://"
 KEY_PART = r"^[A-Za-z0-9_.:{}-]+$"
 
@@ -92,24 +143,63 @@ class ModelSettings(Section):
 
 
 class PreprocessSettings(Section):
+    """Preprocessing. The recipe (resize_shorter, crop, interpolation) is the
+    model's own where a key says "auto" (`pipeline/recipes.py`): `Settings`
+    hands the model's recipe in, so `spec()` is the spec this run uses."""
+
     backend: Literal["auto", "pillow", "dali"] = "auto"
     workers: int = Field(0, ge=0)
-    resize_shorter: int = Field(256, ge=1, le=8192)
-    crop: int = Field(224, ge=1, le=8192)
-    interpolation: Interpolation = "bilinear"
+    resize_shorter: SizeSetting = "auto"
+    crop: CropSetting = "auto"
+    interpolation: Union[Literal["auto"], Interpolation] = "auto"
+    tta: TtaMode = "none"
     max_file_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1)
     chunk_size: int = Field(8, ge=1, le=1024)
+    _model_recipe: Optional[Recipe] = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _crop_fits(self) -> PreprocessSettings:
-        if self.crop > self.resize_shorter:
-            raise ValueError(f"crop ({self.crop}) must not exceed resize_shorter "
-                             f"({self.resize_shorter})")
+        if self.crop != "auto" and self.resize_shorter != "auto":
+            height, width = _crop_sides(self.crop)
+            if max(height, width) > self.resize_shorter:
+                raise ValueError(f"crop ({self.crop}) must not exceed resize_shorter "
+                                 f"({self.resize_shorter})")
         return self
 
+    @property
+    def recipe(self) -> Recipe:
+        """The model's recipe, which "auto" keys take (imgpipe's default until
+        `Settings` has named the model)."""
+        return self._model_recipe or GENERIC
+
+    def with_model_recipe(self, recipe: Recipe) -> PreprocessSettings:
+        """A copy whose "auto" keys take `recipe`'s values."""
+        copy = self.model_copy()
+        copy._model_recipe = recipe
+        return copy
+
     def spec(self) -> PreprocessSpec:
-        return PreprocessSpec(self.resize_shorter, self.crop, self.interpolation)
+        recipe = self.recipe
+        resize = recipe.resize_shorter if self.resize_shorter == "auto" else self.resize_shorter
+        height, width = recipe.crop if self.crop == "auto" else _crop_sides(self.crop)
+        interpolation = (recipe.interpolation if self.interpolation == "auto"
+                         else self.interpolation)
+        return PreprocessSpec(resize, height, interpolation,  # type: ignore[arg-type]
+                              None if height == width else width)
+
+    def describe(self) -> str:
+        """The recipe in use and where it comes from, in one line for the summary:
+        "resize 232, crop 224, bilinear (torchvision ResNet50_Weights.IMAGENET1K_V2)"."""
+        keys = ("resize_shorter", "crop", "interpolation")
+        chosen = [f"preprocess.{key}" for key in keys if getattr(self, key) != "auto"]
+        origin = self.recipe.source
+        if len(chosen) == len(keys):
+            origin = "preprocess settings"
+        elif chosen:
+            origin = f"{', '.join(chosen)} set; the rest from {origin}"
+        views = "" if self.tta == "none" else f"; tta {self.tta} ({TTA_VIEWS[self.tta]} views)"
+        return f"{self.spec().describe()} ({origin}){views}"
 
     def limits(self) -> InputLimits:
         return InputLimits(self.max_file_bytes, self.max_image_pixels)
@@ -191,7 +281,18 @@ class ServeSettings(Section):
     consumer: str = Field("", pattern=r"^[A-Za-z0-9_.:@-]*$")
     allowed_roots: PathList = []
     max_inline_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    # URL jobs (pipeline/sources/urls.py): refused while no prefix is set.
+    allowed_url_prefixes: UrlList = []
+    allow_private_urls: bool = False
+    url_connect_timeout_s: float = Field(5.0, gt=0, le=600)
+    url_read_timeout_s: float = Field(10.0, gt=0, le=600)
+    url_fetch_timeout_s: float = Field(30.0, gt=0, le=3600)
+    url_retries: int = Field(2, ge=0, le=10)
+    url_max_redirects: int = Field(5, ge=0, le=20)
+    url_fetch_threads: int = Field(4, ge=1, le=64)
     max_topk: int = Field(20, ge=1, le=1000)
+    # Most views a job's `tta` may ask for (also bounded by batching.max_batch_size).
+    max_views: int = Field(10, ge=1, le=4096)
     results_maxlen: int = Field(100_000, ge=1)
     reply_stream_ttl_s: int = Field(86_400, ge=1)
     dead_maxlen: int = Field(100_000, ge=1)
@@ -201,6 +302,20 @@ class ServeSettings(Section):
     read_block_ms: int = Field(500, ge=1, le=60_000)
     drain_grace_s: float = Field(30.0, gt=0)
     stall_timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("allowed_url_prefixes")
+    @classmethod
+    def _valid_prefixes(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            Prefix.parse(prefix)  # ValueError, naming the prefix and what is wrong
+        return prefixes
+
+    def url_policy(self, max_bytes: int) -> UrlPolicy:
+        """What URL jobs may fetch; `max_bytes` is the files' cap (preprocess.max_file_bytes)."""
+        return UrlPolicy(tuple(self.allowed_url_prefixes), self.allow_private_urls,
+                         self.url_connect_timeout_s, self.url_read_timeout_s,
+                         self.url_fetch_timeout_s, self.url_retries, self.url_max_redirects,
+                         self.url_fetch_threads, max_bytes)
 
 
 class MetricsSettings(Section):
@@ -216,6 +331,55 @@ class Settings(Section):
     redis: RedisSettings = RedisSettings()
     serve: ServeSettings = ServeSettings()
     metrics: MetricsSettings = MetricsSettings()
+
+    @model_validator(mode="after")
+    def _model_recipe(self) -> Settings:
+        """Hand the model's recipe to the "auto" preprocessing keys, and check the
+        spec they make together (ConfigError naming the key: pydantic passes it on)."""
+        recipe = model_recipe(self.model.name)
+        # A copy: the default PreprocessSettings instance is shared between Settings.
+        object.__setattr__(self, "preprocess", self.preprocess.with_model_recipe(recipe))
+        _check_recipe(self)
+        return self
+
+
+def _check_recipe(settings: Settings) -> None:
+    """ConfigError, one line naming the setting, for a recipe this run cannot use."""
+    from pipeline.preprocess import DALI_INTERPOLATIONS
+
+    pre, name = settings.preprocess, settings.model.name
+    try:
+        spec = pre.spec()
+    except ValueError:
+        raise ConfigError(_crop_too_large(pre, name)) from None
+    if pre.backend == "dali" and spec.interpolation not in DALI_INTERPOLATIONS:
+        raise ConfigError(
+            f"invalid configuration: preprocess.interpolation = {spec.interpolation!r}"
+            f"{_whose(pre, 'interpolation', name)} cannot be reproduced by "
+            f"preprocess.backend = 'dali', which has no {spec.interpolation} filter; use "
+            f"preprocess.backend 'pillow' or 'auto', or preprocess.interpolation "
+            f"{' or '.join(DALI_INTERPOLATIONS)}")
+    views = TTA_VIEWS[pre.tta]
+    if views > settings.batching.max_batch_size:
+        raise ConfigError(
+            f"invalid configuration: preprocess.tta = {pre.tta!r} scores {views} views of "
+            f"each image in one model batch, but batching.max_batch_size is "
+            f"{settings.batching.max_batch_size}; raise it to at least {views}")
+
+
+def _crop_too_large(pre: PreprocessSettings, name: str) -> str:
+    """Why the crop does not fit the resized image, naming where each comes from."""
+    recipe = pre.recipe
+    height, width = recipe.crop if pre.crop == "auto" else _crop_sides(pre.crop)
+    resize = recipe.resize_shorter if pre.resize_shorter == "auto" else pre.resize_shorter
+    crop = height if height == width else f"{height}x{width}"
+    return (f"invalid configuration: preprocess.crop ({crop}){_whose(pre, 'crop', name)} "
+            f"must not exceed preprocess.resize_shorter ({resize})"
+            f"{_whose(pre, 'resize_shorter', name)}; set both, or a smaller crop")
+
+
+def _whose(pre: PreprocessSettings, key: str, name: str) -> str:
+    return f" from {name}'s recipe" if getattr(pre, key) == "auto" else ""
 
 
 def load_settings(config_file: Optional[Path] = None,

@@ -33,6 +33,7 @@ from pipeline.preprocess.pool import PreprocessPool, WorkerPlan
 from pipeline.preprocess.select import resolve_backend
 from pipeline.profiles import chosen
 from pipeline.sources import ChunkSource, IterableSource
+from pipeline.spec import TTA_VIEWS
 from pipeline.variants import Variant
 
 if TYPE_CHECKING:
@@ -124,7 +125,8 @@ class Engine:
             self.device = "cpu"
             inference = _LoadedOnDemand(self)
         self.preprocess_backend = resolve_backend(self.settings.preprocess.backend,
-                                                  self._device_type())
+                                                  self._device_type(),
+                                                  self.settings.preprocess.spec())
         self.result_scope = ResultScope(known.model_id, known.weights_digest, self.topk,
                                         known.labels_digest)
         self.cache = self._open_cache()
@@ -174,7 +176,8 @@ class Engine:
 
         cfg = self.settings.model
         self.device = resolve_device(cfg.device)
-        self.model = model = load_model(cfg.name, cfg.weights, cfg.labels)
+        self.model = model = load_model(cfg.name, cfg.weights, cfg.labels,
+                                        self.settings.preprocess.spec().crop_size)
         profile = chosen(self.settings.cache.directory(), model)
         calibration_images = cfg.calibration_images
         if cfg.backend != "auto":
@@ -249,7 +252,7 @@ class Engine:
 
     def _remember(self, item: Prepared, predictions: list[Prediction]) -> None:
         if self.cache is not None and item.digest is not None:
-            self.cache.store_predictions(item.digest, predictions)
+            self.cache.store_predictions(item.digest, predictions, item.tta)
 
     def _start_pool(self) -> PreprocessPool:
         pre_cfg = self.settings.preprocess
@@ -259,7 +262,9 @@ class Engine:
             workers, threads = 1, pre_cfg.workers or self.cores
         plan = WorkerPlan(self.preprocess_backend, pre_cfg.spec(), pre_cfg.limits(),
                           str(self.device), threads, self.settings.cache, self.result_scope,
-                          self.allowed_roots)
+                          self.allowed_roots,
+                          self.settings.serve.url_policy(pre_cfg.max_file_bytes),
+                          tta=pre_cfg.tta)
         pool = PreprocessPool(plan, workers, pre_cfg.chunk_size)
         pool.start()
         return pool
@@ -268,8 +273,10 @@ class Engine:
         """Score every job, one record each to `sink`; Ctrl-C stops cleanly with
         what was written kept. A ChunkSource (a stream) ends when it says so."""
         batching = self.settings.batching
-        prepared: queue.Queue[object] = queue.Queue(
-            batching.max_batch_size * batching.queue_batches)
+        # queue_batches batches' worth of views (TTA items hold several each)
+        prepared: queue.Queue[object] = queue.Queue(max(
+            1, batching.max_batch_size * batching.queue_batches
+            // TTA_VIEWS[self.settings.preprocess.tta]))
         stop = threading.Event()
         source = jobs if isinstance(jobs, ChunkSource) else IterableSource(
             jobs, self.settings.preprocess.chunk_size)
@@ -293,7 +300,8 @@ class Engine:
         feeder.start()
         try:
             self.worker.drain(Batcher(prepared, batching.max_batch_size, batching.max_delay_ms,
-                                      lambda: self.pool.outstanding > 0), deliver, idle)
+                                      lambda: self.pool.outstanding > 0,
+                                      weight=Prepared.batch_weight), deliver, idle)
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:

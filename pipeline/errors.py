@@ -40,7 +40,9 @@ class InputError(PermanentError):
     bug met by this input). Codes for Redis jobs (pipeline/transport/contract.py):
     invalid_field, unknown_field, missing_field, conflicting_fields,
     unsupported_version, unknown_model, data_too_large, path_not_allowed,
-    deadline_exceeded, too_many_deliveries.
+    deadline_exceeded, too_many_deliveries; for URL jobs
+    (pipeline/sources/urls.py): url_not_allowed, fetch_failed, fetch_timeout,
+    http_error, data_too_large.
     """
 
     def __init__(self, code: str, message: str) -> None:

@@ -21,7 +21,16 @@ if TYPE_CHECKING:
 from pipeline.batching import Batcher
 from pipeline.errors import TransientError
 from pipeline.items import Prepared
-from pipeline.predictions import Prediction, Record, error_record, ok_record, to_numpy, top_k
+from pipeline.predictions import (
+    Prediction,
+    Record,
+    error_record,
+    mean_over_views,
+    ok_record,
+    softmax,
+    to_numpy,
+    top_k_of_probabilities,
+)
 
 Remember = Callable[[Prepared, list[Prediction]], None]
 log = logging.getLogger("imgpipe.inference")
@@ -55,9 +64,18 @@ class InferenceLoop:
         return (item.predictions or [])[:item.job.topk or self.default_topk]
 
     def _infer(self, ready: list[Prepared]) -> None:
+        """Score every view of every item in one model batch; an item's prediction
+        is the mean of its views' softmax probabilities (one view: its own)."""
         started = time.perf_counter()
-        logits = self._logits([item.pixels for item in ready])  # type: ignore[misc]
-        predictions = top_k(logits, self.topk, self.backend.model.labels)
+        samples: list[np.ndarray] = []
+        views: list[int] = []
+        for item in ready:
+            assert item.pixels is not None
+            stacked = item.pixels.ndim == 4  # a TTA item: views x C x H x W
+            samples.extend(item.pixels if stacked else [item.pixels])
+            views.append(item.pixels.shape[0] if stacked else 1)
+        probs = mean_over_views(softmax(self._logits(samples)), views)
+        predictions = top_k_of_probabilities(probs, self.topk, self.backend.model.labels)
         per_item_ms = (time.perf_counter() - started) * 1000 / len(ready)
         h2d_ms = self.backend.last_staging_s * 1000 / len(ready)
         for item, top in zip(ready, predictions, strict=True):

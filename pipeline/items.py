@@ -8,6 +8,7 @@ from typing import Literal, NotRequired, Optional, TypedDict
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.spec import TTA_VIEWS
 
 
 @dataclass
@@ -24,6 +25,8 @@ class Job:
     data: Optional[bytes] = None
     topk: Optional[int] = None
     ref: Optional[str] = None
+    url: Optional[str] = None  # fetched by the preprocessing worker (then `path` only names it)
+    tta: Optional[str] = None  # test-time augmentation mode; None: the run's (preprocess.tta)
 
 
 @dataclass
@@ -32,6 +35,8 @@ class Prepared:
 
     `predictions` is set when the result cache already knew the answer; `cache`
     says which cache level answered ("result:local", "tensor:redis", "miss").
+    `tta` is the test-time augmentation mode it was prepared under: with one
+    other than "none", `pixels` stacks its views (views x C x H x W).
     """
 
     job: Job
@@ -41,6 +46,19 @@ class Prepared:
     digest: Optional[str] = None
     cache: Optional[str] = None
     predictions: Optional[list[Prediction]] = None
+    tta: str = "none"
+
+    @property
+    def views(self) -> int:
+        """How many views its prediction averages (1 without TTA)."""
+        return TTA_VIEWS.get(self.tta, 1)
+
+    def batch_weight(self) -> int:
+        """What it counts against max_batch_size: the views the model scores for it
+        (one for an item the model does not see: an error or a cached answer)."""
+        if self.pixels is None or self.error is not None or self.predictions is not None:
+            return 1
+        return int(self.pixels.shape[0]) if self.pixels.ndim == 4 else 1
 
 
 class Prediction(TypedDict):
@@ -65,4 +83,5 @@ class Record(TypedDict):
     predictions: NotRequired[list[Prediction]]
     timings_ms: NotRequired[dict[str, float]]
     cache: NotRequired[str]  # which cache level answered, with status "ok"
+    views: NotRequired[int]  # views the prediction averages, when more than one (TTA)
     error: NotRequired[ErrorInfo]

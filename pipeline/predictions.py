@@ -9,7 +9,8 @@ import numpy as np
 
 from pipeline.items import Prediction, Prepared, Record
 
-__all__ = ["Prediction", "Record", "error_record", "ok_record", "to_numpy", "top_k"]
+__all__ = ["Prediction", "Record", "error_record", "mean_over_views", "ok_record", "softmax",
+           "to_numpy", "top_k", "top_k_of_probabilities"]
 
 
 def top_k(logits: Any, k: int, labels: Sequence[str]) -> list[list[Prediction]]:
@@ -18,9 +19,29 @@ def top_k(logits: Any, k: int, labels: Sequence[str]) -> list[list[Prediction]]:
     `logits` is a NumPy array or a torch tensor (on any device); the softmax is
     computed here in float64, so every backend's scores round the same way.
     """
+    return top_k_of_probabilities(softmax(logits), k, labels)
+
+
+def softmax(logits: Any) -> np.ndarray:
+    """Each row's softmax, in float64."""
     rows = to_numpy(logits).astype(np.float64)
     rows = np.exp(rows - rows.max(axis=1, keepdims=True))
-    probs = rows / rows.sum(axis=1, keepdims=True)
+    return rows / rows.sum(axis=1, keepdims=True)
+
+
+def mean_over_views(probs: np.ndarray, views: Sequence[int]) -> np.ndarray:
+    """One row per image: the mean of its `views[i]` consecutive rows of `probs`
+    (test-time augmentation's prediction); a one-view image keeps its row as it is."""
+    if all(count == 1 for count in views):
+        return probs
+    starts = np.cumsum([0, *views[:-1]])
+    return np.stack([probs[start:start + count].mean(axis=0)
+                     for start, count in zip(starts, views, strict=True)])
+
+
+def top_k_of_probabilities(probs: np.ndarray, k: int,
+                           labels: Sequence[str]) -> list[list[Prediction]]:
+    """Top-k per row of probabilities: [{"label", "index", "score"}, ...] best first."""
     k = min(k, probs.shape[1])
     # Ties keep the lower class index first, as a stable sort of -p does.
     best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -42,6 +63,8 @@ def ok_record(item: Prepared, model: str, predictions: list[Prediction]) -> Reco
     record["timings_ms"] = _rounded(item.timings_ms)
     if item.cache is not None:
         record["cache"] = item.cache
+    if item.views > 1:
+        record["views"] = item.views
     return record
 
 

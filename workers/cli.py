@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--overwrite", action="store_true", help="with --out FILE: start "
                        "FILE afresh instead of resuming it (needed when the settings changed)")
     _engine_flags(score)
+    _tta_flag(score)
     score.add_argument("--recursive", action="store_true", help="descend into subdirectories")
     _cache_flags(score)
     score.add_argument("--metrics-port", type=int, metavar="PORT",
@@ -89,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="score jobs from a Redis stream until stopped")
     _engine_flags(serve)
+    _tta_flag(serve)
     _redis_flags(serve)
     _cache_redis_flag(serve)
     serve.add_argument("--consumer", dest="serve.consumer",
@@ -191,6 +193,13 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="preprocessing processes (default: one per usable core)")
     parser.add_argument("--backend", dest="preprocess.backend",
                         choices=["auto", "pillow", "dali"])
+
+
+def _tta_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tta", dest="preprocess.tta",
+                        choices=["none", "hflip", "five_crop", "ten_crop"],
+                        help="test-time augmentation: score 2, 5 or 10 views of each image "
+                             "and average them (default: none)")
 
 
 def _redis_command_flags(parser: argparse.ArgumentParser) -> None:
@@ -321,8 +330,12 @@ def _record_settings(engine: Engine) -> dict[str, Any]:
 
 def _settings_known_unloaded(settings: Settings) -> dict[str, Any]:
     """Those of the record settings known without loading the model."""
+    from pipeline.spec import views_digest
+
+    pre = settings.preprocess
+    # The views are part of what shaped a record: a TTA run never resumes a plain one.
     return {"model": settings.model.name, "topk": settings.model.topk,
-            "preprocess_digest": settings.preprocess.spec().digest()}
+            "preprocess_digest": views_digest(pre.spec().digest(), pre.tta), "tta": pre.tta}
 
 
 def _hint_subdirectories(console: Console, count: int) -> None:
@@ -478,7 +491,8 @@ def _print_summary(console: Console, summary: Any, skipped: int, engine: Any,
     model = (f"model {engine.model.name} on {engine.device} ({engine.variant}{why})"
              if engine.model_loaded else
              f"model {engine.result_scope.model_id} not loaded: the cache answered every image")
-    console.print(f"{model}; preprocessing {engine.preprocess_backend} ({pillow})", markup=False)
+    console.print(f"{model}; preprocessing {engine.preprocess_backend} ({pillow}): "
+                  f"{engine.settings.preprocess.describe()}", markup=False)
     if summary.interrupted and out not in (None, "-"):
         console.print(f"re-run the same command to resume; {out} is complete up to here",
                       markup=False)

@@ -30,6 +30,7 @@ from pipeline.config import Settings
 from pipeline.engine import Engine
 from pipeline.errors import ConfigError, TransientError
 from pipeline.metrics import Metrics
+from pipeline.sources.urls import Prefix
 from pipeline.transport.connection import Outage, connect, describe_url
 from pipeline.transport.consumer import StreamSource
 from pipeline.transport.contract import JobRules, Keys
@@ -111,7 +112,10 @@ def serve(settings: Settings) -> int:
                                     metrics)
         rules = JobRules(engine.model.name, cfg.max_topk, cfg.max_inline_bytes, roots,
                          keys.results, keys.own_streams,
-                         (cache_keys.namespace(settings.cache.prefix) + ":",))
+                         (cache_keys.namespace(settings.cache.prefix) + ":",),
+                         tuple(Prefix.parse(prefix) for prefix in cfg.allowed_url_prefixes),
+                         # all of a job's views go through the model in one batch
+                         max_views=min(cfg.max_views, settings.batching.max_batch_size))
         source = StreamSource(client, streams, consumer, cfg, rules,
                               settings.preprocess.chunk_size, in_flight, publisher, outage)
         shutdown.on_stop(source.stop)
@@ -128,6 +132,8 @@ def serve(settings: Settings) -> int:
         log.info("serving %s on %s: consumer %s of group %s reading %s at %s",
                  engine.model.name, engine.device, consumer, cfg.group, keys.jobs,
                  outage.location)
+        log.info("preprocessing %s: %s", engine.preprocess_backend,
+                 settings.preprocess.describe())
         engine.run(source, publisher.write)
         source.leave()
     finally:

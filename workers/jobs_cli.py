@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +33,10 @@ Handler = Callable[[argparse.Namespace, Console], int]
 def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register the commands; `common` adds --config and --redis-url to each."""
     submit = commands.add_parser("submit", help="queue images as jobs for `imgpipe serve`")
-    submit.add_argument("inputs", nargs="+", type=Path, help="image files or directories")
+    submit.add_argument("inputs", nargs="*", type=Path, help="image files or directories")
+    submit.add_argument("--urls", metavar="FILE|-", help="also send URL jobs: the http(s) "
+                        "URLs FILE lists, one a line (- reads standard input); the daemon "
+                        "fetches them (serve.allowed_url_prefixes)")
     submit.add_argument("--recursive", action="store_true", help="descend into subdirectories")
     submit.add_argument("--paths", action="store_true", help="send paths (the daemon must see "
                         "them under serve.allowed_roots) instead of the images' bytes")
@@ -91,6 +96,10 @@ def _check_submit_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--topk must be at least 1, not {args.topk}")
     if not args.timeout > 0:
         raise ConfigError(f"--timeout must be more than 0 seconds, not {args.timeout:g}")
+    if not args.inputs and args.urls is None:
+        raise ConfigError("give image files or directories, or --urls FILE")
+    if args.urls is not None and args.urls != "-" and not os.path.isfile(args.urls):
+        raise ConfigError(f"--urls {args.urls}: no such file")
 
 
 def _reply_ttl_s(args: argparse.Namespace) -> float:
@@ -99,7 +108,37 @@ def _reply_ttl_s(args: argparse.Namespace) -> float:
 
 def _jobs(args: argparse.Namespace, limit: int, reply_to: Optional[str],
           unreadable: Callable[[str], None]) -> Iterator[dict[str, Any]]:
-    """One job per input file; files that cannot be sent are reported, not queued."""
+    """One job per input file, then per listed URL; what cannot be sent is
+    reported, not queued."""
+    yield from _file_jobs(args, limit, reply_to, unreadable)
+    if args.urls is not None:
+        yield from _url_jobs(args, reply_to, unreadable)
+
+
+def _url_jobs(args: argparse.Namespace, reply_to: Optional[str],
+              unreadable: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """One job per line of the --urls list (blank lines skipped), read as it goes."""
+    from pipeline.sources.urls import parse_url
+
+    with contextlib.ExitStack() as stack:
+        lines = sys.stdin if args.urls == "-" else stack.enter_context(
+            open(args.urls, encoding="utf-8", errors="replace"))
+        for number, line in enumerate(lines, 1):
+            url = line.strip()
+            if not url:
+                continue
+            try:
+                shown = parse_url(url).shown()  # the query string may hold a signature
+            except InputError as exc:
+                unreadable(f"{args.urls} line {number}: {exc.code}: "
+                           f"{exc.message.removeprefix('field url: ')}")
+                continue
+            job_id = shown if len(shown) <= MAX_TEXT_CHARS else None
+            yield {"job_id": job_id, "topk": args.topk, "reply_to": reply_to, "url": url}
+
+
+def _file_jobs(args: argparse.Namespace, limit: int, reply_to: Optional[str],
+               unreadable: Callable[[str], None]) -> Iterator[dict[str, Any]]:
     for path in _files(args.inputs, args.recursive):
         job: dict[str, Any] = {"job_id": _job_id(path), "topk": args.topk,
                                "reply_to": reply_to}
@@ -219,8 +258,13 @@ def _check_dead_args(args: argparse.Namespace) -> None:
 
 def _dead_line(entry_id: str, letter: dict[str, Any]) -> str:
     error = letter.get("error") or {}
-    source = (f"image={letter['image']}" if "image" in letter
-              else f"data={letter.get('data', '?')}")
+    if "url" in letter:
+        from pipeline.sources.urls import shown
+
+        source = f"url={shown(letter['url'])}"
+    else:
+        source = (f"image={letter['image']}" if "image" in letter
+                  else f"data={letter.get('data', '?')}")
     return (f"{entry_id}\tjob {letter.get('id', letter.get('entry_id', '?'))}\t"
             f"{letter.get('deliveries', '?')} deliveries\t{source}\t"
             f"{error.get('code', '?')}: {error.get('message', '')}")

@@ -16,7 +16,10 @@ the two prefixes are set to.
 two names, on two hosts, is one entry. ``<spec16>`` is the first 16 hex digits
 of ``PreprocessSpec.digest()``, which covers everything that determines the
 tensor (sizes, interpolation, colour handling, output layout) and includes
-``SPEC_VERSION``, bumped whenever a backend changes its output.
+``SPEC_VERSION``, bumped whenever a backend changes its output. With
+test-time augmentation it is the digest of the spec *and* the view set
+(``spec.views_digest``; the spec's own for "none"): an image's views are one
+entry, never served for another mode or for the plain crop.
 
 The preprocessing *backend* is deliberately not part of the tensor key: the
 Pillow and DALI backends are required, and tested, to agree (mean absolute
@@ -25,7 +28,8 @@ run and vice versa. If a backend ever stops meeting that contract, bump
 SPEC_VERSION rather than adding the backend to the key.
 
 ``<scope16>`` for results hashes everything that changes the predictions for
-a given tensor: the model, its weights, the labels, top-k and the spec.
+a given tensor: the model, its weights, the labels, top-k and the spec
+(with the view set, as above: TTA and plain predictions never mix).
 
 File entries let an unchanged file skip even being read and hashed: the key
 digests its path, device, inode, size, mtime and ctime (ctime changes on any

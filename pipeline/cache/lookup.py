@@ -19,6 +19,7 @@ from pipeline.cache.local import LocalTier
 from pipeline.cache.results import Predictions, ResultCache
 from pipeline.cache.tiered import MISS, TieredCache
 from pipeline.config import CacheSettings
+from pipeline.spec import views_digest
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,13 @@ def open_tiers(cfg: CacheSettings) -> list[CacheTier]:
 
 
 class CacheLookup:
-    """Tensor and result lookups keyed by content, writes queued off the hot path."""
+    """Tensor and result lookups keyed by content, writes queued off the hot path.
+
+    `tta` (a test-time augmentation mode) scopes every lookup and write: an
+    image's views are one tensor entry under a key that adds the view set
+    (`spec.views_digest`), and its TTA predictions are apart from its plain
+    ones, so neither is ever served for the other.
+    """
 
     def __init__(self, cfg: CacheSettings, spec_digest: str,
                  scope: Optional[ResultScope]) -> None:
@@ -74,38 +81,43 @@ class CacheLookup:
         # Pool workers leave through os._exit: flush queued writes before that.
         multiprocessing.util.Finalize(self, self.cache.close, exitpriority=10)
 
-    def find_unread(self, path: str, info: os.stat_result) -> Optional[Found]:
+    def find_unread(self, path: str, info: os.stat_result,
+                    tta: str = "none") -> Optional[Found]:
         """What the cache knows about an unchanged file, without reading it."""
         key = file_key(self.cfg.prefix, path, info)
         digest = self.cache.get_local(key, lambda blob: decode_file_digest(key, blob))
         if digest is None:
             return None
-        found = self.find_digest(digest)
+        found = self.find_digest(digest, tta)
         return found if found.tier != MISS else None
 
     def remember_file(self, path: str, info: os.stat_result, digest: str) -> None:
         key = file_key(self.cfg.prefix, path, info)
         self.cache.put_local(key, encode_file_digest(key, digest))
 
-    def find(self, data: bytes) -> Found:
+    def find(self, data: bytes, tta: str = "none") -> Found:
         """Predictions if known, else the preprocessed tensor if known."""
-        return self.find_digest(image_digest(data))
+        return self.find_digest(image_digest(data), tta)
 
-    def find_digest(self, digest: str) -> Found:
+    def find_digest(self, digest: str, tta: str = "none") -> Found:
         """Lookups by the digest of an image's bytes."""
         if self.scope is not None:
-            predictions, tier = self.results.get(self._result_key(digest), self.scope.topk)
+            predictions, tier = self.results.get(self._result_key(digest, tta),
+                                                 self.scope.topk)
             if predictions is not None:
                 return Found(digest, tier, predictions=predictions)
-        pixels, tier = self.cache.get_tensor(self._tensor_key(digest), self.spec_digest)
+        made_under = views_digest(self.spec_digest, tta)
+        pixels, tier = self.cache.get_tensor(self._tensor_key(digest, tta), made_under)
         return Found(digest, tier, pixels=pixels)
 
-    def store_tensor(self, digest: str, pixels: np.ndarray) -> None:
-        self.cache.put_tensor(self._tensor_key(digest), pixels, self.spec_digest)
+    def store_tensor(self, digest: str, pixels: np.ndarray, tta: str = "none") -> None:
+        self.cache.put_tensor(self._tensor_key(digest, tta), pixels,
+                              views_digest(self.spec_digest, tta))
 
-    def store_predictions(self, digest: str, predictions: Predictions) -> None:
+    def store_predictions(self, digest: str, predictions: Predictions,
+                          tta: str = "none") -> None:
         if self.scope is not None:
-            self.results.put(self._result_key(digest), predictions)
+            self.results.put(self._result_key(digest, tta), predictions)
 
     def counters_since_last_call(self) -> dict[str, Counter[str]]:
         """Per tier, how much each counter grew since the previous call.
@@ -124,11 +136,12 @@ class CacheLookup:
     def close(self) -> None:
         self.cache.close()
 
-    def _tensor_key(self, digest: str) -> str:
-        return tensor_key(self.cfg.prefix, digest, self.spec_digest)
+    def _tensor_key(self, digest: str, tta: str = "none") -> str:
+        return tensor_key(self.cfg.prefix, digest, views_digest(self.spec_digest, tta))
 
-    def _result_key(self, digest: str) -> str:
+    def _result_key(self, digest: str, tta: str = "none") -> str:
         assert self.scope is not None
         s = self.scope
         return result_key(self.cfg.prefix, digest, s.model_id, s.weights_digest, s.topk,
-                          spec_digest=self.spec_digest, labels_digest=s.labels_digest)
+                          spec_digest=views_digest(self.spec_digest, tta),
+                          labels_digest=s.labels_digest)

@@ -16,13 +16,17 @@ import torch
 
 from pipeline.errors import ModelLoadError, first_line
 from pipeline.models.labels import resolve_labels
+from pipeline.recipes import (
+    DEFAULT_MODEL,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LITE_MEAN,
+    LITE_STD,
+    model_recipe,
+)
 
-DEFAULT_MODEL = "efficientnet_lite0"
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-# EfficientNet-Lite was trained on (x - 127) / 128, per its reference builder.
-LITE_MEAN = (127.0, 127.0, 127.0)
-LITE_STD = (128.0, 128.0, 128.0)
+__all__ = ["DEFAULT_MODEL", "IMAGENET_MEAN", "IMAGENET_STD", "LITE_MEAN", "LITE_STD",
+           "LoadedModel", "file_digest", "load_model"]
 PICKLED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 JIT_DEPRECATION = r"`torch\.jit\.load` is deprecated"
 TORCH_ENFORCE = re.compile(r"^\[enforce fail at [^\]]*\]\s*\.?\s*")  # C++ source location
@@ -41,8 +45,15 @@ class LoadedModel:
 
 
 def load_model(name: str = DEFAULT_MODEL, weights: Optional[Path] = None,
-               labels: Optional[Path] = None) -> LoadedModel:
-    """Load by name; raise ModelLoadError with a one-line reason on failure."""
+               labels: Optional[Path] = None,
+               input_size: Optional[tuple[int, int]] = None) -> LoadedModel:
+    """Load by name; raise ModelLoadError with a one-line reason on failure.
+
+    `input_size` is the (height, width) the model will see (the spec's crop;
+    default: the model's own recipe): the model is probed at it, and a
+    torchvision ViT is built for it.
+    """
+    input_size = input_size or model_recipe(name).crop
     if name == DEFAULT_MODEL:
         module, weights_path, mean, std = _efficientnet_lite0(weights)
     elif Path(name).is_file():
@@ -51,13 +62,13 @@ def load_model(name: str = DEFAULT_MODEL, weights: Optional[Path] = None,
         raise ModelLoadError(f"no such file: {name}" if not Path(name).exists()
                              else f"not a file: {name}")
     elif name in _torchvision_names():
-        module, weights_path, mean, std = _torchvision(name, weights)
+        module, weights_path, mean, std = _torchvision(name, weights, input_size)
     else:
         raise ModelLoadError(
             f"unknown model {name!r}: use {DEFAULT_MODEL}, a torchvision classification "
             "architecture (with --weights FILE), or a TorchScript file path")
     module.eval()
-    num_classes = _num_outputs(module)
+    num_classes = _num_outputs(module, input_size)
     return LoadedModel(name, module, mean, std, resolve_labels(labels, num_classes),
                        file_digest(weights_path))
 
@@ -96,7 +107,8 @@ def _torchvision_names() -> set[str]:
     return set(torchvision.models.list_models(module=torchvision.models))
 
 
-def _torchvision(name: str, weights: Optional[Path]) -> tuple[Any, Path, Any, Any]:
+def _torchvision(name: str, weights: Optional[Path],
+                 input_size: tuple[int, int]) -> tuple[Any, Path, Any, Any]:
     import torchvision
 
     if weights is None:
@@ -106,9 +118,13 @@ def _torchvision(name: str, weights: Optional[Path]) -> tuple[Any, Path, Any, An
     state = _read_state_dict(weights)
     head = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
     num_classes = int(head[-1].shape[0]) if head else 1000
-    module = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    options: dict[str, Any] = {"num_classes": num_classes}
+    if name.startswith("vit_") and input_size[0] == input_size[1]:
+        options["image_size"] = input_size[0]  # its position embedding fits one size
+    module = torchvision.models.get_model(name, weights=None, **options)
     _load_state_dict(module, weights, name, state)
-    return module, weights, IMAGENET_MEAN, IMAGENET_STD
+    recipe = model_recipe(name)  # the normalisation of its DEFAULT weights
+    return module, weights, recipe.mean, recipe.std
 
 
 def _torchscript(path: Path) -> tuple[Any, Path, Any, Any]:
@@ -170,9 +186,9 @@ def _load_state_dict(module: torch.nn.Module, path: Path, name: str,
             f"weights file {path} does not match architecture {name!r}: {first[:300]}") from exc
 
 
-def _num_outputs(module: torch.nn.Module) -> int:
+def _num_outputs(module: torch.nn.Module, input_size: tuple[int, int]) -> int:
     with torch.inference_mode():
-        logits = module(torch.zeros(1, 3, 224, 224))
+        logits = module(torch.zeros(1, 3, *input_size))
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         raise ModelLoadError("model must return a (batch, classes) tensor of logits")
     return int(logits.shape[1])

@@ -15,12 +15,18 @@ import numpy as np
 from pipeline.errors import InputError
 
 Outcome = Union[np.ndarray, InputError]
+# The filters DALI has (the tests check each against Pillow's); Pillow also has box
+# and hamming, so a recipe that names either runs on the pillow backend only.
+DALI_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 
 class PreprocessBackend(Protocol):
     """Decode and transform a batch; one outcome per input, in order.
 
-    `fallbacks` counts the images handed to another decoder (DALI to Pillow).
+    With a test-time augmentation mode (`tta`, see `pipeline.spec.tta_views`)
+    other than "none", an outcome stacks the image's views, cut from one
+    decode: (views, 3, H, W). `fallbacks` counts the images handed to another
+    decoder (DALI to Pillow).
     """
 
     name: str
@@ -28,6 +34,6 @@ class PreprocessBackend(Protocol):
 
     def setup(self) -> None: ...
 
-    def run(self, images: Sequence[bytes]) -> list[Outcome]: ...
+    def run(self, images: Sequence[bytes], tta: str = "none") -> list[Outcome]: ...
 
     def close(self) -> None: ...

@@ -5,6 +5,12 @@ any single file DALI fails on, are handled by the pillow backend instead. So
 is a JPEG whose last pixel (as stored) decodes to mid-grey luma, the mark of
 a file whose data ends before its pixels do: the pillow backend tells such a
 file from a real grey corner (pillow.refuse_incomplete_jpeg).
+
+Test-time augmentation views are cut from one decode inside the graph: one
+resize per distinct region (the crop box as a per-sample ROI) and
+crop_mirror_normalize's `mirror` for the mirrored views, stacked in the
+order of `pipeline.spec.tta_views`. Each TTA mode gets its own graph, built
+when first used.
 """
 
 from __future__ import annotations
@@ -20,14 +26,14 @@ from nvidia.dali.pipeline import Pipeline
 from PIL import Image
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.preprocess import Outcome
+from pipeline.preprocess import DALI_INTERPOLATIONS, Outcome
 from pipeline.preprocess.pillow import (
     ORIENTATION_TAG,
     PillowBackend,
     has_mid_grey_luma,
     open_image,
 )
-from pipeline.spec import InputLimits, PreprocessSpec
+from pipeline.spec import InputLimits, PreprocessSpec, tta_views
 
 UINT8, FLOAT = types.DALIDataType.UINT8, types.DALIDataType.FLOAT
 RGB = types.DALIImageType.RGB
@@ -52,33 +58,45 @@ Roi = tuple[tuple[float, float], tuple[float, float]]
 
 @dataclass(frozen=True)
 class _Job:
-    """One input bound for DALI, with the crop box as a (y, x) ROI of the decoded image."""
+    """One input bound for DALI, with one (y, x) ROI of the decoded image per
+    distinct region its views are cut from (`_regions`)."""
 
     index: int
     data: bytes
-    roi_start: tuple[float, float]
-    roi_end: tuple[float, float]
+    rois: tuple[Roi, ...]
     last_pixel_corner: int | None  # for JPEGs: an index into CORNERS
 
 
+def _regions(tta: str) -> tuple[str, ...]:
+    """The distinct regions the views of `tta` are cut from, in first-use order."""
+    return tuple(dict.fromkeys(view.region for view in tta_views(tta)))
+
+
 @pipeline_def(prefetch_queue_depth=1)
-def _graph(spec: PreprocessSpec, decoder_device: str) -> tuple[DataNode, DataNode]:
-    """Encoded bytes + per-sample crop ROI -> uint8 CHW crop, and the decoded
-    image's four corner pixels (4 x RGB, in CORNERS order)."""
+def _graph(spec: PreprocessSpec, decoder_device: str,
+           tta: str = "none") -> tuple[DataNode, DataNode]:
+    """Encoded bytes + per-sample ROIs (one per region) -> uint8 CHW crop (with a TTA
+    mode, the views stacked: V x C x H x W), and the decoded image's four corner
+    pixels (4 x RGB, in CORNERS order)."""
     encoded = fn.external_source(name="encoded", dtype=UINT8, ndim=1)
-    roi_start = fn.external_source(name="roi_start", dtype=FLOAT, ndim=1)
-    roi_end = fn.external_source(name="roi_end", dtype=FLOAT, ndim=1)
     # Fancy upsampling makes nvJPEG's chroma match libjpeg-turbo (DALI CPU and pillow).
     decoded = fn.decoders.image(encoded, device=decoder_device, output_type=RGB,
                                 adjust_orientation=True, jpeg_fancy_upsampling=True)
-    # Resample the crop box in one step, as pillow does: resize_shorter + centre crop
-    # rounds the crop offset differently (mean abs diff up to 3.5 on samples/).
-    cropped = cast(DataNode, fn.resize(
-        decoded, size=(spec.crop, spec.crop), roi_start=roi_start, roi_end=roi_end,
-        interp_type=INTERP[spec.interpolation], antialias=True))
+    size = spec.crop_size  # (height, width), as DALI orders an HWC image's extents
+    cut = {}
+    for number, region in enumerate(_regions(tta)):
+        roi_start = fn.external_source(name=f"roi_start_{number}", dtype=FLOAT, ndim=1)
+        roi_end = fn.external_source(name=f"roi_end_{number}", dtype=FLOAT, ndim=1)
+        # Resample the crop box in one step, as pillow does: resize_shorter + centre crop
+        # rounds the crop offset differently (mean abs diff up to 3.5 on samples/).
+        cut[region] = cast(DataNode, fn.resize(
+            decoded, size=size, roi_start=roi_start, roi_end=roi_end,
+            interp_type=INTERP[spec.interpolation], antialias=True))
+    views = [fn.crop_mirror_normalize(cut[view.region], crop=size, dtype=UINT8,
+                                      output_layout="CHW", mirror=int(view.mirrored))
+             for view in tta_views(tta)]
     corners = fn.stack(*(decoded[row, column] for row, column in CORNERS))
-    return fn.crop_mirror_normalize(cropped, crop=(spec.crop, spec.crop), dtype=UINT8,
-                                    output_layout="CHW"), corners
+    return (views[0] if tta == "none" else fn.stack(*views)), corners
 
 
 def _parse_device(device: str) -> tuple[str, int | None]:
@@ -110,20 +128,23 @@ def _orientation(image: Image.Image, data: bytes) -> int | None:
     return None if has_exif or tiff_rotated else 1
 
 
-def _job(index: int, image: Image.Image, data: bytes, spec: PreprocessSpec) -> _Job | None:
+def _job(index: int, image: Image.Image, data: bytes, spec: PreprocessSpec,
+         tta: str = "none") -> _Job | None:
     """The DALI job for one input; None means use pillow."""
     orientation = _orientation(image, data)
     if orientation is None:
         return None
-    roi = _crop_roi(image, orientation, spec)
-    if roi is None:
+    rois = _region_rois(image, orientation, spec, tta)
+    if rois is None:
         return None
     corner = LAST_PIXEL_CORNER[orientation] if image.format == "JPEG" else None
-    return _Job(index, data, *roi, corner)
+    return _Job(index, data, rois, corner)
 
 
-def _crop_roi(image: Image.Image, orientation: int, spec: PreprocessSpec) -> Roi | None:
-    """The crop box as a (y, x) ROI for plain 8-bit RGB/L stills; None means use pillow."""
+def _region_rois(image: Image.Image, orientation: int, spec: PreprocessSpec,
+                 tta: str = "none") -> tuple[Roi, ...] | None:
+    """Each region's box as a (y, x) ROI, for plain 8-bit RGB/L stills; None means
+    use pillow."""
     if (image.format not in DALI_FORMATS or image.mode not in ("RGB", "L")
             or "transparency" in image.info or getattr(image, "n_frames", 1) != 1
             or not _rawmodes(image) <= PLAIN_RAWMODES):
@@ -131,8 +152,11 @@ def _crop_roi(image: Image.Image, orientation: int, spec: PreprocessSpec) -> Roi
     width, height = image.size
     if orientation in SWAPS_AXES:
         width, height = height, width
-    left, top, right, bottom = spec.crop_box(width, height)
-    return (top, left), (bottom, right)
+    rois = []
+    for region in _regions(tta):
+        left, top, right, bottom = spec.region_box(width, height, region)
+        rois.append(((top, left), (bottom, right)))
+    return tuple(rois)
 
 
 def _may_be_incomplete(job: _Job, corners: np.ndarray) -> bool:
@@ -154,66 +178,74 @@ class DaliBackend:
         self.limits = limits
         self.batch_size = batch_size
         self.num_threads = num_threads
+        if spec.interpolation not in DALI_INTERPOLATIONS:
+            raise ConfigError(f"preprocess.interpolation = {spec.interpolation!r} cannot be "
+                              f"reproduced by the dali backend; use the pillow backend")
         self._decoder_device, self._device_id = _parse_device(device)
-        self._pipe: Pipeline | None = None
+        self._pipes: dict[str, Pipeline] = {}  # one graph per TTA mode, built when used
         self._fallback = PillowBackend(spec, limits)
         self.fallbacks = 0  # files handled by the pillow backend instead of DALI
 
-    def setup(self) -> None:
-        """Build the DALI pipeline (and the CUDA context when on a GPU)."""
-        self._pipe = _graph(self.spec, self._decoder_device, batch_size=self.batch_size,
-                            num_threads=self.num_threads, device_id=self._device_id)
-        self._pipe.build()
+    def setup(self, tta: str = "none") -> None:
+        """Build the DALI pipeline for `tta` (and the CUDA context when on a GPU)."""
+        pipe = _graph(self.spec, self._decoder_device, tta, batch_size=self.batch_size,
+                      num_threads=self.num_threads, device_id=self._device_id)
+        pipe.build()
+        self._pipes[tta] = pipe
 
-    def run(self, images: Sequence[bytes]) -> list[Outcome]:
-        """One uint8 CHW array or InputError per input, in order."""
-        if self._pipe is None:
-            self.setup()
+    def run(self, images: Sequence[bytes], tta: str = "none") -> list[Outcome]:
+        """One uint8 CHW array (its views stacked, with a TTA mode) or InputError
+        per input, in order."""
+        if tta not in self._pipes:
+            self.setup(tta)
         outcomes: dict[int, Outcome] = {}
         jobs: list[_Job] = []
         for index, data in enumerate(images):
             try:
-                job = _job(index, open_image(data, self.limits), data, self.spec)
+                job = _job(index, open_image(data, self.limits), data, self.spec, tta)
             except InputError as exc:
                 outcomes[index] = exc
                 continue
             if job is None:
-                outcomes[index] = self._pillow(data)
+                outcomes[index] = self._pillow(data, tta)
             else:
                 jobs.append(job)
         for start in range(0, len(jobs), self.batch_size):
             chunk = jobs[start:start + self.batch_size]
-            for job, outcome in zip(chunk, self._run_batch(chunk), strict=True):
+            for job, outcome in zip(chunk, self._run_batch(chunk, tta), strict=True):
                 outcomes[job.index] = outcome
         return [outcomes[index] for index in range(len(images))]
 
     def close(self) -> None:
-        """Release the pipeline and its buffers."""
-        self._pipe = None
+        """Release the pipelines and their buffers."""
+        self._pipes.clear()
 
-    def _run_batch(self, jobs: list[_Job]) -> list[Outcome]:
+    def _run_batch(self, jobs: list[_Job], tta: str) -> list[Outcome]:
         try:
-            return self._dali(jobs)
+            return self._dali(jobs, tta)
         except RuntimeError:
             # After an error DALI may report the pipeline "no longer valid": rebuild
             # (about 5 ms), then isolate the bad samples so they cannot fail their neighbours.
-            self.setup()
+            self.setup(tta)
             if len(jobs) == 1:
-                return [self._pillow(jobs[0].data)]
-            return [self._run_batch([job])[0] for job in jobs]
+                return [self._pillow(jobs[0].data, tta)]
+            return [self._run_batch([job], tta)[0] for job in jobs]
 
-    def _dali(self, jobs: list[_Job]) -> list[Outcome]:
-        assert self._pipe is not None
-        self._pipe.feed_input("encoded", [np.frombuffer(job.data, np.uint8) for job in jobs])
-        self._pipe.feed_input("roi_start", [np.array(job.roi_start, np.float32) for job in jobs])
-        self._pipe.feed_input("roi_end", [np.array(job.roi_end, np.float32) for job in jobs])
-        batch, corners = self._pipe.run()
+    def _dali(self, jobs: list[_Job], tta: str) -> list[Outcome]:
+        pipe = self._pipes[tta]
+        pipe.feed_input("encoded", [np.frombuffer(job.data, np.uint8) for job in jobs])
+        for number in range(len(_regions(tta))):
+            pipe.feed_input(f"roi_start_{number}",
+                            [np.array(job.rois[number][0], np.float32) for job in jobs])
+            pipe.feed_input(f"roi_end_{number}",
+                            [np.array(job.rois[number][1], np.float32) for job in jobs])
+        batch, corners = pipe.run()
         if self._device_id is not None:
             batch, corners = batch.as_cpu(), corners.as_cpu()
-        return [self._pillow(job.data) if _may_be_incomplete(job, np.array(corners[i]))
+        return [self._pillow(job.data, tta) if _may_be_incomplete(job, np.array(corners[i]))
                 else np.array(batch[i]) for i, job in enumerate(jobs)]
 
-    def _pillow(self, data: bytes) -> Outcome:
+    def _pillow(self, data: bytes, tta: str = "none") -> Outcome:
         # The pillow backend reproduces the spec for everything, and names the error.
         self.fallbacks += 1
-        return self._fallback.run_one(data)
+        return self._fallback.run_one(data, tta)

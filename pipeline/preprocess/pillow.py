@@ -21,6 +21,8 @@ RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
 WHITE = (255, 255, 255)
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -92,7 +94,17 @@ class Decoded:
     draft_scale: float = 1.0
 
     def crop_box(self, spec: PreprocessSpec) -> tuple[float, float, float, float]:
-        left, top, right, bottom = spec.crop_box(*self.full_size)
+        return self._scaled(spec.crop_box(*self.full_size))
+
+    def view_boxes(self, spec: PreprocessSpec,
+                   mode: str) -> list[tuple[tuple[float, float, float, float], bool]]:
+        """(box in the decoded pixels, mirrored) for every view of TTA `mode`, in order."""
+        return [(self._scaled(box), mirrored)
+                for box, mirrored in spec.view_boxes(*self.full_size, mode)]
+
+    def _scaled(self, box: tuple[float, float, float, float]
+                ) -> tuple[float, float, float, float]:
+        left, top, right, bottom = box
         scale = self.draft_scale
         return (left / scale, top / scale, right / scale, bottom / scale)
 
@@ -260,20 +272,39 @@ def to_rgb_or_l(image: Image.Image) -> Image.Image:
 
 def transform(image: Image.Image, box: tuple[float, float, float, float],
               spec: PreprocessSpec) -> np.ndarray:
-    """Resample the kept box straight to crop x crop (resize + crop in one step)."""
-    cropped = image.resize((spec.crop, spec.crop), RESAMPLE[spec.interpolation], box=box)
+    """Resample the kept box straight to the crop's size (resize + crop in one step)."""
+    height, width = spec.crop_size
+    cropped = image.resize((width, height), RESAMPLE[spec.interpolation], box=box)
     pixels = np.asarray(cropped)
     if pixels.ndim == 2:
         return np.ascontiguousarray(np.broadcast_to(pixels, (3, *pixels.shape)))
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-def preprocess(data: bytes, spec: PreprocessSpec, limits: InputLimits) -> np.ndarray:
-    """Encoded image bytes -> uint8 array of shape `spec.output_shape`."""
+def mirrored(pixels: np.ndarray) -> np.ndarray:
+    """A CHW view's mirror image (left and right swapped). Exact: resampling a
+    box and mirroring it is resampling the mirrored box of the mirrored image."""
+    return np.ascontiguousarray(pixels[:, :, ::-1])
+
+
+def preprocess(data: bytes, spec: PreprocessSpec, limits: InputLimits,
+               tta: str = "none") -> np.ndarray:
+    """Encoded image bytes -> uint8 array of shape `spec.output_shape`; with a TTA
+    mode other than "none", its views stacked: (views, *spec.output_shape).
+    The image is decoded once, whatever the number of views."""
     image = open_image(data, limits)
     decoded = load_pixels(image, spec)
     refuse_incomplete_jpeg(image, data, spec)
-    return transform(to_rgb_or_l(decoded.image), decoded.crop_box(spec), spec)
+    pixels = to_rgb_or_l(decoded.image)
+    if tta == "none":
+        return transform(pixels, decoded.crop_box(spec), spec)
+    cut: dict[tuple[float, float, float, float], np.ndarray] = {}
+    views = []
+    for box, mirror in decoded.view_boxes(spec, tta):
+        if box not in cut:  # a mirrored view resamples nothing again
+            cut[box] = transform(pixels, box, spec)
+        views.append(mirrored(cut[box]) if mirror else cut[box])
+    return np.stack(views)
 
 
 class PillowBackend:
@@ -289,13 +320,14 @@ class PillowBackend:
     def setup(self) -> None:
         pass
 
-    def run(self, images: Sequence[bytes]) -> list[Outcome]:
-        return [self.run_one(data) for data in images]
+    def run(self, images: Sequence[bytes], tta: str = "none") -> list[Outcome]:
+        return [self.run_one(data, tta) for data in images]
 
-    def run_one(self, data: bytes) -> Outcome:
-        """The array for one image, or the InputError that names its problem."""
+    def run_one(self, data: bytes, tta: str = "none") -> Outcome:
+        """The array for one image (its views stacked, with a TTA mode), or the
+        InputError that names its problem."""
         try:
-            return preprocess(data, self.spec, self.limits)
+            return preprocess(data, self.spec, self.limits, tta)
         except InputError as exc:
             return exc
         except Exception as exc:  # Pillow's plugins raise many types on hostile files

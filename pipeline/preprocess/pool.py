@@ -28,10 +28,11 @@ from pipeline import logs
 from pipeline.config import CacheSettings
 from pipeline.errors import InputError, PermanentError, internal_error
 from pipeline.items import Job, Prepared
-from pipeline.preprocess import PreprocessBackend
+from pipeline.preprocess import Outcome, PreprocessBackend
 from pipeline.preprocess.select import create_backend
 from pipeline.sources import ChunkSource, IterableSource
 from pipeline.sources.files import read_file
+from pipeline.sources.urls import Fetch, UrlFetcher, UrlPolicy
 from pipeline.spec import InputLimits, PreprocessSpec
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ class WorkerPlan:
     cache: Optional[CacheSettings] = None
     result_scope: Optional[ResultScope] = None
     allowed_roots: Optional[tuple[str, ...]] = None  # files only from beneath these
+    urls: Optional[UrlPolicy] = None  # what URL jobs may fetch; None: none
+    tta: str = "none"  # the TTA mode of jobs that name none (Job.tta)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class _Worker:
     plan: WorkerPlan
     backend: PreprocessBackend
     cache: Optional[CacheLookup]
+    fetcher: Optional[UrlFetcher] = None  # made for the first URL job
 
 
 log = logging.getLogger("imgpipe.preprocess")
@@ -115,7 +119,8 @@ def preprocess_chunk(jobs: list[Job]) -> ChunkOutcome:
     its decoder handed to its fallback (DALI to Pillow)."""
     assert _worker is not None, "worker not initialised"
     started = time.perf_counter()
-    prepared = [Prepared(job, error=job.error) for job in jobs]
+    prepared = [Prepared(job, error=job.error, tta=job.tta or _worker.plan.tta)
+                for job in jobs]
     to_read: list[tuple[Prepared, Stat]] = []
     for item in prepared:
         if item.error is None:
@@ -126,7 +131,7 @@ def preprocess_chunk(jobs: list[Job]) -> ChunkOutcome:
                  if not _from_cache(item, info, data)]
     decoding = time.perf_counter()
     fallbacks_before = _worker.backend.fallbacks
-    outcomes = _worker.backend.run([data for _, data in to_decode])
+    outcomes = _decode(to_decode)
     decode_ms = (time.perf_counter() - decoding) * 1000 / max(len(to_decode), 1)
     lookup_ms = (decoding - started) * 1000 / max(len(jobs), 1)
     for (item, _), outcome in zip(to_decode, outcomes, strict=True):
@@ -135,7 +140,7 @@ def preprocess_chunk(jobs: list[Job]) -> ChunkOutcome:
         else:
             item.pixels = outcome
             if _worker.cache is not None and item.digest is not None:
-                _worker.cache.store_tensor(item.digest, outcome)
+                _worker.cache.store_tensor(item.digest, outcome, item.tta)
     per_item_ms = (time.perf_counter() - started) * 1000 / max(len(jobs), 1)
     for item in prepared:
         # Before decoding: stat, read, cache lookups. preprocess: the whole of it.
@@ -147,9 +152,32 @@ def preprocess_chunk(jobs: list[Job]) -> ChunkOutcome:
     return prepared, counters, _worker.backend.fallbacks - fallbacks_before
 
 
+def _decode(items: list[tuple[Prepared, bytes]]) -> list[Outcome]:
+    """The backend's outcome for each item, in order: one call per TTA mode, each
+    image decoded once and its views cut from that."""
+    assert _worker is not None
+    outcomes: list[Optional[Outcome]] = [None] * len(items)
+    modes: dict[str, list[int]] = {}
+    for index, (item, _) in enumerate(items):
+        modes.setdefault(item.tta, []).append(index)
+    for mode, indices in modes.items():
+        for index, outcome in zip(indices, _worker.backend.run(
+                [items[index][1] for index in indices], mode), strict=True):
+            outcomes[index] = outcome
+    return outcomes  # type: ignore[return-value]
+
+
 def _read_all(items: list[tuple[Prepared, Stat]]) -> Iterator[tuple[Prepared, Stat, bytes]]:
     assert _worker is not None
+    # Every URL of the chunk is fetched at once (a few threads), while files are read.
+    fetches = {id(item): _fetch(item.job.url) for item, _ in items if item.job.url is not None}
     for item, info in items:
+        if item.job.url is not None:
+            try:
+                yield item, info, fetches[id(item)].result()
+            except InputError as exc:  # never anything else
+                item.error = exc
+            continue
         if item.job.data is not None:
             yield item, info, item.job.data
             continue
@@ -160,10 +188,22 @@ def _read_all(items: list[tuple[Prepared, Stat]]) -> Iterator[tuple[Prepared, St
             item.error = exc
 
 
+def _fetch(url: str) -> Fetch:
+    """The download of a URL job, under way; a refusal when URL jobs are off."""
+    assert _worker is not None
+    policy = _worker.plan.urls
+    if policy is None or not policy.prefixes:
+        return Fetch.refused(InputError("url_not_allowed", "URL jobs are disabled here (no "
+                                        "serve.allowed_url_prefixes configured)"))
+    if _worker.fetcher is None:
+        _worker.fetcher = UrlFetcher(policy)
+    return _worker.fetcher.submit(url)
+
+
 def _stat_for_cache(job: Job) -> Stat:
     """The file's stat as seen before reading it; None without a cache or a file."""
     assert _worker is not None
-    if _worker.cache is None or job.data is not None:
+    if _worker.cache is None or job.data is not None or job.url is not None:
         return None
     try:
         return os.stat(job.path)
@@ -176,7 +216,7 @@ def _known_unread(item: Prepared, info: Stat) -> bool:
     assert _worker is not None
     if _worker.cache is None or info is None:
         return False
-    found = _worker.cache.find_unread(item.job.path, info)
+    found = _worker.cache.find_unread(item.job.path, info, item.tta)
     return found is not None and _fill(item, found)
 
 
@@ -185,7 +225,7 @@ def _from_cache(item: Prepared, info: Stat, data: bytes) -> bool:
     assert _worker is not None
     if _worker.cache is None:
         return False
-    found = _worker.cache.find(data)
+    found = _worker.cache.find(data, item.tta)
     if info is not None:
         _worker.cache.remember_file(item.job.path, info, found.digest)
     return _fill(item, found)

@@ -6,7 +6,7 @@ import importlib.metadata
 import importlib.util
 
 from pipeline.errors import ConfigError
-from pipeline.preprocess import PreprocessBackend
+from pipeline.preprocess import DALI_INTERPOLATIONS, PreprocessBackend
 from pipeline.spec import InputLimits, PreprocessSpec
 
 BACKENDS = ("pillow", "dali")
@@ -30,18 +30,27 @@ def pillow_implementation() -> str:
     return "pillow-simd" if any(f.as_posix() == "PIL/__init__.py" for f in files) else "pillow"
 
 
-def resolve_backend(requested: str, device_type: str) -> str:
-    """"auto" is DALI (nvJPEG) on a GPU and Pillow-SIMD on the CPU.
+def resolve_backend(requested: str, device_type: str,
+                    spec: PreprocessSpec | None = None) -> str:
+    """"auto" is DALI (nvJPEG) on a GPU and Pillow-SIMD on the CPU, and Pillow
+    wherever DALI cannot reproduce `spec` (an interpolation it lacks).
 
     On the CPU Pillow wins: its JPEG draft mode decodes large photos at a
     reduced DCT scale, which DALI's CPU decoder cannot (benchmarks/README.md).
     """
     if requested == "auto":
-        return "dali" if device_type == "cuda" and dali_available() else "pillow"
+        reproducible = spec is None or dali_reproduces(spec)
+        return ("dali" if device_type == "cuda" and reproducible and dali_available()
+                else "pillow")
     if requested == "dali" and not dali_available():
         raise ConfigError("preprocess.backend = 'dali' but nvidia-dali-cuda120 is not "
                           "installed; install it or choose 'pillow' or 'auto'")
     return requested
+
+
+def dali_reproduces(spec: PreprocessSpec) -> bool:
+    """Whether the dali backend makes `spec`'s tensors (Pillow makes every spec's)."""
+    return spec.interpolation in DALI_INTERPOLATIONS
 
 
 def create_backend(name: str, spec: PreprocessSpec, limits: InputLimits,

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from pipeline.errors import InputError, internal_error
 from pipeline.sources.files import resolve_allowed
+from pipeline.sources.urls import MAX_URL_CHARS, Prefix, check_url
+from pipeline.spec import TTA_VIEWS
 
 if TYPE_CHECKING:
     from pipeline.predictions import Record  # torch: not for clients
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("imgpipe.serve")
 
 VERSION = 1
-JOB_FIELDS = frozenset({"v", "image", "data", "id", "model", "topk", "reply_to", "deadline_ms"})
+JOB_FIELDS = frozenset({"v", "image", "data", "id", "model", "topk", "reply_to", "deadline_ms",
+                        "url", "tta"})
 # Added to a job's original fields when it is dead-lettered.
 DEAD_FIELDS = ("error", "deliveries", "entry_id")
 EXPIRED = "deadline_exceeded"  # the error code of an `expired` result
@@ -78,6 +81,8 @@ class JobRules:
     default_reply_to: str
     forbidden_reply_to: frozenset[str] = frozenset()  # the daemon's own streams
     forbidden_reply_prefixes: tuple[str, ...] = ()  # key spaces of others (the cache)
+    url_prefixes: tuple[Prefix, ...] = ()  # serve.allowed_url_prefixes; none: no URL jobs
+    max_views: int = max(TTA_VIEWS.values())  # most views a job's tta may ask for
 
 
 @dataclass
@@ -92,6 +97,8 @@ class JobRequest:
     topk: Optional[int] = None
     deadline_ms: Optional[int] = None
     error: Optional[InputError] = None
+    url: Optional[str] = None  # checked against the prefixes; fetched by a worker
+    tta: Optional[str] = None  # test-time augmentation mode; None: the daemon's
 
 
 def parse_job(entry_id: str, fields: Mapping[bytes, bytes], rules: JobRules,
@@ -137,6 +144,8 @@ def _parse_into(job: JobRequest, raw: Mapping[bytes, bytes], rules: JobRules,
         job.topk = _integer(fields, "topk", 1, rules.max_topk)
     if "deadline_ms" in fields:
         job.deadline_ms = _integer(fields, "deadline_ms", 0, 2**63 - 1)
+    if "tta" in fields:
+        job.tta = _tta(fields, rules.max_views)
     _parse_image(job, fields, rules)
     if job.deadline_ms is not None and job.deadline_ms < now_ms:
         raise InputError(EXPIRED, f"the job's deadline passed {now_ms - job.deadline_ms} ms "
@@ -160,11 +169,16 @@ def _reply_stream(name: str, rules: JobRules) -> str:
 
 
 def _parse_image(job: JobRequest, fields: Mapping[str, bytes], rules: JobRules) -> None:
-    if ("image" in fields) == ("data" in fields):
-        raise InputError("missing_field" if "image" not in fields else "conflicting_fields",
-                         "a job needs exactly one of image (a file path) and data "
-                         "(the image's bytes)")
-    if "data" in fields:
+    given = [name for name in ("image", "data", "url") if name in fields]
+    if len(given) != 1:
+        raise InputError("conflicting_fields" if given else "missing_field",
+                         "a job needs exactly one of image (a file path), data "
+                         "(the image's bytes) and url (an http(s) URL to fetch it from)")
+    if "url" in fields:
+        url = _text(fields, "url", limit=MAX_URL_CHARS)
+        check_url(url, rules.url_prefixes)  # again by the worker, on every hop
+        job.url = url
+    elif "data" in fields:
         data = fields["data"]
         if len(data) > rules.max_inline_bytes:
             raise InputError("data_too_large", f"field data: {len(data):,} bytes; the limit "
@@ -172,6 +186,17 @@ def _parse_image(job: JobRequest, fields: Mapping[str, bytes], rules: JobRules) 
         job.data = data
     else:
         job.image = resolve_allowed(_text(fields, "image", limit=4096), rules.allowed_roots)
+
+
+def _tta(fields: Mapping[str, bytes], max_views: int) -> str:
+    mode = _text(fields, "tta", limit=32)
+    if mode not in TTA_VIEWS:
+        raise InputError("invalid_field", f"field tta: {mode!r} is not one of "
+                         f"{', '.join(TTA_VIEWS)}")
+    if TTA_VIEWS[mode] > max_views:
+        raise InputError("invalid_field", f"field tta: {mode} scores {TTA_VIEWS[mode]} views; "
+                         f"this daemon allows at most {max_views} (serve.max_views)")
+    return mode
 
 
 def _field_names(raw: Mapping[bytes, bytes]) -> dict[str, bytes]:
@@ -214,13 +239,14 @@ def _stream_name(name: str, field: str) -> str:
 def job_fields(*, image: Optional[str] = None, data: Optional[bytes] = None,
                job_id: Optional[str] = None, topk: Optional[int] = None,
                reply_to: Optional[str] = None, deadline_ms: Optional[int] = None,
-               model: Optional[str] = None) -> dict[str, str | bytes]:
-    """The fields of a job entry (client side); exactly one of image and data."""
-    if (image is None) == (data is None):
-        raise ValueError("give exactly one of image and data")
+               model: Optional[str] = None, url: Optional[str] = None,
+               tta: Optional[str] = None) -> dict[str, str | bytes]:
+    """The fields of a job entry (client side); exactly one of image, data and url."""
+    if [image, data, url].count(None) != 2:
+        raise ValueError("give exactly one of image, data and url")
     fields: dict[str, str | bytes] = {"v": str(VERSION)}
-    optional = {"image": image, "data": data, "id": job_id, "topk": topk,
-                "reply_to": reply_to, "deadline_ms": deadline_ms, "model": model}
+    optional = {"image": image, "data": data, "url": url, "id": job_id, "topk": topk,
+                "reply_to": reply_to, "deadline_ms": deadline_ms, "model": model, "tta": tta}
     for name, value in optional.items():
         if value is not None:
             fields[name] = value if isinstance(value, bytes) else str(value)
@@ -235,6 +261,8 @@ def result_fields(record: Record, job: JobRequest, model: str,
     if record["status"] == "ok":
         fields["predictions"] = json.dumps(record["predictions"], separators=(",", ":"))
         fields["cache"] = record.get("cache", "miss")
+        if "views" in record:
+            fields["views"] = str(record["views"])
     else:
         error = record["error"]
         fields["error"] = json.dumps(error, separators=(",", ":"))
