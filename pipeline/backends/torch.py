@@ -59,7 +59,8 @@ class TorchBackend:
         if precision != "fp32" and precision not in AUTOCAST:
             raise ModelLoadError(f"torch runs fp32, bf16 or fp16, not {precision!r}")
         self.model = model
-        self.device = device
+        # Indexed, as resolve_device gives it: torch.cuda.set_device refuses a bare "cuda".
+        self.device = torch.device("cuda", 0) if device == torch.device("cuda") else device
         self.max_batch_size = max_batch_size
         self.sample_shape = sample_shape
         self.threads = threads

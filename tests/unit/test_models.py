@@ -232,3 +232,11 @@ def test_file_that_is_not_torchscript_is_refused(tmp_path):
     torch.save(MeanColour(10).state_dict(), path)
     with pytest.raises(ModelLoadError, match="not a loadable TorchScript file"):
         load_model(str(path))
+
+
+def test_a_bare_cuda_device_means_gpu_0(default_model):
+    # torch.cuda.set_device refuses a device without an index; nothing touches CUDA here.
+    backend = TorchBackend(default_model, torch.device("cuda"), 4, (3, 224, 224))
+    assert backend.device == torch.device("cuda", 0)
+    assert TorchBackend(default_model, torch.device("cuda", 1), 4,
+                        (3, 224, 224)).device == torch.device("cuda", 1)
