@@ -44,3 +44,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# On a machine with an NVIDIA GPU, offline: GPU tests, accuracy and speed of `imgpipe score`
+# on cuda, model-only timings; results in OUT (summary.txt, report.json, logs.tar.gz).
+# Uses .venv when it works, else the system python3 plus the wheels in .whl/.
+.PHONY: gpu-check
+gpu-check:
+	bash tools/gpu_check/gpu_check.sh
