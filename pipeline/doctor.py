@@ -36,7 +36,7 @@ from pipeline import prebuilt
 from pipeline.config import CacheSettings, ModelSettings, RedisSettings, Settings
 from pipeline.errors import ConfigError, ModelLoadError, first_line
 from pipeline.preprocess.select import pillow_implementation
-from pipeline.transport.connection import connect, describe_url
+from pipeline.transport.connection import DENIED, connect, denial_reason, describe_url
 from pipeline.variants import Variant
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -371,7 +371,7 @@ def _redis(settings: Settings, serve: bool) -> list[Check]:
         import redis
 
         outage = isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError))
-        status = WARN if outage and not _rejected(exc) and not serve else FAIL
+        status = WARN if outage and not isinstance(exc, DENIED) and not serve else FAIL
         needed = " (needed by serve, submit, status and dead)" if status == WARN else ""
         skipped = Check("redis persistence", SKIP, "Redis not reached")
         return [Check("redis", status, f"{where}: {_redis_problem(exc)}{needed}"),
@@ -412,20 +412,11 @@ def _redis_problem(exc: Exception) -> str:
 
     if isinstance(exc, ConfigError):
         return str(exc)
-    if _rejected(exc):
-        return (f"authentication failed ({first_line(exc)}): check the URL, "
-                "redis.username, redis.password or redis.password_file")
+    if isinstance(exc, DENIED):
+        return denial_reason(exc)
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
         return f"unreachable ({first_line(exc)})"
     return f"{type(exc).__name__}: {first_line(exc)}"
-
-
-def _rejected(exc: Exception) -> bool:
-    """The server refused the credentials (these are ConnectionErrors in redis-py)."""
-    from redis import exceptions
-
-    return isinstance(exc, (exceptions.AuthenticationError, exceptions.AuthorizationError,
-                            exceptions.AuthenticationWrongNumberOfArgsError))
 
 
 def _redis_version(where: str, info: dict[str, Any], serve: bool) -> Check:

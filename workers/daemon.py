@@ -5,6 +5,8 @@ warm the model, start the preprocessing workers and connect to Redis (waiting
 while it is down); only then is the daemon ready (READY=1 to systemd, /readyz
 200). While the pipeline makes progress it pings systemd's watchdog; stuck
 with work pending for `stall_timeout_s`, it stops, and systemd restarts it.
+Unusable settings, refused credentials and commands the user's ACL denies (at
+start or later) end it with one line and exit status 2: waiting cannot help.
 
 The first SIGTERM or SIGINT stops reading (STOPPING=1, /readyz 503); jobs in
 flight finish, are published and acknowledged, and the process exits 0, or 1
@@ -82,7 +84,10 @@ class Shutdown:
 def serve(settings: Settings) -> int:
     """Run the daemon until a signal stops it; the process's exit status."""
     cfg = settings.serve
+    # Settings errors first, before anything starts (connect() does no I/O yet).
     roots = _allowed_roots(settings)
+    client = connect(settings.redis, extra_timeout_s=cfg.read_block_ms / 1000)
+    outage = Outage(describe_url(settings.redis.url), settings.redis.max_backoff_s)
     metrics = Metrics()
     engine = Engine(settings, max_topk=cfg.max_topk, metrics=metrics,
                     allowed_roots=tuple(roots))
@@ -102,8 +107,6 @@ def serve(settings: Settings) -> int:
     streams = Streams(keys, cfg.group, cfg.results_maxlen, cfg.dead_maxlen,
                       cfg.reply_stream_ttl_s)
     consumer = cfg.consumer or f"{socket.gethostname()}-{os.getpid()}"
-    client = connect(settings.redis, extra_timeout_s=cfg.read_block_ms / 1000)
-    outage = Outage(describe_url(settings.redis.url), settings.redis.max_backoff_s)
     watchdog: Optional[notify.Watchdog] = None
     try:
         engine.setup()

@@ -23,15 +23,20 @@ import redis
 from pipeline.config import RedisSettings, Settings
 from pipeline.errors import ConfigError, ImgpipeError, TransientError
 from pipeline.transport import contract
-from pipeline.transport.connection import OUTAGE_ERRORS, connect, describe_url
+from pipeline.transport.connection import (
+    DENIED,
+    OUTAGE_ERRORS,
+    connect,
+    denial,
+    describe_url,
+    server_reason,
+)
 from pipeline.transport.contract import reply_text
 
 DEFAULT_GROUP = "imgpipe"
 DEAD_PAGE = 100  # dead letters read per XRANGE while retrying them all
 _DEAD_FIELDS = frozenset(contract.DEAD_FIELDS)
 ENTRY_ID = re.compile(r"^[0-9]+(-[0-9]+)?$")
-# redis-py names a pipeline's failing command, binary arguments and all: keep the reason only.
-PIPELINE_ERROR = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
 Entry = tuple[str, dict[str, Any]]
 
 
@@ -312,9 +317,8 @@ class Client:
         """redis-py's connection failures as imgpipe errors naming host:port only."""
         try:
             yield
-        except redis.AuthenticationError as exc:  # a ConnectionError, but retrying won't help
-            raise ConfigError(f"Redis at {self.location} refused the credentials "
-                              "(redis.username / redis.password)") from exc
+        except DENIED as exc:  # before OUTAGE_ERRORS: a refused login is a ConnectionError
+            raise denial(self.location, exc) from exc
         except OUTAGE_ERRORS as exc:
             # redis-py's messages name host:port, never the password.
             raise TransientError(f"Redis at {self.location} unavailable "
@@ -324,14 +328,11 @@ class Client:
 
     def _refused(self, exc: redis.ResponseError) -> ImgpipeError:
         """A command the server refused, as one line naming the reason."""
-        reason = PIPELINE_ERROR.sub("", str(exc)).strip()
+        reason = server_reason(exc)
         if reason.startswith("WRONGTYPE"):
             return ConfigError(f"Redis at {self.location}: a key under the prefix "
                                f"{self.keys.prefix!r} is not a stream ({reason}); "
                                "use another redis.prefix")
-        if reason.startswith("NOPERM"):
-            return ConfigError(f"Redis at {self.location} does not allow this user "
-                               f"that command ({reason})")
         return TransientError(f"Redis at {self.location} refused the command: {reason}")
 
 

@@ -4,12 +4,15 @@ Credentials come from the URL, the environment or a file and are never
 logged: only host:port is. While the server is unreachable, or refuses for a
 reason that passes (out of memory, read-only during a failover, loading),
 callers back off exponentially (capped) and one warning is printed per
-outage, not per retry.
+outage, not per retry. Refused credentials and commands the user's ACL denies
+do not pass: they are settings errors.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +37,14 @@ OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 REFUSAL_CLASSES = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
                    redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
 REFUSAL_CODES = ("NOREPLICAS", "MISCONF", "BUSY", "MASTERDOWN", "LOADING", "OOM", "READONLY")
+# Refusals of the login (a wrong password or username, a disabled user, a username
+# for a server without ACLs) or of a command or key the user's ACL denies. The
+# login's are ConnectionErrors in redis-py, but no retry gets past any of them.
+DENIED = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError,
+          redis.exceptions.AuthenticationWrongNumberOfArgsError,
+          redis.exceptions.NoPermissionError)
+# redis-py names a pipeline's failing command, binary arguments and all: keep the reason only.
+PIPELINE_ERROR = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
 FIRST_BACKOFF_S = 0.05
 T = TypeVar("T")
 
@@ -73,7 +84,7 @@ def connect(cfg: RedisSettings, *, extra_timeout_s: float = 0.0,
     if password is not None:
         options["password"] = password
     if cfg.tls_ca_file is not None:
-        options["ssl_ca_certs"] = str(cfg.tls_ca_file)
+        options["ssl_ca_certs"] = _tls_ca_file(cfg)
     try:
         return redis.Redis.from_url(cfg.url, **options)
     except ValueError as exc:  # never echo the URL: it may hold a password
@@ -92,8 +103,48 @@ def _password(cfg: RedisSettings) -> Optional[str]:
                           f"{exc.strerror}") from exc
 
 
+def _tls_ca_file(cfg: RedisSettings) -> str:
+    """The CA file, checked now: redis-py reads it only when it connects, and a
+    failure there would pass for an outage and be retried forever."""
+    if urlsplit(cfg.url).scheme != "rediss":
+        raise ConfigError(f"redis.tls_ca_file {cfg.tls_ca_file} needs a rediss:// URL; "
+                          f"redis.url ({describe_url(cfg.url)}) does not use TLS")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cfg.tls_ca_file)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"redis.tls_ca_file {cfg.tls_ca_file} holds no usable CA "
+                          f"certificate in PEM ({exc.reason})") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read redis.tls_ca_file {cfg.tls_ca_file}: "
+                          f"{exc.strerror}") from exc
+    return str(cfg.tls_ca_file)
+
+
+def server_reason(exc: BaseException) -> str:
+    """The server's one-line reply in `exc`, without the command redis-py may prefix."""
+    return PIPELINE_ERROR.sub("", str(exc)).strip()
+
+
+def denial(location: str, exc: BaseException) -> ConfigError:
+    """One of DENIED as the settings error it is."""
+    return ConfigError(f"Redis at {location}: {denial_reason(exc)}")
+
+
+def denial_reason(exc: BaseException) -> str:
+    """Why Redis said no to one of DENIED, with the settings to check (the server's
+    reply never holds the password)."""
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return (f"the user is not allowed a command or key imgpipe needs "
+                f"({server_reason(exc)}): check redis.username, redis.prefix and the "
+                "user's ACL")
+    return (f"authentication failed ({server_reason(exc)}): check the URL, redis.username, "
+            "redis.password or redis.password_file")
+
+
 def passing(exc: BaseException) -> bool:
     """Whether `exc` is an outage or a refusal that retrying later gets past."""
+    if isinstance(exc, DENIED):
+        return False
     if isinstance(exc, OUTAGE_ERRORS + REFUSAL_CLASSES):
         return True
     return isinstance(exc, redis.ResponseError) and str(exc).startswith(REFUSAL_CODES)
@@ -108,6 +159,13 @@ class Outage:
         self.down = False
         self._backoff_s = FIRST_BACKOFF_S
         self._lock = threading.Lock()
+
+    def raise_unless_passing(self, exc: BaseException) -> None:
+        """Raise `exc` unless waiting gets past it; a denial as the ConfigError it is."""
+        if isinstance(exc, DENIED):
+            raise denial(self.location, exc) from exc
+        if not passing(exc):
+            raise exc
 
     def failed(self, exc: BaseException) -> float:
         """Record a failure; how long to wait before the next try."""
@@ -131,13 +189,13 @@ class Outage:
                     log.warning("Redis at %s is back", self.location, extra=UNFOLDED)
 
     def retry(self, operation: Callable[[], T], stop: Optional[threading.Event] = None) -> T:
-        """Run `operation` until it gets through; TransientError once `stop` is set."""
+        """Run `operation` until it gets through; TransientError once `stop` is set,
+        ConfigError at once for a denial."""
         while True:
             try:
                 result = operation()
             except (*OUTAGE_ERRORS, redis.ResponseError) as exc:
-                if not passing(exc):
-                    raise
+                self.raise_unless_passing(exc)
                 wait = self.failed(exc)
                 if stop is None:
                     time.sleep(wait)

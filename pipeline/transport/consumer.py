@@ -56,8 +56,9 @@ if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
 end
 return -1
 """
-# Errors of a read whose stream or group was deleted under it.
-GROUP_GONE = ("NOGROUP", "UNBLOCKED")
+# Errors of a read whose stream or group was deleted under it; "no such key" is
+# XINFO's (in FORGET_STALE_CONSUMERS, run at the end of a reclaim pass).
+GROUP_GONE = ("NOGROUP", "UNBLOCKED", "no such key")
 
 
 class StreamSource:
@@ -106,8 +107,7 @@ class StreamSource:
                             self.streams.group, self.streams.keys.jobs)
                 self.group_missing = True
                 return []
-            if not passing(exc):
-                raise
+            self.outage.raise_unless_passing(exc)
             # A read may have delivered entries to us although its reply was lost.
             self.lost_cursor = "-"
             self.stopping.wait(min(self.outage.failed(exc), wait_s))

@@ -39,7 +39,7 @@ from tests.integration.test_serve_faults import (
     unanswered_ids,
 )
 from tests.redis_server import RedisServer, TlsFiles, TlsRedisServer
-from tests.serve_daemon import DaemonFactory, wait_until
+from tests.serve_daemon import DaemonFactory, ServeProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -152,11 +152,12 @@ def test_the_last_allowed_delivery_runs_and_the_next_is_a_dead_letter(
     conn.close()
 
 
-def _stream_source(server: RedisServer, prefix: str, root: Path) -> StreamSource:
+def _stream_source(server: RedisServer, prefix: str, root: Path,
+                   conn: redis.Redis | None = None) -> StreamSource:
     keys = Keys(prefix)
     cfg = ServeSettings(claim_idle_ms=10, max_deliveries=3)
     streams = Streams(keys, GROUP, cfg.results_maxlen, cfg.dead_maxlen)
-    conn = connect(server)
+    conn = conn or connect(server)
     outage, in_flight = Outage("test", 1.0), InFlight()
     publisher = ResultPublisher(conn, streams, "tiny", in_flight, outage)
     rules = JobRules("tiny", cfg.max_topk, cfg.max_inline_bytes, [str(root)], keys.results,
@@ -380,6 +381,47 @@ def test_the_jobs_stream_deleted_under_a_daemon_is_created_again(
     with client_for(redis_server, prefix) as client:
         jobs = [client.submit("red.png") for _ in range(3)]
     Tally(conn, f"{prefix}:results").wait_for(jobs, serving=[daemon])
+    conn.close()
+
+
+class DeletingAfterAutoclaim(redis.Redis):
+    """Deletes the stream right after the first XAUTOCLAIM: a clean-up elsewhere
+    that lands between two commands of a reclaim pass, at a known moment."""
+
+    deleted = False
+
+    def xautoclaim(self, name: Any, *args: Any, **kwargs: Any) -> Any:
+        reply = super().xautoclaim(name, *args, **kwargs)
+        if not self.deleted:
+            self.delete(name)
+            self.deleted = True
+        return reply
+
+
+def test_the_jobs_stream_deleted_during_a_reclaim_pass_is_created_again(
+        redis_server: RedisServer, prefix: str, root: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # given a source whose stream is deleted between XAUTOCLAIM and the
+    # stale-consumer clean-up that ends the reclaim pass
+    conn = connect(redis_server)
+    jobs = f"{prefix}:jobs"
+    source = _stream_source(redis_server, prefix, root,
+                            DeletingAfterAutoclaim.from_url(redis_server.url))
+    source.setup()
+    # when it reads its own pending entries (none), then makes a reclaim pass
+    assert source.next_chunk(0) == [] and source.next_chunk(0) == []
+    # then it says so instead of failing, and serves new jobs from a new stream
+    assert "creating it again" in caplog.text
+    assert not conn.exists(jobs)
+    entry = conn.xadd(jobs, {"image": "red.png"}).decode()
+    taken: list[Job] = []
+
+    def new_job_taken() -> bool:
+        taken.extend(source.next_chunk(0) or [])
+        return bool(taken)
+
+    wait_until(new_job_taken, 30, "the job from the new stream")
+    assert [job.ref for job in taken] == [entry]
     conn.close()
 
 
@@ -745,23 +787,105 @@ def test_a_rediss_server_with_a_private_ca_is_served_through_tls_ca_file(
         assert daemon.stop() == 0, daemon.log()[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="imgpipe treats a missing redis.tls_ca_file as a Redis "
-                   "outage (redis-py's ConnectionError 'No such file or directory') and "
-                   "retries forever instead of refusing the setting")
-def test_a_missing_tls_ca_file_is_a_config_error(
+@pytest.mark.parametrize(("problem", "complaint"), [
+    ("missing", "cannot read redis.tls_ca_file"),
+    ("no certificate", "holds no usable CA certificate"),
+    ("redis:// URL", "needs a rediss:// URL")])
+def test_an_unusable_tls_ca_file_is_a_config_error(
         daemon_factory: DaemonFactory, prefix: str, root: Path, tiny_model: Path,
-        tmp_path: Path) -> None:
-    # given a TLS Redis, and a daemon whose CA file does not exist
+        tmp_path: Path, problem: str, complaint: str) -> None:
+    # given a TLS Redis, and a daemon whose CA file does not exist, holds no
+    # certificate, or comes with a URL that does not ask for TLS
     tls = TlsFiles.make(tmp_path / "tls")
-    missing = tmp_path / "no-such-ca.pem"
+    ca_file = _ca_file_with(problem, tls, tmp_path)
     with TlsRedisServer(tmp_path / "redis-tls", tls) as server:
+        scheme = "redis://" if problem == "redis:// URL" else "rediss://"
         env = {**serve_env(server, prefix, root, tiny_model),
-               "IMGPIPE_REDIS__TLS_CA_FILE": str(missing)}
-        daemon = daemon_factory(env, start=False).start(wait_ready=False)
-        assert daemon.process is not None
-        # when it starts: it exits (or, wrongly, reports Redis unavailable)
-        wait_until(lambda: daemon.process.poll() is not None or "unavailable" in daemon.log(),
-                   120, "an exit or an outage", [])
+               "IMGPIPE_REDIS_URL": server.url.replace("rediss://", scheme),
+               "IMGPIPE_REDIS__TLS_CA_FILE": str(ca_file)}
+        daemon = _exited_or_waiting(daemon_factory(env, start=False))
         # then it exits 2 with one line naming the setting and the file
-        assert daemon.process.poll() == 2, daemon.log()[-3000:]
-        assert "redis.tls_ca_file" in daemon.log() and str(missing) in daemon.log()
+        assert daemon.process is not None and daemon.process.poll() == 2, daemon.log()[-3000:]
+        [line] = _error_lines(daemon.log())
+        assert complaint in line and "redis.tls_ca_file" in line and str(ca_file) in line
+
+
+def _ca_file_with(problem: str, tls: TlsFiles, directory: Path) -> Path:
+    """A CA file that is missing, or holds no certificate, or the right one (when
+    the URL is what is wrong)."""
+    if problem == "missing":
+        return directory / "no-such-ca.pem"
+    if problem == "no certificate":
+        junk = directory / "junk-ca.pem"
+        junk.write_text("not a certificate\n")
+        return junk
+    return tls.ca
+
+
+OTHER_SECRET = "pw-other-5c1d2a90-never-in-a-log"  # a wrong one, or a new one
+
+
+@pytest.mark.parametrize("refusal", ["wrong password", "unknown ACL user",
+                                     "ACL user without the prefix's keys"])
+def test_refused_credentials_or_keys_at_start_are_a_config_error(
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,
+        prefix: str, root: Path, tiny_model: Path, refusal: str) -> None:
+    # given a Redis that wants a password, and a daemon whose password or user it
+    # refuses, or whose ACL user may not touch the prefix's keys
+    server = redis_server_factory()
+    conn = connect(server)
+    conn.execute_command("ACL", "SETUSER", "elsewhere", "on", f">{SECRET}", "~elsewhere:*",
+                         "+@all")
+    conn.config_set("requirepass", SECRET)  # this connection stays logged in
+    credentials = {
+        "wrong password": {"REDIS__PASSWORD": OTHER_SECRET},
+        "unknown ACL user": {"REDIS__USERNAME": "nobody", "REDIS__PASSWORD": SECRET},
+        "ACL user without the prefix's keys": {"REDIS__USERNAME": "elsewhere",
+                                               "REDIS__PASSWORD": SECRET},
+    }[refusal]
+    daemon = _exited_or_waiting(daemon_factory(
+        serve_env(server, prefix, root, tiny_model, **credentials), start=False))
+    # then it exits 2 with one line saying why, and no password
+    _assert_refused(daemon, server, "the user is not allowed" if "keys" in refusal
+                    else "authentication failed")
+    conn.close()
+
+
+def test_a_password_changed_under_a_serving_daemon_is_a_config_error(
+        daemon_factory: DaemonFactory, redis_server_factory: ServerFactory,
+        prefix: str, root: Path, tiny_model: Path) -> None:
+    # given a daemon serving a Redis that wants a password
+    server = redis_server_factory()
+    conn = connect(server)
+    conn.config_set("requirepass", SECRET)  # this connection stays logged in
+    daemon = daemon_factory(serve_env(server, prefix, root, tiny_model,
+                                      REDIS__PASSWORD=SECRET))
+    # when the password changes and its connections are dropped
+    conn.config_set("requirepass", OTHER_SECRET)
+    conn.client_kill_filter(_type="normal", skipme=True)
+    # then, reconnecting, it exits 2 with one line saying why, and no password
+    daemon.wait(timeout_s=60)
+    _assert_refused(daemon, server, "authentication failed")
+    conn.close()
+
+
+def _exited_or_waiting(daemon: ServeProcess) -> ServeProcess:
+    """Start `daemon` and wait until it exits or (wrongly) waits for Redis to be back."""
+    daemon.start(wait_ready=False)
+    assert daemon.process is not None
+    wait_until(lambda: daemon.process.poll() is not None or "unavailable" in daemon.log(),
+               120, "an exit or an outage", [])
+    return daemon
+
+
+def _error_lines(log: str) -> list[str]:
+    assert "Traceback" not in log, log[-3000:]
+    return [line for line in log.splitlines() if line.startswith("imgpipe: error: ")]
+
+
+def _assert_refused(daemon: ServeProcess, server: RedisServer, reason: str) -> None:
+    log = daemon.log()
+    assert daemon.process is not None and daemon.process.poll() == 2, log[-3000:]
+    [line] = _error_lines(log)
+    assert f"Redis at 127.0.0.1:{server.port}: {reason}" in line, line
+    assert SECRET not in log and OTHER_SECRET not in log, log[-3000:]
