@@ -2,7 +2,10 @@
 
 Buffers are allocated once. On a GPU they are pinned, copies are
 non-blocking, and a slot is reused only after a CUDA event says the copy out
-of it finished. On the CPU the same code runs without pinning or copies.
+of it finished. On the CPU the same code runs without pinning or copies. A batch may be
+padded to more rows than it has samples (a fixed batch size on the device);
+the padding rows are zeros or an earlier batch's pixels, never uninitialised
+memory.
 """
 
 from __future__ import annotations
@@ -23,22 +26,24 @@ class StagingRing:
         self.device = device
         self.on_gpu = device.type == "cuda"
         shape = (max_batch_size, *sample_shape)
-        self.buffers = [torch.empty(shape, dtype=torch.uint8, pin_memory=self.on_gpu)
+        self.buffers = [torch.zeros(shape, dtype=torch.uint8, pin_memory=self.on_gpu)
                         for _ in range(slots)]
         self.events = [torch.cuda.Event() if self.on_gpu else None for _ in range(slots)]
         self.next_slot = 0
 
-    def stage(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
-        """Copy samples into the next free slot; return them on the device."""
-        if not samples or len(samples) > self.buffers[0].shape[0]:
-            raise ValueError(f"batch of {len(samples)} does not fit the ring")
+    def stage(self, samples: Sequence[np.ndarray], rows: int = 0) -> torch.Tensor:
+        """Copy samples into the next free slot; return `rows` rows of it (at least
+        the samples) on the device."""
+        rows = max(rows, len(samples))
+        if not samples or rows > self.buffers[0].shape[0]:
+            raise ValueError(f"batch of {rows} does not fit the ring")
         slot = self.next_slot
         self.next_slot = (slot + 1) % len(self.buffers)
         event = self.events[slot]
         if event is not None:
             event.synchronize()  # the previous copy out of this slot is done
-        host = self.buffers[slot][: len(samples)]
-        np.stack(samples, out=host.numpy())
+        host = self.buffers[slot][:rows]
+        np.stack(samples, out=host[: len(samples)].numpy())
         if not self.on_gpu:
             return host
         on_device = host.to(self.device, non_blocking=True)

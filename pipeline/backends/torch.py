@@ -25,8 +25,19 @@ from pipeline.models import LoadedModel
 from pipeline.timing import warm_up
 
 RING_BATCHES_AHEAD = 1
+# On a GPU a batch is padded to the next of these sizes (and max_batch_size), each
+# warmed up at setup: cudnn.benchmark autotunes every new input shape, which
+# stalled the first batch of each size the batcher emits (1 to max) for up to a
+# second or more.
+GPU_BATCH_BUCKETS = (1, 8, 32, 128)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a GPU runs for batches up to `max_batch_size`."""
+    return tuple(sorted({size for size in GPU_BATCH_BUCKETS if size < max_batch_size}
+                        | {max_batch_size}))
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -68,6 +79,8 @@ class TorchBackend:
         self.compile_cache = compile_cache
         self.name = "torch-compile" if compile_cache is not None else "torch"
         self.warmup_s = 0.0
+        # CPU: every batch as it comes (no autotuning to stall, padding only costs).
+        self.buckets = batch_buckets(max_batch_size) if self.device.type == "cuda" else ()
         self.last_staging_s = 0.0  # the last batch's copy into the staging ring (and to the device)
 
     def setup(self) -> None:
@@ -90,7 +103,7 @@ class TorchBackend:
                                 self.sample_shape, self.device)
         # With torch.compile, batch 1 gets its own graph; the second size >= 2
         # compiles the dynamic-batch one, so no real batch waits for a compile.
-        sizes = sorted({1, self.max_batch_size, min(2, self.max_batch_size)})
+        sizes = self.buckets or sorted({1, self.max_batch_size, min(2, self.max_batch_size)})
         self.warmup_s = warm_up(self.predict, self.sample_shape, sizes)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -109,15 +122,19 @@ class TorchBackend:
     def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 CHW samples -> float logits on the device, one row per sample."""
         started = time.perf_counter()
-        batch = self.ring.stage(samples)
+        batch = self.ring.stage(samples, self._rows(len(samples)))
         self.last_staging_s = time.perf_counter() - started
         x = batch.float().mul_(self.scale).add_(self.shift)
         x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             logits = self.module(x)
-        if logits.shape[0] != len(samples):
-            raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(samples)} inputs")
-        return logits.float()
+        if logits.shape[0] != batch.shape[0]:
+            raise RuntimeError(f"model returned {logits.shape[0]} rows for {batch.shape[0]} inputs")
+        return logits[: len(samples)].float()
+
+    def _rows(self, count: int) -> int:
+        """The batch size `count` samples run at: the next bucket on a GPU."""
+        return next((size for size in self.buckets if size >= count), count)
 
     def _autocast(self) -> Any:
         if self.precision == "fp32":

@@ -78,3 +78,17 @@ def test_engine_scores_on_the_gpu(samples_dir: Path) -> None:
     assert summary.scored == 6
     by_name = {Path(r["path"]).name: r for r in records}
     assert by_name["coffee.jpg"]["predictions"][0]["label"] == "espresso"
+
+
+def test_batches_run_padded_to_the_warmed_sizes_and_keep_their_own_answers(
+        samples_dir: Path) -> None:
+    pixels = PillowBackend(PreprocessSpec(), InputLimits()).run(
+        [path.read_bytes() for path in sorted(samples_dir.glob("*.jpg"))])
+    gpu = TorchBackend(load_model(), torch.device("cuda", 0), 32, SHAPE)
+    gpu.setup()
+    assert gpu.buckets == (1, 8, 32)
+    one_by_one = torch.cat([gpu.predict([sample]) for sample in pixels]).cpu()
+    together = gpu.predict(pixels).cpu()  # padded to 8
+    assert together.shape == one_by_one.shape
+    assert torch.equal(together.argmax(1), one_by_one.argmax(1))
+    assert torch.allclose(together.softmax(1), one_by_one.softmax(1), atol=1e-3)

@@ -240,3 +240,29 @@ def test_a_bare_cuda_device_means_gpu_0(default_model):
     assert backend.device == torch.device("cuda", 0)
     assert TorchBackend(default_model, torch.device("cuda", 1), 4,
                         (3, 224, 224)).device == torch.device("cuda", 1)
+
+
+def test_a_gpu_pads_batches_to_a_few_sizes_and_the_cpu_does_not(default_model):
+    from pipeline.backends.torch import batch_buckets
+
+    assert batch_buckets(32) == (1, 8, 32)
+    assert batch_buckets(256) == (1, 8, 32, 128, 256)
+    assert batch_buckets(5) == (1, 5)
+    assert TorchBackend(default_model, torch.device("cuda", 0), 32, (3, 224, 224)).buckets \
+        == (1, 8, 32)
+    assert TorchBackend(default_model, torch.device("cpu"), 32, (3, 224, 224)).buckets == ()
+
+
+def test_a_padded_batch_gives_each_image_its_own_logits(default_model, samples_dir):
+    # given the samples, scored as they come
+    pixels = [preprocess((samples_dir / name).read_bytes(), PreprocessSpec(), InputLimits())
+              for name in ("coffee.jpg", "chelsea.jpg", "rocket.jpg")]
+    plain = TorchBackend(default_model, torch.device("cpu"), 8, (3, 224, 224))
+    plain.setup()
+    expected = plain.predict(pixels).clone()
+    # when the same backend pads them to a batch of 8, as a GPU does
+    plain.buckets = (8,)
+    padded = plain.predict(pixels)
+    # then each image's logits are its own and the padding rows are dropped
+    assert padded.shape == expected.shape
+    assert torch.allclose(padded, expected, atol=1e-4)

@@ -101,3 +101,17 @@ def test_sample_of_the_wrong_shape_is_refused():
     ring = StagingRing(slots=2, max_batch_size=4, sample_shape=SHAPE, device=CPU)
     with pytest.raises(ValueError):
         ring.stage([np.zeros((3, 8, 9), dtype=np.uint8)])
+
+
+def test_a_padded_batch_has_the_samples_then_rows_that_were_never_uninitialised():
+    ring = StagingRing(slots=2, max_batch_size=8, sample_shape=SHAPE, device=CPU)
+    staged = ring.stage(samples(3, start=7), rows=8)
+    assert staged.shape == (8, *SHAPE)
+    assert [int(staged[i].min()) for i in range(3)] == [7, 8, 9]
+    assert int(staged[3:].abs().max()) == 0  # a fresh ring's padding is zeros
+
+
+def test_padding_past_the_ring_is_refused():
+    ring = StagingRing(slots=2, max_batch_size=4, sample_shape=SHAPE, device=CPU)
+    with pytest.raises(ValueError, match="batch of 5"):
+        ring.stage(samples(2), rows=5)
