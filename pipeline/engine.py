@@ -106,6 +106,8 @@ class Engine:
         self.variant_note = ""  # why this variant: the summary and doctor say it
         self._fallbacks_reported = 0
         self.cores = usable_cores()
+        self._setup_pending = False  # a backend built whose setup() has not run yet
+        self._load_s = 0.0
 
     def setup(self, lazy: bool = False) -> None:
         """Load the model and start the workers. With `lazy`, a model whose cache
@@ -115,7 +117,9 @@ class Engine:
         model_cfg = self.settings.model
         known = self._remembered_scope() if lazy else None
         if known is None:
-            self._load_model()
+            # The backend's setup (to the device, warm-up) waits until the workers
+            # have been launched below: both take seconds on a GPU host.
+            self._load_model(defer_setup=True)
             known = scopes.ModelScope(self.model.name, self.model.weights_digest,
                                       ResultScope.labels_digest_of(self.model.labels))
             if self.settings.cache.enabled:
@@ -134,17 +138,32 @@ class Engine:
         self.worker = InferenceLoop(inference, self.topk, remember, model_cfg.topk,
                                       known.model_id)
         self.pool = self._start_pool()
+        self._finish_model_setup()
+        self.pool.wait_started()
 
     @property
     def model_loaded(self) -> bool:
         return hasattr(self, "inference")
 
-    def _load_model(self) -> None:
+    def _load_model(self, defer_setup: bool = False) -> None:
+        """Load the model and its backend; with `defer_setup`, a torch backend's
+        setup is left to _finish_model_setup()."""
         started = time.perf_counter()
         if not self._load_prebuilt():
             self._load_with_torch()
+        self._load_s = time.perf_counter() - started
+        if not defer_setup:
+            self._finish_model_setup()
+
+    def _finish_model_setup(self) -> None:
+        if not self.model_loaded:  # lazy: loaded when first needed
+            return
+        started = time.perf_counter()
+        if self._setup_pending:
+            self.inference.setup()
+            self._setup_pending = False
         if self.metrics is not None:
-            self.metrics.model_loaded(time.perf_counter() - started)
+            self.metrics.model_loaded(self._load_s + time.perf_counter() - started)
             self.metrics.set_info(__version__, self.model.name, str(self.device))
 
     def _load_prebuilt(self) -> bool:
@@ -194,7 +213,7 @@ class Engine:
                 self.variant_note = "eager: no checked faster variant on a GPU yet"
         self.inference = backend_for(self.settings, model, self.device, self.variant,
                                      calibration_images)
-        self.inference.setup()
+        self._setup_pending = True
 
     def _load_checked_default(self, model: LoadedModel) -> bool:
         """ONNX Runtime fp32, exported and checked against eager on first use; False
@@ -266,7 +285,7 @@ class Engine:
                           self.settings.serve.url_policy(pre_cfg.max_file_bytes),
                           tta=pre_cfg.tta)
         pool = PreprocessPool(plan, workers, pre_cfg.chunk_size)
-        pool.start()
+        pool.launch()  # setup() waits for it once the model is ready
         return pool
 
     def run(self, jobs: Iterable[Job] | ChunkSource, sink: Sink) -> RunSummary:

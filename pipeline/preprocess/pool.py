@@ -261,15 +261,29 @@ class PreprocessPool:
         self.context = multiprocessing.get_context("spawn")
         self.log_queue = self.context.Queue(LOG_QUEUE_RECORDS)
         self.log_listener: Optional[QueueListener] = None
+        self._readies: Optional[list[Future[bool]]] = None  # launched, not yet waited on
 
     def start(self) -> None:
-        """Start every worker and wait until each has built its backend. A start
-        that fails (a worker killed, or crashing) is retried with backoff."""
+        """Start every worker and wait until each has built its backend."""
+        self.launch()
+        self.wait_started()
+
+    def launch(self) -> None:
+        """Spawn the workers and return at once, so that the caller can load its
+        model while they start; wait_started() waits for them."""
         if self.log_listener is None:
             self.log_listener = logs.forward_from(self.log_queue)
+        self._readies = self._spawn()
+
+    def wait_started(self) -> None:
+        """Wait until every worker has built its backend. A start that fails (a
+        worker killed, or crashing) is retried with backoff."""
         for attempt in range(1, START_ATTEMPTS + 1):
             try:
-                self._start_once()
+                if self._readies is None:
+                    raise BrokenProcessPool("a worker died as it was spawned")
+                for ready in self._readies:
+                    ready.result()
                 return
             except BrokenProcessPool as exc:
                 cause = self._failed_start()
@@ -282,16 +296,19 @@ class PreprocessPool:
                 log.warning("the preprocessing workers failed to start: %s; retrying in "
                             "%g s", cause, backoff)
                 time.sleep(backoff)
+                self._readies = self._spawn()
 
-    def _start_once(self) -> None:
+    def _spawn(self) -> Optional[list[Future[bool]]]:
+        """A new executor and one readiness check per worker; None if it broke at once."""
         # spawn: workers must not inherit torch's threads or a CUDA context.
         self.executor = ProcessPoolExecutor(
             self.workers, mp_context=self.context,
             initializer=self.initializer, initargs=(self.plan, self.log_queue))
-        with _sigint_blocked():  # the workers are spawned on submit
-            readies = [self.executor.submit(_ready) for _ in range(self.workers)]
-        for ready in readies:
-            ready.result()
+        try:
+            with _sigint_blocked():  # the workers are spawned on submit
+                return [self.executor.submit(_ready) for _ in range(self.workers)]
+        except BrokenProcessPool:
+            return None
 
     def _failed_start(self) -> str:
         """Shut the broken executor down; why its workers died, in words."""

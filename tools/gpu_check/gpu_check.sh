@@ -205,7 +205,7 @@ PHOTOS="$(find_photos)"
 if [[ -n $PHOTOS ]] && run_step photos_list 20 5 "$PY" "$PROBE" photos-list \
         --photos "$PHOTOS" --out "$WORK/photos.txt"; then
     PHOTO_RUNS=()
-    for precision in fp32 fp16 bf16; do
+    for precision in ${GPU_CHECK_PRECISIONS:-fp32 fp16 bf16}; do
         score "photos_$precision" 60 --files-from "$WORK/photos.txt" --device cuda \
             --backend pillow --model-backend torch --precision "$precision" --topk 5
         PHOTO_RUNS+=(--run "$precision=$LOG/score_photos_$precision.jsonl")
@@ -246,6 +246,7 @@ fi
 score synthetic_cuda 75 "$DATA_DIR" --device cuda --backend pillow
 
 # ----------------------------------------------------------------- 5. model-only probe
+run_step probe_startup 60 20 "$PY" "$PROBE" startup --budget 55 --out "$LOG/startup.json"
 run_step probe_model 100 30 "$PY" "$PROBE" model --seconds 1.5 --budget "$(probe_budget 100)" \
     --out "$LOG/model.json"
 

@@ -335,7 +335,7 @@ def _autotune_stalls(model: Any) -> dict[str, Any]:
     import torch
 
     from pipeline.backends.torch import TorchBackend
-    backend = TorchBackend(model, torch.device("cuda", 0), 32, SHAPE)  # warms 1, 2 and 32
+    backend = TorchBackend(model, torch.device("cuda", 0), 32, SHAPE)  # warms its buckets
     backend.setup()
     samples = list(np.random.default_rng(0).integers(0, 256, (32, *SHAPE), dtype=np.uint8))
     firsts, seconds = {}, {}
@@ -349,7 +349,9 @@ def _autotune_stalls(model: Any) -> dict[str, Any]:
     backend.close()
     return {"first_call_ms": firsts, "second_call_ms": seconds,
             "stall_ms_total": round(sum(firsts.values()) - sum(seconds.values()), 1),
-            "note": "cudnn.benchmark autotunes every new batch size the batcher produces"}
+            "warmed_batch_sizes": list(getattr(backend, "buckets", ())),
+            "note": "cudnn.benchmark autotunes every new input shape; batches are padded "
+                    "to the warmed sizes, so this should be ~0"}
 
 
 def _graph_headroom(make: Callable[[], Any], batch: int, seconds: float) -> dict[str, Any]:
@@ -385,12 +387,12 @@ def cmd_model(args: argparse.Namespace) -> int:
 
     from pipeline.models import load_model
     model = load_model()
+    rec.guarded("cudnn.benchmark first-call stalls on unseen batch sizes",
+                functools.partial(_autotune_stalls, model), 10)
     for precision in ("fp32", "fp16", "bf16"):
         for batch in SEEN_BATCHES:
             rec.guarded(f"project TorchBackend efficientnet_lite0 {precision} batch {batch}",
                         functools.partial(_project_rate, model, precision, batch, args.seconds), 8)
-    rec.guarded("cudnn.benchmark first-call stalls on unseen batch sizes",
-                functools.partial(_autotune_stalls, model), 10)
     rec.guarded("efficientnet_lite0 fp16 channels_last eager vs CUDA graph, batch 256",
                 functools.partial(_graph_headroom, lambda: copy.deepcopy(model.module), 256,
                                   args.seconds), 10)
@@ -427,6 +429,46 @@ def cmd_compile(args: argparse.Namespace) -> int:
     rec = Recorder(args.out, args.budget)
     rec.guarded("project torch-compile efficientnet_lite0 fp16 batch 256",
                 functools.partial(_compiled_rate, 256, args.seconds), 30)
+    return 0
+
+
+# --------------------------------------------------------------------------- startup
+
+def _phases() -> dict[str, Any]:
+    """Where `imgpipe score --device cuda`'s start-up goes, phase by phase, in
+    this fresh process (torch not imported before)."""
+    phases: dict[str, float] = {}
+
+    def timed(name: str, call: Callable[[], Any]) -> Any:
+        started = now()
+        result = call()
+        phases[name] = round(now() - started, 2)
+        return result
+
+    torch = timed("import torch", lambda: importlib.import_module("torch"))
+    timed("cuda init", lambda: torch.zeros(1, device="cuda:0").sum().item())
+    from pipeline.backends.torch import TorchBackend
+    from pipeline.models import load_model
+    model = timed("load model (CPU)", load_model)
+    backend = TorchBackend(model, torch.device("cuda", 0), 32, SHAPE)
+    timed("backend setup (to device, warm-up of each bucket)", backend.setup)
+    phases["of which warm-up"] = round(backend.warmup_s, 2)
+    backend.close()
+    from pipeline.config import load_settings
+    from pipeline.cores import usable_cores
+    from pipeline.preprocess.pool import PreprocessPool, WorkerPlan
+    settings = load_settings()
+    pre = settings.preprocess
+    plan = WorkerPlan("pillow", pre.spec(), pre.limits(), "cuda:0", 1, None, None, ())
+    pool = PreprocessPool(plan, usable_cores())
+    timed(f"preprocessing pool start ({usable_cores()} pillow workers)", pool.start)
+    pool.close()
+    return {"seconds": phases}
+
+
+def cmd_startup(args: argparse.Namespace) -> int:
+    rec = Recorder(args.out, args.budget)
+    rec.guarded("start-up phases on cuda", _phases, 20)
     return 0
 
 
@@ -630,8 +672,8 @@ def cmd_summarize(args: argparse.Namespace) -> int:
     logs = work / "logs"
     report = {"meta": load_json(work / "meta.json"), "steps": read_steps(work),
               "pytest_gpu": pytest_result(logs), "score": read_score_logs(logs)}
-    for name in ("env", "compare_photos", "compare_synthetic", "model", "compile", "dali",
-                 "transport", "doctor", "bench"):
+    for name in ("env", "compare_photos", "compare_synthetic", "startup", "model", "compile",
+                 "dali", "transport", "doctor", "bench"):
         report[name] = load_json(logs / f"{name}.json")
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     text = "\n".join(summary_lines(report, logs)) + "\n"
@@ -657,7 +699,7 @@ def summary_lines(report: dict[str, Any], logs: Path) -> list[str]:
     lines += score_section(report["score"])
     lines += compare_section("Photographs (labelled ImageNet val)", report["compare_photos"])
     lines += compare_section("Generated JPEGs: cuda vs cpu", report["compare_synthetic"])
-    for name in ("model", "compile", "dali", "transport"):
+    for name in ("startup", "model", "compile", "dali", "transport"):
         lines += probe_section(name, report[name])
     lines += doctor_section(report["doctor"]) + bench_section(report["bench"])
     lines += ["", "Verdicts:"] + verdicts(report, logs)
@@ -814,7 +856,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement")
         return p
 
-    for name in ("env", "model", "compile", "transport"):
+    for name in ("env", "model", "compile", "transport", "startup"):
         probe(name)
     p = probe("dali")
     p.add_argument("--images", required=True)
@@ -835,7 +877,7 @@ def _parser() -> argparse.ArgumentParser:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "env": cmd_env, "photos-list": cmd_photos_list, "compare": cmd_compare,
     "model": cmd_model, "compile": cmd_compile, "dali": cmd_dali,
-    "transport": cmd_transport, "summarize": cmd_summarize}
+    "transport": cmd_transport, "startup": cmd_startup, "summarize": cmd_summarize}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
