@@ -472,6 +472,52 @@ def cmd_startup(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- cudnn
+
+def _cudnn_setting(model: Any, reference: Any, pixels: list[Any], benchmark: bool,
+                   tf32: bool, seconds: float) -> dict[str, Any]:
+    """Set-up (warm-up of every bucket), images/s at batch 32 and the largest
+    probability difference from the CPU under one cuDNN setting."""
+    import torch
+
+    torch_backend = importlib.import_module("pipeline.backends.torch")
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch_backend.CUDNN_BENCHMARK = benchmark
+    backend = torch_backend.TorchBackend(model, torch.device("cuda", 0), 32, SHAPE)
+    started = now()
+    backend.setup()
+    setup_s = now() - started
+    batch = (pixels * 6)[:32]
+    rate = rate_loop(lambda: (backend.predict(batch), 32)[1], seconds, torch.cuda.synchronize)
+    got = backend.predict(pixels).float().cpu().softmax(1)
+    backend.close()
+    return {"setup_s": round(setup_s, 2), "images_per_s_batch_32": round(rate, 1),
+            "max_prob_diff_vs_cpu": float((got - reference).abs().max()),
+            "same_top1": bool(torch.equal(got.argmax(1), reference.argmax(1)))}
+
+
+def cmd_cudnn(args: argparse.Namespace) -> int:
+    rec = Recorder(args.out, args.budget)
+    import torch
+
+    from pipeline.backends.torch import TorchBackend
+    from pipeline.models import load_model
+    from pipeline.preprocess.pillow import PillowBackend
+    from pipeline.spec import InputLimits, PreprocessSpec
+    model = load_model()
+    pixels = PillowBackend(PreprocessSpec(), InputLimits()).run(
+        [path.read_bytes() for path in sorted(Path("samples").glob("*.jpg"))])
+    cpu = TorchBackend(model, torch.device("cpu"), 8, SHAPE)
+    cpu.setup()
+    reference = cpu.predict(pixels).float().softmax(1)
+    cpu.close()
+    for benchmark, tf32 in ((False, False), (False, True), (True, False), (True, True)):
+        rec.guarded(f"cudnn.benchmark={benchmark} allow_tf32={tf32}",
+                    functools.partial(_cudnn_setting, model, reference, pixels, benchmark,
+                                      tf32, args.seconds), 10)
+    return 0
+
+
 # --------------------------------------------------------------------------- dali
 
 def dali_present() -> bool:
@@ -856,7 +902,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement")
         return p
 
-    for name in ("env", "model", "compile", "transport", "startup"):
+    for name in ("env", "model", "compile", "transport", "startup", "cudnn"):
         probe(name)
     p = probe("dali")
     p.add_argument("--images", required=True)
@@ -877,7 +923,8 @@ def _parser() -> argparse.ArgumentParser:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "env": cmd_env, "photos-list": cmd_photos_list, "compare": cmd_compare,
     "model": cmd_model, "compile": cmd_compile, "dali": cmd_dali,
-    "transport": cmd_transport, "startup": cmd_startup, "summarize": cmd_summarize}
+    "transport": cmd_transport, "startup": cmd_startup, "cudnn": cmd_cudnn,
+    "summarize": cmd_summarize}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
