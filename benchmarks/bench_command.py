@@ -8,7 +8,8 @@
    (b) the generated mixed-size JPEGs (0.08-12 MP).
    One untimed imgpipe run goes first: the first run on a machine exports the
    model to ONNX Runtime and checks it, once.
-2. The same after `imgpipe optimize --images ../shared/data/imagenet-val-100`,
+2. The same after `imgpipe optimize --images ../shared/data/imagenet-val-100
+   --calibration-images samples`,
    if optimize accepts that set and chooses a variant.
 3. `imgpipe serve` against a plain Celery worker (benchmarks/celery_worker.py;
    eager torch, then ONNX Runtime), the same inline-image jobs; alternating.
@@ -55,6 +56,8 @@ ACCURACY_SLACK = 0.1  # points of top-1 or top-5 imgpipe may be below the script
 # optimize's artifacts (torch-compile's kernels above all, minutes to build on 2
 # cores) are kept between runs of this benchmark; the defaults' are not.
 OPTIMIZE_ARTIFACTS = datasets.DATA / "command-optimize-artifacts"
+OPTIMIZE_COMMAND = ("imgpipe optimize --images ../shared/data/imagenet-val-100 "
+                    "--calibration-images samples")
 OPTIMIZE_TIMEOUT_S = 1800.0
 
 
@@ -252,12 +255,15 @@ def photo_accuracy(result: dict[str, Any], labels: dict[str, int]) -> dict[str, 
 
 
 def optimize(scratch: Path) -> dict[str, Any]:
-    """`imgpipe optimize --images SHARED_PHOTOS` into its own cache directory: what
+    """`imgpipe optimize --images SHARED_PHOTOS --calibration-images samples/` into
+    its own cache directory: what
     it chose (None when it failed, ran out of time or chose nothing), that
     directory, and whether its artifacts had to be built."""
     cache = scratch / "optimize-cache"
+    # int8 calibrates on other real photographs (samples/): on the validation set
+    # itself it could not be judged (optimize would leave it undecided).
     command = [IMGPIPE, "optimize", "--images", str(datasets.SHARED_PHOTOS),
-               "--cache-dir", str(cache)]
+               "--calibration-images", str(datasets.SAMPLES), "--cache-dir", str(cache)]
     fresh = not OPTIMIZE_ARTIFACTS.exists()
     log(f"imgpipe optimize --images {datasets.SHARED_PHOTOS} (artifacts "
         f"{'built now' if fresh else 'kept from an earlier run'})")
@@ -536,12 +542,12 @@ def optimize_lines(n: dict[str, Any]) -> list[str]:
         return [f"`imgpipe optimize`: not run ({opt['skipped']})."]
     if opt["chosen"] is None:
         last = opt["output_tail"][-1] if opt["output_tail"] else ""
-        return [f"`imgpipe optimize --images ../shared/data/imagenet-val-100` exited "
+        return [f"`{OPTIMIZE_COMMAND}` exited "
                 f"{opt['returncode']} after {opt['wall_s']:.0f} s and chose nothing, so the "
                 f"after-optimize runs were skipped. Its last line: `{last}`"]
     built = ("built now" if opt["artifacts_built"]
              else "kept from an earlier run, so no torch-compile build")
-    return [f"`imgpipe optimize --images ../shared/data/imagenet-val-100` took "
+    return [f"`{OPTIMIZE_COMMAND}` took "
             f"{opt['wall_s']:.0f} s (artifacts {built}) and chose `{opt['chosen']}`."]
 
 

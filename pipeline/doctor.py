@@ -256,6 +256,10 @@ def _inference(settings: Settings, serve: bool) -> list[Check]:
     if _inference_device(cfg.device) != "cpu":
         return [Check("inference", OK, f"torch: eager on a GPU (no checked faster variant "
                                         f"on a GPU yet){optimized}")]
+    choice = prebuilt.recall_choice(settings)
+    if choice is not None:
+        return [Check("inference", OK, f"{choice.variant}: {choice.note()}; starts without "
+                                        "torch")]
     record = prebuilt.recall(cfg.artifacts_directory(), prebuilt.key_for(settings))
     if isinstance(record, prebuilt.Refused):
         return [Check("inference", WARN, f"torch: eager, since the ONNX export was refused "

@@ -167,14 +167,17 @@ class Engine:
             self.metrics.set_info(__version__, self.model.name, str(self.device))
 
     def _load_prebuilt(self) -> bool:
-        """The CPU default's checked ONNX export from an earlier run, opened without
-        torch; False where it does not apply (then the model loads with torch)."""
+        """An ONNX export from an earlier run, opened without torch: the variant
+        `optimize` chose while its profile stands, else the CPU default's checked
+        export when no profile does. False where neither applies (then the model
+        loads with torch)."""
         if self.settings.model.backend != "auto" or not self._surely_cpu():
             return False
-        store = self.settings.model.artifacts_directory()
-        checked = prebuilt.recall(store, self._prebuilt_key())
-        if not isinstance(checked, prebuilt.Checked) or chosen(
-                self.settings.cache.directory(), checked.card):
+        store, key = self.settings.model.artifacts_directory(), self._prebuilt_key()
+        checked = prebuilt.recall_choice(self.settings) or prebuilt.recall(store, key)
+        if not isinstance(checked, prebuilt.Checked) or (
+                not checked.chosen_by_optimize
+                and chosen(self.settings.cache.directory(), checked.card)):
             return False
         backend = PrebuiltBackend(checked, self.settings.batching.max_batch_size,
                                   self.settings.preprocess.spec().output_shape,
@@ -183,10 +186,13 @@ class Engine:
             backend.setup()
         except ModelLoadError as exc:
             log.warning("%s: exporting the model again", exc)
-            prebuilt.forget(store, self._prebuilt_key())
+            prebuilt.forget(store, key)
+            prebuilt.forget(store, prebuilt.key_for(self.settings, optimized=True))
             return False
         self.device, self.model, self.inference = "cpu", checked.card, backend
-        self.variant, self.variant_note = CPU_DEFAULT, f"the CPU default, {checked.note()}"
+        self.variant = Variant.parse(checked.variant)
+        self.variant_note = checked.note() if checked.chosen_by_optimize else \
+            f"the CPU default, {checked.note()}"
         return True
 
     def _load_with_torch(self) -> None:

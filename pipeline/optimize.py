@@ -29,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from pipeline import prebuilt
 from pipeline.backends import InferenceBackend, TorchBackend, Variant, backend_for
 from pipeline.backends.calibration import (
     CALIBRATION_IMAGES,
@@ -36,6 +37,7 @@ from pipeline.backends.calibration import (
     first_files,
     preprocessed,
 )
+from pipeline.backends.onnx import OnnxBackend
 from pipeline.backends.validation import (
     DEFAULT_AGREEMENT,
     MIN_ACCURACY_RATIO,
@@ -172,6 +174,7 @@ def run(settings: Settings, options: Options) -> Outcome:
                        "min_accuracy_ratio": options.min_ratio if labels is not None else None,
                        "threshold": options.threshold if labels is None else None},
                       asdict(best))
+    _record_for_torch_free_starts(settings, model, device, chosen, calibration_dir, best)
     notes = []
     if len(paths) < MIN_JUDGED_IMAGES:
         notes.append(f"the validation set is too small to decide: {_count(len(paths), 'image')}, "
@@ -181,6 +184,27 @@ def run(settings: Settings, options: Options) -> Outcome:
                    judge(expected, expected, labels),
                    _calibration_words(calibration_dir, images, len(calibration)) if int8
                    else "", vset.left_out + len(vset.files) - len(paths), notes)
+
+
+def _record_for_torch_free_starts(settings: Settings, model: LoadedModel, device: Any,
+                                  variant: Optional[Variant], calibration_dir: Path,
+                                  best: Optional[Candidate]) -> None:
+    """On the CPU, record the chosen ONNX Runtime export (pipeline.prebuilt), so that
+    later starts run it without importing torch, as they run the default; forget an
+    earlier choice otherwise."""
+    store, key = settings.model.artifacts_directory(), prebuilt.key_for(settings, optimized=True)
+    prebuilt.forget(store, key)
+    if variant is None or best is None or variant.backend != "onnxruntime" \
+            or device.type != "cpu":
+        return
+    backend = backend_for(settings, model, device, variant, calibration_dir)
+    assert isinstance(backend, OnnxBackend)
+    artifact = backend.store.path_for(backend.artifact_key())
+    if artifact.is_file():  # built while it was measured
+        card = prebuilt.ModelCard(model.name, list(model.labels), model.weights_digest)
+        prebuilt.remember(store, key, prebuilt.Checked(
+            card, str(artifact), artifact.stat().st_size, best.images, best.max_score_drift,
+            str(variant), chosen_by_optimize=True))
 
 
 def _validation_set(model: LoadedModel, options: Options) -> ValidationSet:

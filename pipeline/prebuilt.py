@@ -8,7 +8,8 @@ weights digest, the artifact's path and size, and the check's numbers, under
 the same key as the model's cache scope (`scopes.identity`, which changes
 with any of the model's files). A later start that finds the record opens
 the artifact with ONNX Runtime alone: no torch import, no model build, no
-eager warm-up. Nothing here imports torch.
+eager warm-up. When `imgpipe optimize` chooses an ONNX Runtime variant, it is
+recorded the same way, beside the default's. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipeline.cache import scopes
 from pipeline.config import Settings
 from pipeline.cores import usable_cores
 from pipeline.errors import ModelLoadError, first_line
+from pipeline.profiles import chosen
 from pipeline.timing import warm_up
 
 RECORDS_SUBDIR = "checked"
@@ -44,23 +46,30 @@ class ModelCard:
 
 @dataclass(frozen=True)
 class Checked:
-    """An ONNX export that scored like eager PyTorch, and how closely."""
+    """An ONNX export that scored like eager PyTorch, and how closely; or, with
+    `chosen_by_optimize`, the variant `imgpipe optimize` accepted (its profile)."""
 
     card: ModelCard
     artifact: str
     size_bytes: int
     images: int  # photographs it was checked on
     max_score_drift: float  # largest probability difference from eager fp32
+    variant: str = "onnxruntime"  # "onnxruntime:int8" for a quantized export
+    chosen_by_optimize: bool = False
 
     def note(self) -> str:
+        if self.chosen_by_optimize:
+            return "chosen by imgpipe optimize"
         return (f"checked against eager PyTorch on {self.images} photographs: same top-1, "
                 f"probabilities within {self.max_score_drift:.1g}")
 
 
-def key_for(settings: Settings) -> str:
-    """The record's key: the model's files (as for its cache scope) and input shape."""
+def key_for(settings: Settings, *, optimized: bool = False) -> str:
+    """The record's key: the model's files (as for its cache scope) and input shape;
+    `optimized` for the export of the variant that `imgpipe optimize` chose."""
     channels, height, width = settings.preprocess.spec().output_shape
-    return f"{scopes.identity(settings.model)}-{channels}x{height}x{width}"
+    key = f"{scopes.identity(settings.model)}-{channels}x{height}x{width}"
+    return f"{key}-optimized" if optimized else key
 
 
 def records_directory(artifacts_dir: Path) -> Path:
@@ -95,6 +104,15 @@ def recall(artifacts_dir: Path, key: str) -> Checked | Refused | None:
     except (OSError, ValueError, TypeError, KeyError):
         return None
     return checked
+
+
+def recall_choice(settings: Settings) -> Optional[Checked]:
+    """optimize's recorded ONNX Runtime export, while its profile still names it."""
+    choice = recall(settings.model.artifacts_directory(), key_for(settings, optimized=True))
+    if not isinstance(choice, Checked):
+        return None
+    profile = chosen(settings.cache.directory(), choice.card)
+    return choice if profile is not None and str(profile.variant) == choice.variant else None
 
 
 def forget(artifacts_dir: Path, key: str) -> None:

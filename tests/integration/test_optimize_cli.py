@@ -86,10 +86,20 @@ def test_labelled_photos_accept_by_accuracy_and_refuse_a_variant_that_loses_it(
     assert profile["validation"]["min_accuracy_ratio"] == 0.99
     assert profile["measured"]["top1"] == profile["measured"]["reference_top1"]
 
-    # ... and score (model.backend = auto) runs it
-    scored = run("score", str(samples_dir), "--cache-dir", str(cache))
+    # ... and score (model.backend = auto) runs it, without importing torch
+    scored = run("score", str(samples_dir), "--cache-dir", str(cache),
+                 env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert scored.returncode == 0, scored.stderr
     assert "(onnxruntime: chosen by imgpipe optimize)" in scored.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in scored.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "onnxruntime" in imported and "torch" not in imported
+
+    # and once the profile names another variant, that one runs instead
+    profile_file.write_text(json.dumps({**profile, "backend": "torch"}))
+    rescored = run("score", str(samples_dir), "--cache-dir", str(cache), "--no-cache")
+    assert rescored.returncode == 0, rescored.stderr
+    assert "(torch: chosen by imgpipe optimize)" in rescored.stderr
 
 
 def test_unlabelled_photos_are_judged_on_agreement_with_fp32(
