@@ -42,6 +42,10 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_startup
 	$(BIN)/python -m benchmarks.bench_command
 
+# The suite three times in a row with every core kept busy (tools/test_under_load.sh).
+test-loaded: $(STAMP)
+	bash tools/test_under_load.sh 3
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
