@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Pillow-SIMD is only fast when built for the CPU's vector units.
 SIMD_CC := cc $(shell grep -q avx2 /proc/cpuinfo 2>/dev/null && echo -mavx2)
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-loaded lint bench clean
 
 install: $(STAMP)
 
