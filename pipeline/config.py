@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.embeddings import OutputKind
 from pipeline.errors import ConfigError
 from pipeline.recipes import GENERIC, Recipe, model_recipe
 from pipeline.sources.urls import Prefix, UrlPolicy
@@ -102,6 +103,10 @@ REDIS_URL = r"^(redis|rediss|unix)://"
 KEY_PART = r"^[A-Za-z0-9_.:{}-]+$"
 
 
+# Embeddings come from eager PyTorch in fp32 (no exported variant gives features yet).
+EMBEDDING_VARIANTS = {("auto", "fp32"), ("torch", "fp32")}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -117,6 +122,13 @@ class ModelSettings(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     threads: int = Field(0, ge=0)
     artifacts_dir: UnsetIfBlank[Path] = None
+    output: OutputKind = "logits"
+    normalize_embeddings: bool = True
+
+    def embeddings_setting(self) -> Optional[str]:
+        """The setting that asks the model for features, as error messages name it;
+        None when only logits are asked for."""
+        return None if self.output == "logits" else f"model.output = {self.output!r}"
 
     def artifacts_directory(self) -> Path:
         """Where exported and compiled models are kept: `artifacts_dir`, else
@@ -128,6 +140,10 @@ class ModelSettings(Section):
 
     @model_validator(mode="after")
     def _variant_exists(self) -> ModelSettings:
+        if self.output != "logits" and (self.backend, self.precision) not in EMBEDDING_VARIANTS:
+            raise ValueError(f"model.output = {self.output!r} runs on eager PyTorch in fp32: "
+                             f"use model.backend 'auto' or 'torch' (fp32), not "
+                             f"{self.backend!r} ({self.precision})")
         if self.backend == "auto":
             if self.precision != "fp32":
                 raise ValueError("model.precision applies to a named backend; with backend "

@@ -115,7 +115,8 @@ class Engine:
         when an image first needs it: a run the cache answers in full, or an
         empty one, never loads it, nor imports torch."""
         model_cfg = self.settings.model
-        known = self._remembered_scope() if lazy else None
+        # Embeddings load the model at start: whether its head gives them is known then.
+        known = self._remembered_scope() if lazy and model_cfg.output == "logits" else None
         if known is None:
             # The backend's setup (to the device, warm-up) waits until the workers
             # have been launched below: both take seconds on a GPU host.
@@ -132,11 +133,11 @@ class Engine:
                                                   self._device_type(),
                                                   self.settings.preprocess.spec())
         self.result_scope = ResultScope(known.model_id, known.weights_digest, self.topk,
-                                        known.labels_digest)
+                                        known.labels_digest, model_cfg.normalize_embeddings)
         self.cache = self._open_cache()
         remember = None if self.cache is None else self._remember
         self.worker = InferenceLoop(inference, self.topk, remember, model_cfg.topk,
-                                      known.model_id)
+                                    known.model_id, model_cfg.normalize_embeddings)
         self.pool = self._start_pool()
         self._finish_model_setup()
         self.pool.wait_started()
@@ -171,7 +172,8 @@ class Engine:
         `optimize` chose while its profile stands, else the CPU default's checked
         export when no profile does. False where neither applies (then the model
         loads with torch)."""
-        if self.settings.model.backend != "auto" or not self._surely_cpu():
+        model_cfg = self.settings.model
+        if model_cfg.backend != "auto" or model_cfg.output != "logits" or not self._surely_cpu():
             return False
         store, key = self.settings.model.artifacts_directory(), self._prebuilt_key()
         checked = prebuilt.recall_choice(self.settings) or prebuilt.recall(store, key)
@@ -205,7 +207,11 @@ class Engine:
                                         self.settings.preprocess.spec().crop_size)
         profile = chosen(self.settings.cache.directory(), model)
         calibration_images = cfg.calibration_images
-        if cfg.backend != "auto":
+        embeddings = cfg.embeddings_setting()
+        if embeddings is not None:  # no exported or optimised variant gives features yet
+            self.variant = Variant("torch")
+            self.variant_note = f"eager, for embeddings ({embeddings})"
+        elif cfg.backend != "auto":
             self.variant, self.variant_note = Variant(cfg.backend, cfg.precision), \
                 "set by model.backend"
         elif profile is not None:
@@ -218,7 +224,7 @@ class Engine:
             if self.device.type != "cpu":
                 self.variant_note = "eager: no checked faster variant on a GPU yet"
         self.inference = backend_for(self.settings, model, self.device, self.variant,
-                                     calibration_images)
+                                     calibration_images, embeddings=embeddings)
         self._setup_pending = True
 
     def _load_checked_default(self, model: LoadedModel) -> bool:
@@ -277,7 +283,8 @@ class Engine:
 
     def _remember(self, item: Prepared, predictions: list[Prediction]) -> None:
         if self.cache is not None and item.digest is not None:
-            self.cache.store_predictions(item.digest, predictions, item.tta)
+            self.cache.store_predictions(item.digest, predictions, item.tta, item.output,
+                                         item.embedding)
 
     def _start_pool(self) -> PreprocessPool:
         pre_cfg = self.settings.preprocess
@@ -289,7 +296,7 @@ class Engine:
                           str(self.device), threads, self.settings.cache, self.result_scope,
                           self.allowed_roots,
                           self.settings.serve.url_policy(pre_cfg.max_file_bytes),
-                          tta=pre_cfg.tta)
+                          tta=pre_cfg.tta, output=self.settings.model.output)
         pool = PreprocessPool(plan, workers, pre_cfg.chunk_size)
         pool.launch()  # setup() waits for it once the model is ready
         return pool

@@ -2,7 +2,9 @@
 
 Errors travel with the batch and become error records; one bad image never
 fails its neighbours. Items the result cache answered skip the model. The
-loop owns no I/O: records go to a sink callback.
+loop owns no I/O: records go to a sink callback. Items that ask for an
+embedding (`Prepared.output`) get their views' pooled features from the same
+forward pass as the logits (pipeline/embeddings.py).
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import numpy as np
 
 if TYPE_CHECKING:
 
-    from pipeline.backends import InferenceBackend
+    from pipeline.backends import FeaturesBackend, InferenceBackend
 from pipeline.batching import Batcher
+from pipeline.embeddings import pooled, wants_embedding, wants_predictions
 from pipeline.errors import TransientError
 from pipeline.items import Prepared
 from pipeline.predictions import (
@@ -33,6 +36,7 @@ from pipeline.predictions import (
 )
 
 Remember = Callable[[Prepared, list[Prediction]], None]
+Outputs = tuple[np.ndarray, Optional[np.ndarray]]  # logits, and features when asked for
 log = logging.getLogger("imgpipe.inference")
 IDLE_S = 0.5
 
@@ -42,8 +46,9 @@ class InferenceLoop:
 
     def __init__(self, backend: InferenceBackend, topk: int,
                  remember: Optional[Remember] = None, default_topk: Optional[int] = None,
-                 model_name: Optional[str] = None) -> None:
+                 model_name: Optional[str] = None, normalize_embeddings: bool = True) -> None:
         self.backend = backend
+        self.normalize_embeddings = normalize_embeddings
         # Named up front when the backend loads lazily: records of cached answers need
         # the name, not the model.
         self.model_name = model_name or backend.model.name
@@ -65,7 +70,8 @@ class InferenceLoop:
 
     def _infer(self, ready: list[Prepared]) -> None:
         """Score every view of every item in one model batch; an item's prediction
-        is the mean of its views' softmax probabilities (one view: its own)."""
+        is the mean of its views' softmax probabilities (one view: its own), and
+        its embedding the mean of their features."""
         started = time.perf_counter()
         samples: list[np.ndarray] = []
         views: list[int] = []
@@ -74,25 +80,32 @@ class InferenceLoop:
             stacked = item.pixels.ndim == 4  # a TTA item: views x C x H x W
             samples.extend(item.pixels if stacked else [item.pixels])
             views.append(item.pixels.shape[0] if stacked else 1)
-        probs = mean_over_views(softmax(self._logits(samples)), views)
+        logits, features = self._outputs(samples, any(wants_embedding(item.output)
+                                                      for item in ready))
+        probs = mean_over_views(softmax(logits), views)
         predictions = top_k_of_probabilities(probs, self.topk, self.backend.model.labels)
+        embeddings = (None if features is None
+                      else pooled(features, views, self.normalize_embeddings))
         per_item_ms = (time.perf_counter() - started) * 1000 / len(ready)
         h2d_ms = self.backend.last_staging_s * 1000 / len(ready)
-        for item, top in zip(ready, predictions, strict=True):
+        for index, (item, top) in enumerate(zip(ready, predictions, strict=True)):
             item.timings_ms["h2d"] = h2d_ms
             item.timings_ms["inference"] = per_item_ms
-            item.predictions = top
+            item.predictions = top if wants_predictions(item.output) else []
+            if embeddings is not None and wants_embedding(item.output):
+                item.embedding = embeddings[index]
             if self.remember is not None:
-                self.remember(item, top)
+                self.remember(item, item.predictions)
         self.batches += 1
 
-    def _logits(self, pixels: list[np.ndarray]) -> np.ndarray:
-        """The batch's logits; a batch too big for the device's free memory is halved."""
+    def _outputs(self, pixels: list[np.ndarray], features: bool) -> Outputs:
+        """The batch's logits (and features); a batch too big for the device's free
+        memory is halved."""
         torch = sys.modules.get("torch")
         if torch is None:  # a backend that runs without torch runs without CUDA
-            return to_numpy(self.backend.predict(pixels))
+            return self._run(pixels, features)
         try:
-            return to_numpy(self.backend.predict(pixels))
+            return self._run(pixels, features)
         except torch.cuda.OutOfMemoryError as exc:
             if len(pixels) == 1:
                 raise TransientError("out of device memory on a single image") from exc
@@ -100,7 +113,17 @@ class InferenceLoop:
             torch.cuda.empty_cache()
         log.warning("out of device memory on a batch of %d: running it in halves", len(pixels))
         half = len(pixels) // 2
-        return np.concatenate([self._logits(pixels[:half]), self._logits(pixels[half:])])
+        (logits, first), (more, second) = (self._outputs(pixels[:half], features),
+                                           self._outputs(pixels[half:], features))
+        joined = None if first is None or second is None else np.concatenate([first, second])
+        return np.concatenate([logits, more]), joined
+
+    def _run(self, pixels: list[np.ndarray], features: bool) -> Outputs:
+        if not features:
+            return to_numpy(self.backend.predict(pixels)), None
+        # The engine builds a backend with features whenever model.output asks for them.
+        logits, pooled_features = cast("FeaturesBackend", self.backend).predict_features(pixels)
+        return to_numpy(logits), to_numpy(pooled_features)
 
     def drain(self, batcher: Batcher[Prepared], sink: Callable[[list[Record]], None],
               idle: Callable[[], None] = lambda: None) -> None:

@@ -27,6 +27,7 @@ class Job:
     ref: Optional[str] = None
     url: Optional[str] = None  # fetched by the preprocessing worker (then `path` only names it)
     tta: Optional[str] = None  # test-time augmentation mode; None: the run's (preprocess.tta)
+    output: Optional[str] = None  # "logits", "embedding" or "both"; None: the run's (model.output)
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Prepared:
     says which cache level answered ("result:local", "tensor:redis", "miss").
     `tta` is the test-time augmentation mode it was prepared under: with one
     other than "none", `pixels` stacks its views (views x C x H x W).
+    `output` is what it is answered with (pipeline/embeddings.py); `embedding`
+    is its float16 vector once computed or found in the cache.
     """
 
     job: Job
@@ -47,6 +50,8 @@ class Prepared:
     cache: Optional[str] = None
     predictions: Optional[list[Prediction]] = None
     tta: str = "none"
+    output: str = "logits"
+    embedding: Optional[np.ndarray] = None
 
     @property
     def views(self) -> int:
@@ -73,8 +78,9 @@ class ErrorInfo(TypedDict):
 
 
 class Record(TypedDict):
-    """One output per input, JSON-ready: what results files, result streams and
-    metrics are made of (README, "Records")."""
+    """One output per input, JSON-ready but for `embedding` (an array the sink
+    turns into a row index or base64 text): what results files, result streams
+    and metrics are made of (README, "Records")."""
 
     path: str
     status: Literal["ok", "error"]
@@ -84,4 +90,7 @@ class Record(TypedDict):
     timings_ms: NotRequired[dict[str, float]]
     cache: NotRequired[str]  # which cache level answered, with status "ok"
     views: NotRequired[int]  # views the prediction averages, when more than one (TTA)
+    # float16 vector (model.output); sinks turn it into a row index or base64 text
+    embedding: NotRequired[np.ndarray]
+    embedding_row: NotRequired[int]  # its row in the embeddings file (imgpipe score --out)
     error: NotRequired[ErrorInfo]

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pipeline.embeddings import wants_embedding, wants_predictions
 from pipeline.items import Prediction, Prepared, Record
 
 __all__ = ["Prediction", "Record", "error_record", "mean_over_views", "ok_record", "softmax",
@@ -58,8 +59,14 @@ def to_numpy(logits: Any) -> np.ndarray:
 
 
 def ok_record(item: Prepared, model: str, predictions: list[Prediction]) -> Record:
+    """`predictions` unless the item asked for its embedding alone; its embedding
+    (a float16 array, for the sink to place) when it asked for one."""
     record = _base(item, "ok")
-    record["model"], record["predictions"] = model, predictions
+    record["model"] = model
+    if wants_predictions(item.output):
+        record["predictions"] = predictions
+    if item.embedding is not None and wants_embedding(item.output):
+        record["embedding"] = item.embedding
     record["timings_ms"] = _rounded(item.timings_ms)
     if item.cache is not None:
         record["cache"] = item.cache

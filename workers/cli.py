@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                        "FILE afresh instead of resuming it (needed when the settings changed)")
     _engine_flags(score)
     _tta_flag(score)
+    _output_flag(score)
     score.add_argument("--recursive", action="store_true", help="descend into subdirectories")
     _cache_flags(score)
     score.add_argument("--metrics-port", type=int, metavar="PORT",
@@ -91,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="score jobs from a Redis stream until stopped")
     _engine_flags(serve)
     _tta_flag(serve)
+    _output_flag(serve)
     _redis_flags(serve)
     _cache_redis_flag(serve)
     serve.add_argument("--consumer", dest="serve.consumer",
@@ -202,6 +204,13 @@ def _tta_flag(parser: argparse.ArgumentParser) -> None:
                              "and average them (default: none)")
 
 
+def _output_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", dest="model.output", choices=["logits", "embedding", "both"],
+                        help="what each image gets: logits (top-k predictions), embedding "
+                             "(pooled penultimate features, float16) or both; score writes "
+                             "embeddings to FILE.embeddings.npy beside --out FILE")
+
+
 def _redis_command_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file")
     _redis_flags(parser)
@@ -248,6 +257,9 @@ def _score_inputs(args: argparse.Namespace, stderr: Console, settings: Settings,
     # Read before the model loads, so a wrong --out fails at once.
     results = (inspect_result_file(Path(args.out), args.overwrite)
                if args.out not in (None, "-") else None)
+    if settings.model.output != "logits" and (results is None or results.fmt == "stream"):
+        raise ConfigError(f"--output {settings.model.output} writes the embeddings to a file "
+                          f"beside the results: use --out FILE.jsonl or FILE.csv")
     done = results.done if results is not None else set()
     skip = _skipper(done, results.own_files() if results is not None else [])
     jobs = inputs.jobs(skip)
@@ -332,10 +344,15 @@ def _settings_known_unloaded(settings: Settings) -> dict[str, Any]:
     """Those of the record settings known without loading the model."""
     from pipeline.spec import views_digest
 
-    pre = settings.preprocess
-    # The views are part of what shaped a record: a TTA run never resumes a plain one.
-    return {"model": settings.model.name, "topk": settings.model.topk,
-            "preprocess_digest": views_digest(pre.spec().digest(), pre.tta), "tta": pre.tta}
+    pre, model = settings.preprocess, settings.model
+    # The views are part of what shaped a record: a TTA run never resumes a plain one;
+    # nor does a run of another output kind (its records and rows would not match).
+    known = {"model": model.name, "topk": model.topk,
+             "preprocess_digest": views_digest(pre.spec().digest(), pre.tta), "tta": pre.tta,
+             "output": model.output}
+    if model.output != "logits":
+        known["normalize_embeddings"] = model.normalize_embeddings
+    return known
 
 
 def _hint_subdirectories(console: Console, count: int) -> None:

@@ -29,6 +29,7 @@ from typing import Optional
 from pipeline import notify, status_server
 from pipeline.cache import keys as cache_keys
 from pipeline.config import Settings
+from pipeline.embeddings import answerable
 from pipeline.engine import Engine
 from pipeline.errors import ConfigError, TransientError
 from pipeline.metrics import Metrics
@@ -118,7 +119,8 @@ def serve(settings: Settings) -> int:
                          (cache_keys.namespace(settings.cache.prefix) + ":",),
                          tuple(Prefix.parse(prefix) for prefix in cfg.allowed_url_prefixes),
                          # all of a job's views go through the model in one batch
-                         max_views=min(cfg.max_views, settings.batching.max_batch_size))
+                         max_views=min(cfg.max_views, settings.batching.max_batch_size),
+                         outputs=answerable(settings.model.output))
         source = StreamSource(client, streams, consumer, cfg, rules,
                               settings.preprocess.chunk_size, in_flight, publisher, outage)
         shutdown.on_stop(source.stop)

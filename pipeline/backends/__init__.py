@@ -18,7 +18,7 @@ from pipeline.models import LoadedModel
 from pipeline.prebuilt import ModelCard
 from pipeline.variants import Variant
 
-__all__ = ["InferenceBackend", "TorchBackend", "Variant", "backend_for",
+__all__ = ["FeaturesBackend", "InferenceBackend", "TorchBackend", "Variant", "backend_for",
            "create_inference_backend", "resolve_device"]
 
 INDUCTOR_SUBDIR = "inductor"
@@ -44,16 +44,27 @@ class InferenceBackend(Protocol):
     def close(self) -> None: ...
 
 
+class FeaturesBackend(InferenceBackend, Protocol):
+    """A backend that also gives each sample's pooled penultimate features."""
+
+    def predict_features(self, samples: Sequence[np.ndarray]
+                         ) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]: ...
+
+
 def create_inference_backend(variant: Variant, model: LoadedModel, device: torch.device,
                              max_batch_size: int, sample_shape: tuple[int, int, int],
                              threads: int, artifacts_dir: Path,
-                             calibration: Optional[CalibrationSet] = None) -> InferenceBackend:
+                             calibration: Optional[CalibrationSet] = None,
+                             embeddings: Optional[str] = None) -> InferenceBackend:
     """The backend for `variant`; what it builds is kept in `artifacts_dir`.
+    `embeddings` (the setting that asks for them) makes it give features too.
 
-    ModelLoadError when the variant cannot run on `device`.
+    ModelLoadError when the variant cannot run on `device`, or give embeddings.
     """
     variant.validate()
     reason = variant.unavailable(device)
+    if reason is None and embeddings is not None and variant != Variant("torch", "fp32"):
+        reason = f"{embeddings} needs model.backend 'torch' or 'auto' (eager fp32), not {variant}"
     if reason is not None:
         raise ModelLoadError(reason)
     store = ArtifactStore(artifacts_dir)
@@ -68,13 +79,14 @@ def create_inference_backend(variant: Variant, model: LoadedModel, device: torch
 
         return TorchScriptBackend(*args, store=store)
     compiled = variant.backend == "torch-compile"
-    return TorchBackend(*args, precision=variant.precision,
+    return TorchBackend(*args, precision=variant.precision, embeddings=embeddings,
                         compile_cache=store.directory / INDUCTOR_SUBDIR if compiled else None)
 
 
 def backend_for(settings: Settings, model: LoadedModel, device: torch.device, variant: Variant,
                 calibration_images: Optional[Path] = None,
-                max_batch_size: Optional[int] = None) -> InferenceBackend:
+                max_batch_size: Optional[int] = None,
+                embeddings: Optional[str] = None) -> InferenceBackend:
     """`create_inference_backend` with everything else taken from `settings`."""
     pre = settings.preprocess
     calibration = None
@@ -83,4 +95,4 @@ def backend_for(settings: Settings, model: LoadedModel, device: torch.device, va
     return create_inference_backend(
         variant, model, device, max_batch_size or settings.batching.max_batch_size,
         pre.spec().output_shape, settings.model.threads, settings.model.artifacts_directory(),
-        calibration)
+        calibration, embeddings)

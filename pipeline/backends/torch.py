@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +22,7 @@ from pipeline.backends.staging import StagingRing
 from pipeline.cores import usable_cores
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel
+from pipeline.models.features import FeatureTap
 from pipeline.timing import warm_up
 
 RING_BATCHES_AHEAD = 1
@@ -63,14 +64,19 @@ class TorchBackend:
     """Runs a LoadedModel on one device. Heavy work happens in setup().
 
     `compile_cache` set means `torch.compile`, its kernels kept there.
+    `embeddings` names the setting that asks for features (predict_features);
+    a model without a head to take them from is a ModelLoadError naming it.
     """
 
     def __init__(self, model: LoadedModel, device: torch.device, max_batch_size: int,
                  sample_shape: tuple[int, int, int], threads: int = 0, *,
-                 precision: str = "fp32", compile_cache: Optional[Path] = None) -> None:
+                 precision: str = "fp32", compile_cache: Optional[Path] = None,
+                 embeddings: Optional[str] = None) -> None:
         if precision != "fp32" and precision not in AUTOCAST:
             raise ModelLoadError(f"torch runs fp32, bf16 or fp16, not {precision!r}")
         self.model = model
+        # Made here, not in setup(): a model that cannot give them fails at once.
+        self.tap = FeatureTap(model, embeddings) if embeddings is not None else None
         # Indexed, as resolve_device gives it: torch.cuda.set_device refuses a bare "cuda".
         self.device = torch.device("cuda", 0) if device == torch.device("cuda") else device
         self.max_batch_size = max_batch_size
@@ -125,16 +131,35 @@ class TorchBackend:
     @torch.inference_mode()
     def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 CHW samples -> float logits on the device, one row per sample."""
+        (logits,) = self._forward(samples, lambda x: (self.module(x),))
+        return logits
+
+    @torch.inference_mode()
+    def predict_features(self, samples: Sequence[np.ndarray]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, pooled penultimate features) on the device, one row per sample each."""
+        tap = self.tap
+        if tap is None:
+            raise RuntimeError("this backend was built without embeddings")
+        logits, features = self._forward(samples, lambda x: tap(self.module, x))
+        return logits, features
+
+    def _forward(self, samples: Sequence[np.ndarray],
+                 run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+                 ) -> tuple[torch.Tensor, ...]:
+        """Stage and normalise the batch, `run` the model on it; each output's rows."""
         started = time.perf_counter()
         batch = self.ring.stage(samples, self._rows(len(samples)))
         self.last_staging_s = time.perf_counter() - started
         x = batch.float().mul_(self.scale).add_(self.shift)
         x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            logits = self.module(x)
-        if logits.shape[0] != batch.shape[0]:
-            raise RuntimeError(f"model returned {logits.shape[0]} rows for {batch.shape[0]} inputs")
-        return logits[: len(samples)].float()
+            outputs = run(x)
+        for output in outputs:
+            if output.shape[0] != batch.shape[0]:
+                raise RuntimeError(f"model returned {output.shape[0]} rows for "
+                                   f"{batch.shape[0]} inputs")
+        return tuple(output[: len(samples)].float() for output in outputs)
 
     def _rows(self, count: int) -> int:
         """The batch size `count` samples run at: the next bucket on a GPU."""
@@ -146,5 +171,7 @@ class TorchBackend:
         return torch.autocast(self.device.type, dtype=AUTOCAST[self.precision])
 
     def close(self) -> None:
+        if self.tap is not None:
+            self.tap.close()
         self.__dict__.pop("module", None)
         self.__dict__.pop("ring", None)

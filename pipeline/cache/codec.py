@@ -20,6 +20,12 @@ so a flipped bit in the shape or the digest is caught as well as one in the
 pixels. A checksum only catches accidents: anyone who can write the cache
 can also write a valid one.
 
+Result entry with an embedding (model.output "embedding" or "both")::
+
+    magic "IPE\0" | version u8 | reserved 3 bytes | predictions length u32
+    | dimensions u32 | checksum 8 bytes | predictions (JSON, as above; [] for
+    "embedding") | embedding (dimensions x little-endian float16)
+
 Signed entry (with `cache.hmac_key_file`), around any entry above::
 
     magic "IPS\0" | version u8 | reserved 3 bytes | HMAC-SHA256 32 bytes | entry
@@ -49,12 +55,15 @@ from pipeline.items import Prediction
 FORMAT_VERSION = 1
 TENSOR_MAGIC = b"IPT\x00"
 RESULT_MAGIC = b"IPR\x00"
+EMBEDDED_MAGIC = b"IPE\x00"
 SIGNED_MAGIC = b"IPS\x00"
 MAX_NDIM = 8
 SIGNATURE_BYTES = 32  # HMAC-SHA256
 
 _TENSOR_HEAD = struct.Struct("<4sBBBB16sQ8s")
 _RESULT_HEAD = struct.Struct("<4sB3xI8s")
+_EMBEDDED_HEAD = struct.Struct("<4sB3xII8s")
+_EMBEDDING_DTYPE = np.dtype("<f2")
 _SIGNED_HEAD = struct.Struct("<4sB3x")  # then the signature
 _PREDICTION_FIELDS = {"label", "index", "score"}
 _NO_CHECKSUM = bytes(8)
@@ -111,6 +120,37 @@ def decode_result(blob: bytes) -> list[Prediction]:
     if _checksum(head, b"", payload) != checksum:
         raise CorruptEntry("result checksum mismatch")
     return _parse_predictions(payload)
+
+
+def encode_embedded(predictions: list[Prediction], embedding: np.ndarray) -> bytes:
+    """Serialise one image's predictions (possibly none) and its embedding."""
+    payload = json.dumps(predictions, separators=(",", ":"), ensure_ascii=False,
+                         allow_nan=False).encode()
+    vector = np.ascontiguousarray(embedding, dtype=_EMBEDDING_DTYPE).reshape(-1).tobytes()
+    dim = len(vector) // _EMBEDDING_DTYPE.itemsize
+    head = _EMBEDDED_HEAD.pack(EMBEDDED_MAGIC, FORMAT_VERSION, len(payload), dim,
+                               _NO_CHECKSUM)
+    return head[:-8] + _checksum(head, payload, vector) + payload + vector
+
+
+def decode_embedded(blob: bytes) -> tuple[list[Prediction], np.ndarray]:
+    """The predictions and the float16 embedding in `blob`; CorruptEntry on any mismatch."""
+    if len(blob) < _EMBEDDED_HEAD.size:
+        raise CorruptEntry("embedding entry is truncated")
+    magic, version, length, dim, checksum = _EMBEDDED_HEAD.unpack_from(blob)
+    _check_magic_version(magic, EMBEDDED_MAGIC, version)
+    start = _EMBEDDED_HEAD.size
+    payload, vector = blob[start:start + length], blob[start + length:]
+    if dim == 0 or len(payload) != length or len(vector) != dim * _EMBEDDING_DTYPE.itemsize:
+        raise CorruptEntry(f"embedding entry is {len(blob)} bytes, header says "
+                           f"{length} + {dim} values")
+    head = blob[:_EMBEDDED_HEAD.size - 8] + _NO_CHECKSUM
+    if _checksum(head, payload, vector) != checksum:
+        raise CorruptEntry("embedding entry checksum mismatch")
+    embedding = np.frombuffer(vector, dtype=_EMBEDDING_DTYPE)
+    if not np.isfinite(embedding).all():
+        raise CorruptEntry("embedding holds values that are not finite")
+    return _parse_predictions(payload), embedding
 
 
 def sign_entry(secret: bytes, key: str, entry: bytes) -> bytes:
@@ -183,6 +223,8 @@ def check_entry(key: str, blob: bytes) -> None:
         raise CorruptEntry(str(exc)) from exc
     if parsed.kind == FILE_KIND:
         decode_file_digest(key, blob)
+    elif parsed.kind == RESULT_KIND and blob.startswith(EMBEDDED_MAGIC):
+        decode_embedded(blob)
     elif parsed.kind == RESULT_KIND:
         decode_result(blob)
     elif parsed.kind == TENSOR_KIND:

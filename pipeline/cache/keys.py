@@ -29,7 +29,10 @@ SPEC_VERSION rather than adding the backend to the key.
 
 ``<scope16>`` for results hashes everything that changes the predictions for
 a given tensor: the model, its weights, the labels, top-k and the spec
-(with the view set, as above: TTA and plain predictions never mix).
+(with the view set, as above: TTA and plain predictions never mix), and
+the output kind other than "logits" ("embedding", "both"; with the
+normalisation): an answer of one kind never serves a request for another,
+and logits keys stay those of before embeddings existed.
 
 File entries let an unchanged file skip even being read and hashed: the key
 digests its path, device, inode, size, mtime and ctime (ctime changes on any
@@ -73,15 +76,18 @@ def tensor_key(prefix: str, image_digest: str, spec_digest: str) -> str:
 
 
 def result_key(prefix: str, image_digest: str, model_id: str, weights_digest: str,
-               topk: int, *, spec_digest: str, labels_digest: str) -> str:
+               topk: int, *, spec_digest: str, labels_digest: str,
+               output: str = "logits") -> str:
     """The key of one image's predictions under one model configuration.
 
     `spec_digest` and `labels_digest` are required because both change the
     predictions: the spec changes the model's input, the labels file the
     names in the output. Pass "" for `labels_digest` only when the labels are
-    fixed by `model_id` (for example the bundled ImageNet names).
+    fixed by `model_id` (for example the bundled ImageNet names). `output` is
+    the output kind ("logits", or "embedding"/"both" with their normalisation).
     """
-    scope = "\x1f".join((model_id, weights_digest, str(topk), spec_digest, labels_digest))
+    parts = (model_id, weights_digest, str(topk), spec_digest, labels_digest)
+    scope = "\x1f".join(parts if output == "logits" else (*parts, output))
     scope_hex = hashlib.blake2b(scope.encode(), digest_size=8).hexdigest()
     return _join(prefix, RESULT_KIND, scope_hex, image_digest)
 

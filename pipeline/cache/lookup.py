@@ -19,6 +19,7 @@ from pipeline.cache.local import LocalTier
 from pipeline.cache.results import Predictions, ResultCache
 from pipeline.cache.tiered import MISS, TieredCache
 from pipeline.config import CacheSettings
+from pipeline.embeddings import wants_embedding, wants_predictions
 from pipeline.spec import views_digest
 
 
@@ -30,6 +31,13 @@ class ResultScope:
     weights_digest: str
     topk: int
     labels_digest: str
+    normalize_embeddings: bool = True  # model.normalize_embeddings: it changes the vectors
+
+    def output_scope(self, output: str) -> str:
+        """The output kind as the result key holds it: embeddings with their norm."""
+        if output == "logits":
+            return output
+        return f"{output}:{'l2' if self.normalize_embeddings else 'raw'}"
 
     @staticmethod
     def labels_digest_of(labels: list[str]) -> str:
@@ -43,7 +51,8 @@ class Found:
     digest: str
     tier: str  # the tier that answered ("local", "redis"), or "miss"
     pixels: Optional[np.ndarray] = None
-    predictions: Optional[Predictions] = None
+    predictions: Optional[Predictions] = None  # [] with an embedding alone
+    embedding: Optional[np.ndarray] = None
 
 
 def open_tiers(cfg: CacheSettings) -> list[CacheTier]:
@@ -64,7 +73,8 @@ class CacheLookup:
     `tta` (a test-time augmentation mode) scopes every lookup and write: an
     image's views are one tensor entry under a key that adds the view set
     (`spec.views_digest`), and its TTA predictions are apart from its plain
-    ones, so neither is ever served for the other.
+    ones, so neither is ever served for the other. `output` scopes results
+    the same way: logits, embeddings and both are kept apart.
     """
 
     def __init__(self, cfg: CacheSettings, spec_digest: str,
@@ -81,31 +91,30 @@ class CacheLookup:
         # Pool workers leave through os._exit: flush queued writes before that.
         multiprocessing.util.Finalize(self, self.cache.close, exitpriority=10)
 
-    def find_unread(self, path: str, info: os.stat_result,
-                    tta: str = "none") -> Optional[Found]:
+    def find_unread(self, path: str, info: os.stat_result, tta: str = "none",
+                    output: str = "logits") -> Optional[Found]:
         """What the cache knows about an unchanged file, without reading it."""
         key = file_key(self.cfg.prefix, path, info)
         digest = self.cache.get_local(key, lambda blob: decode_file_digest(key, blob))
         if digest is None:
             return None
-        found = self.find_digest(digest, tta)
+        found = self.find_digest(digest, tta, output)
         return found if found.tier != MISS else None
 
     def remember_file(self, path: str, info: os.stat_result, digest: str) -> None:
         key = file_key(self.cfg.prefix, path, info)
         self.cache.put_local(key, encode_file_digest(key, digest))
 
-    def find(self, data: bytes, tta: str = "none") -> Found:
-        """Predictions if known, else the preprocessed tensor if known."""
-        return self.find_digest(image_digest(data), tta)
+    def find(self, data: bytes, tta: str = "none", output: str = "logits") -> Found:
+        """The answer if known, else the preprocessed tensor if known."""
+        return self.find_digest(image_digest(data), tta, output)
 
-    def find_digest(self, digest: str, tta: str = "none") -> Found:
+    def find_digest(self, digest: str, tta: str = "none", output: str = "logits") -> Found:
         """Lookups by the digest of an image's bytes."""
         if self.scope is not None:
-            predictions, tier = self.results.get(self._result_key(digest, tta),
-                                                 self.scope.topk)
-            if predictions is not None:
-                return Found(digest, tier, predictions=predictions)
+            found = self._find_answer(digest, tta, output)
+            if found is not None:
+                return found
         made_under = views_digest(self.spec_digest, tta)
         pixels, tier = self.cache.get_tensor(self._tensor_key(digest, tta), made_under)
         return Found(digest, tier, pixels=pixels)
@@ -115,9 +124,28 @@ class CacheLookup:
                               views_digest(self.spec_digest, tta))
 
     def store_predictions(self, digest: str, predictions: Predictions,
-                          tta: str = "none") -> None:
-        if self.scope is not None:
-            self.results.put(self._result_key(digest, tta), predictions)
+                          tta: str = "none", output: str = "logits",
+                          embedding: Optional[np.ndarray] = None) -> None:
+        """Keep an answer: predictions, and with an embedding output its vector."""
+        if self.scope is None:
+            return
+        key = self._result_key(digest, tta, output)
+        if embedding is None:
+            self.results.put(key, predictions)
+        else:
+            self.results.put_embedded(key, predictions, embedding)
+
+    def _find_answer(self, digest: str, tta: str, output: str) -> Optional[Found]:
+        assert self.scope is not None
+        key = self._result_key(digest, tta, output)
+        if not wants_embedding(output):
+            predictions, tier = self.results.get(key, self.scope.topk)
+            return None if predictions is None else Found(digest, tier, predictions=predictions)
+        topk = self.scope.topk if wants_predictions(output) else None
+        answer, tier = self.results.get_embedded(key, topk)
+        if answer is None:
+            return None
+        return Found(digest, tier, predictions=answer[0], embedding=answer[1])
 
     def counters_since_last_call(self) -> dict[str, Counter[str]]:
         """Per tier, how much each counter grew since the previous call.
@@ -139,9 +167,9 @@ class CacheLookup:
     def _tensor_key(self, digest: str, tta: str = "none") -> str:
         return tensor_key(self.cfg.prefix, digest, views_digest(self.spec_digest, tta))
 
-    def _result_key(self, digest: str, tta: str = "none") -> str:
+    def _result_key(self, digest: str, tta: str = "none", output: str = "logits") -> str:
         assert self.scope is not None
         s = self.scope
         return result_key(self.cfg.prefix, digest, s.model_id, s.weights_digest, s.topk,
                           spec_digest=views_digest(self.spec_digest, tta),
-                          labels_digest=s.labels_digest)
+                          labels_digest=s.labels_digest, output=s.output_scope(output))

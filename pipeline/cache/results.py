@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from pipeline.cache.codec import CorruptEntry, decode_result, encode_result
+from typing import Optional
+
+import numpy as np
+
+from pipeline.cache.codec import (
+    CorruptEntry,
+    decode_embedded,
+    decode_result,
+    encode_embedded,
+    encode_result,
+)
 from pipeline.cache.tiered import TieredCache
 from pipeline.items import Prediction
 
 Predictions = list[Prediction]
+Embedded = tuple[Predictions, np.ndarray]  # predictions ([] for "embedding") and the vector
 # Softmax scores are float32 rounded to 6 decimals: each is off by at most
 # 5e-7, and float32 adds about as much again to their sum.
 SUM_TOLERANCE_PER_SCORE = 1e-6
@@ -26,6 +37,22 @@ class ResultCache:
     def put(self, key: str, predictions: Predictions) -> bool:
         """Queue the predictions for every tier; False when the write was dropped."""
         return self.cache.put(key, encode_result(predictions))
+
+
+    def get_embedded(self, key: str, topk: Optional[int]) -> tuple[Embedded | None, str]:
+        """(predictions, embedding), or (None, "miss"), as `get`; `topk` None means
+        an answer without predictions (model.output "embedding")."""
+        return self.cache.get_decoded(key, lambda blob: _checked(decode_embedded(blob), topk))
+
+    def put_embedded(self, key: str, predictions: Predictions, embedding: np.ndarray) -> bool:
+        return self.cache.put(key, encode_embedded(predictions, embedding))
+
+
+def _checked(answer: Embedded, topk: Optional[int]) -> Embedded:
+    predictions, embedding = answer
+    if topk is None and predictions:
+        raise CorruptEntry("predictions cached for an answer without them")
+    return (predictions if topk is None else top_k_of(predictions, topk)), embedding
 
 
 def top_k_of(predictions: Predictions, topk: int) -> Predictions:

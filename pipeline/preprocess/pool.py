@@ -53,6 +53,7 @@ class WorkerPlan:
     allowed_roots: Optional[tuple[str, ...]] = None  # files only from beneath these
     urls: Optional[UrlPolicy] = None  # what URL jobs may fetch; None: none
     tta: str = "none"  # the TTA mode of jobs that name none (Job.tta)
+    output: str = "logits"  # the output kind of jobs that name none (Job.output)
 
 
 @dataclass
@@ -119,8 +120,9 @@ def preprocess_chunk(jobs: list[Job]) -> ChunkOutcome:
     its decoder handed to its fallback (DALI to Pillow)."""
     assert _worker is not None, "worker not initialised"
     started = time.perf_counter()
-    prepared = [Prepared(job, error=job.error, tta=job.tta or _worker.plan.tta)
-                for job in jobs]
+    plan = _worker.plan
+    prepared = [Prepared(job, error=job.error, tta=job.tta or plan.tta,
+                         output=job.output or plan.output) for job in jobs]
     to_read: list[tuple[Prepared, Stat]] = []
     for item in prepared:
         if item.error is None:
@@ -216,7 +218,7 @@ def _known_unread(item: Prepared, info: Stat) -> bool:
     assert _worker is not None
     if _worker.cache is None or info is None:
         return False
-    found = _worker.cache.find_unread(item.job.path, info, item.tta)
+    found = _worker.cache.find_unread(item.job.path, info, item.tta, item.output)
     return found is not None and _fill(item, found)
 
 
@@ -225,7 +227,7 @@ def _from_cache(item: Prepared, info: Stat, data: bytes) -> bool:
     assert _worker is not None
     if _worker.cache is None:
         return False
-    found = _worker.cache.find(data, item.tta)
+    found = _worker.cache.find(data, item.tta, item.output)
     if info is not None:
         _worker.cache.remember_file(item.job.path, info, found.digest)
     return _fill(item, found)
@@ -235,6 +237,7 @@ def _fill(item: Prepared, found: Found) -> bool:
     item.digest = found.digest
     if found.predictions is not None:
         item.predictions, item.cache = found.predictions, f"result:{found.tier}"
+        item.embedding = found.embedding
         return True
     if found.pixels is not None:
         item.pixels, item.cache = found.pixels, f"tensor:{found.tier}"

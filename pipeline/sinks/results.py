@@ -26,13 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Optional, Protocol
 
+from pipeline.embeddings import wants_embedding
 from pipeline.errors import ConfigError
+from pipeline.sinks.embeddings import EmbeddingFile, EmbeddingRows, embeddings_path
 
 if TYPE_CHECKING:
     from pipeline.predictions import Record  # torch: not needed to write records
 
 CSV_COLUMNS = ["path", "status", "label", "index", "score", "predictions",
                "error_code", "error_message"]
+# With embeddings (model.output): each record's row in FILE.embeddings.npy.
+EMBEDDING_COLUMNS = [*CSV_COLUMNS, "embedding_row"]
+# What a setting was before a results file recorded it: a file without it made it so.
+RECORDED_DEFAULTS = {"output": "logits"}
 FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
 HEADER_KEY = "imgpipe_results"
 FORMAT_VERSION = 1
@@ -100,9 +106,14 @@ class ResultFile:
     def sidecar(self) -> Path:
         return self.path.with_name(self.path.name + SIDECAR_SUFFIX)
 
+    @property
+    def embeddings(self) -> Path:
+        return embeddings_path(self.path)
+
     def own_files(self) -> list[Path]:
         """The files this one writes, which a run must not score."""
-        return [self.path, self.sidecar] if self.fmt == "csv" else [self.path]
+        files = [self.path, self.sidecar] if self.fmt == "csv" else [self.path]
+        return files if self.fmt == "stream" else [*files, self.embeddings]
 
     def check(self, settings: Mapping[str, Any]) -> None:
         """ConfigError unless `settings` (some or all) match those recorded."""
@@ -115,14 +126,24 @@ class ResultFile:
         None checks and records nothing."""
         if settings is not None:
             self.check(settings)
+        embedded = settings is not None and wants_embedding(settings.get("output", "logits"))
+        if embedded and self.fmt == "stream":
+            raise ConfigError(f"{self.path}: embeddings go to a file beside the results "
+                              f"file; use --out FILE.jsonl or FILE.csv")
+        if embedded and self.started and not self.embeddings.exists():
+            raise ConfigError(f"{self.embeddings} is missing: the records of {self.path} "
+                              f"name its rows; {REPLACE_HINT}")
         try:
+            rows = EmbeddingFile(self.embeddings, fresh=not self.started) if embedded else None
             if self.fmt == "stream":
-                return JsonlFile(_open_text(self.path, "a"))
-            if self.fmt == "csv":
-                return self._open_csv(settings)
-            return self._open_jsonl(settings)
+                sink: ResultSink = JsonlFile(_open_text(self.path, "a"))
+            elif self.fmt == "csv":
+                sink = self._open_csv(settings, embedded)
+            else:
+                sink = self._open_jsonl(settings)
         except OSError as exc:
             raise _unusable(self.path, exc) from exc
+        return sink if rows is None else EmbeddingRows(sink, rows)
 
     def _open_jsonl(self, settings: Optional[Mapping[str, Any]]) -> ResultSink:
         if self.started:
@@ -135,13 +156,14 @@ class ResultFile:
             handle.flush()
         return JsonlFile(handle)
 
-    def _open_csv(self, settings: Optional[Mapping[str, Any]]) -> ResultSink:
+    def _open_csv(self, settings: Optional[Mapping[str, Any]], embedded: bool) -> ResultSink:
         if settings is not None and not (self.started and self.stored):
             _rewrite(self.sidecar, _header_line(settings).encode())
         elif settings is None and not self.started:
             self.sidecar.unlink(missing_ok=True)  # it would describe records no longer there
         handle = _open_text(self.path, "a" if self.started else "w")
-        return CsvFile(handle, write_header=not self.started)
+        return CsvFile(handle, write_header=not self.started,
+                       columns=EMBEDDING_COLUMNS if embedded else CSV_COLUMNS)
 
 
 class JsonlFile:
@@ -159,16 +181,19 @@ class JsonlFile:
 
 
 class CsvFile:
-    """Top-1 in columns, the whole top-k as JSON in `predictions`."""
+    """Top-1 in columns, the whole top-k as JSON in `predictions` (and, with
+    embeddings, the record's row of them in `embedding_row`)."""
 
-    def __init__(self, handle: IO[str], write_header: bool) -> None:
+    def __init__(self, handle: IO[str], write_header: bool,
+                 columns: list[str] = CSV_COLUMNS) -> None:
         self.handle = handle
+        self.columns = columns
         if write_header:
-            self.handle.write(_csv_lines([{c: c for c in CSV_COLUMNS}]))
+            self.handle.write(_csv_lines([{c: c for c in columns}], columns))
             self.handle.flush()
 
     def write(self, records: list[Record]) -> None:
-        self.handle.write(_csv_lines([_csv_row(r) for r in records]))
+        self.handle.write(_csv_lines([_csv_row(r) for r in records], self.columns))
         self.handle.flush()
 
     def close(self) -> None:
@@ -207,18 +232,20 @@ class JsonlStream(JsonlFile):
 
 def _csv_row(record: Record) -> dict[str, object]:
     row: dict[str, object] = {"path": record["path"], "status": record["status"]}
-    if record["status"] == "ok":
+    if "embedding_row" in record:
+        row["embedding_row"] = record["embedding_row"]
+    if record["status"] == "ok" and record.get("predictions"):
         best = record["predictions"][0]
         row.update(label=best["label"], index=best["index"], score=best["score"],
                    predictions=json.dumps(record["predictions"]))
-    else:
+    elif record["status"] == "error":
         row.update(error_code=record["error"]["code"], error_message=record["error"]["message"])
     return row
 
 
-def _csv_lines(rows: list[dict[str, object]]) -> str:
+def _csv_lines(rows: list[dict[str, object]], columns: list[str]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
     writer.writerows(rows)
     return buffer.getvalue()
 
@@ -277,7 +304,7 @@ def _read_csv(path: Path) -> ResultFile:
         columns = next(rows, None)
         if columns is None:
             return ResultFile(path, "csv")
-        if columns != CSV_COLUMNS:
+        if columns not in (CSV_COLUMNS, EMBEDDING_COLUMNS):
             raise ConfigError(f"{path} is not an imgpipe results file (its first line is not "
                               f"{','.join(CSV_COLUMNS)}); refusing to append to it: "
                               f"{REPLACE_HINT}")
@@ -317,6 +344,8 @@ def _header_settings(text: str, path: Path) -> Optional[dict[str, Any]]:
 
 
 def _check_same(path: Path, recorded: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+    if recorded:  # recorded before a setting existed: the file was made with its default
+        recorded = {**RECORDED_DEFAULTS, **recorded}
     differences = [f"{key} {_shown(key, recorded[key])} (now {_shown(key, settings[key])})"
                    for key in sorted(recorded.keys() & settings.keys())
                    if recorded[key] != settings[key]]

@@ -99,13 +99,14 @@ class Client:
                job_id: Optional[str] = None, topk: Optional[int] = None,
                reply_to: Optional[str] = None, deadline_ms: Optional[int] = None,
                model: Optional[str] = None, url: Optional[str] = None,
-               tta: Optional[str] = None) -> str:
+               tta: Optional[str] = None, output: Optional[str] = None) -> str:
         """Queue one job (exactly one of image, data and url); its job id. `tta`
-        asks for test-time augmentation ("hflip", "five_crop", "ten_crop")."""
+        asks for test-time augmentation ("hflip", "five_crop", "ten_crop"),
+        `output` for "embedding" or "both" (`contract.embedding_of` decodes it)."""
         job_id = job_id or new_job_id()
         fields: dict[Any, Any] = contract.job_fields(
             image=image, data=data, job_id=job_id, topk=topk, reply_to=reply_to,
-            deadline_ms=deadline_ms, model=model, url=url, tta=tta)
+            deadline_ms=deadline_ms, model=model, url=url, tta=tta, output=output)
         with self._translated():
             self._redis.xadd(self.keys.jobs, fields)
         return job_id

@@ -229,7 +229,8 @@ class StreamSource:
         self.in_flight.add(Delivery(request, queue_wait_ms(entry_id)))
         path = request.image or f"{self.streams.keys.jobs}/{entry_id}"
         return Job(path, error=request.error, data=request.data, topk=request.topk,
-                   ref=entry_id, url=request.url, tta=request.tta)
+                   ref=entry_id, url=request.url, tta=request.tta,
+                   output=request.output)
 
     def leave(self) -> None:
         """Remove this consumer from the group if it holds nothing, after a clean stop,

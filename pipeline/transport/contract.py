@@ -5,7 +5,9 @@ group), `<prefix>:results` (the default result stream) and `<prefix>:dead`
 (dead letters). Every value is bytes on the wire: scalars are UTF-8 text,
 structured values (predictions, error, timings) JSON. Both sides of the
 contract live here: the daemon parses jobs and encodes results, the client
-encodes jobs and decodes results.
+encodes jobs and decodes results. An embedding travels as base64 text of its
+little-endian float16 bytes, with `dim` and `dtype` beside it: a tenth of the
+bytes of JSON numbers, and decodable in any language.
 
 Parsing never raises: a malformed job still yields a JobRequest, carrying an
 InputError that names the field, so it gets an error result like any other.
@@ -26,6 +28,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
+
+from pipeline.embeddings import DTYPE_NAME, OUTPUTS, from_base64, to_base64
 from pipeline.errors import InputError, internal_error
 from pipeline.sources.files import resolve_allowed
 from pipeline.sources.urls import MAX_URL_CHARS, Prefix, check_url
@@ -38,7 +43,7 @@ log = logging.getLogger("imgpipe.serve")
 
 VERSION = 1
 JOB_FIELDS = frozenset({"v", "image", "data", "id", "model", "topk", "reply_to", "deadline_ms",
-                        "url", "tta"})
+                        "url", "tta", "output"})
 # Added to a job's original fields when it is dead-lettered.
 DEAD_FIELDS = ("error", "deliveries", "entry_id")
 EXPIRED = "deadline_exceeded"  # the error code of an `expired` result
@@ -83,6 +88,9 @@ class JobRules:
     forbidden_reply_prefixes: tuple[str, ...] = ()  # key spaces of others (the cache)
     url_prefixes: tuple[Prefix, ...] = ()  # serve.allowed_url_prefixes; none: no URL jobs
     max_views: int = max(TTA_VIEWS.values())  # most views a job's tta may ask for
+    # The output kinds a job may ask for: embeddings only where the daemon's model
+    # gives them (model.output other than "logits").
+    outputs: tuple[str, ...] = ("logits",)
 
 
 @dataclass
@@ -99,6 +107,7 @@ class JobRequest:
     error: Optional[InputError] = None
     url: Optional[str] = None  # checked against the prefixes; fetched by a worker
     tta: Optional[str] = None  # test-time augmentation mode; None: the daemon's
+    output: Optional[str] = None  # "logits", "embedding" or "both"; None: the daemon's
 
 
 def parse_job(entry_id: str, fields: Mapping[bytes, bytes], rules: JobRules,
@@ -146,6 +155,8 @@ def _parse_into(job: JobRequest, raw: Mapping[bytes, bytes], rules: JobRules,
         job.deadline_ms = _integer(fields, "deadline_ms", 0, 2**63 - 1)
     if "tta" in fields:
         job.tta = _tta(fields, rules.max_views)
+    if "output" in fields:
+        job.output = _output(fields, rules.outputs)
     _parse_image(job, fields, rules)
     if job.deadline_ms is not None and job.deadline_ms < now_ms:
         raise InputError(EXPIRED, f"the job's deadline passed {now_ms - job.deadline_ms} ms "
@@ -199,6 +210,18 @@ def _tta(fields: Mapping[str, bytes], max_views: int) -> str:
     return mode
 
 
+def _output(fields: Mapping[str, bytes], allowed: tuple[str, ...]) -> str:
+    kind = _text(fields, "output", limit=32)
+    if kind not in OUTPUTS:
+        raise InputError("invalid_field", f"field output: {kind!r} is not one of "
+                         f"{', '.join(OUTPUTS)}")
+    if kind not in allowed:
+        raise InputError("invalid_field", f"field output: this daemon answers "
+                         f"{' or '.join(allowed)} (embeddings need it started with "
+                         f"model.output 'embedding' or 'both')")
+    return kind
+
+
 def _field_names(raw: Mapping[bytes, bytes]) -> dict[str, bytes]:
     fields = {}
     for name, value in raw.items():
@@ -240,13 +263,15 @@ def job_fields(*, image: Optional[str] = None, data: Optional[bytes] = None,
                job_id: Optional[str] = None, topk: Optional[int] = None,
                reply_to: Optional[str] = None, deadline_ms: Optional[int] = None,
                model: Optional[str] = None, url: Optional[str] = None,
-               tta: Optional[str] = None) -> dict[str, str | bytes]:
+               tta: Optional[str] = None, output: Optional[str] = None
+               ) -> dict[str, str | bytes]:
     """The fields of a job entry (client side); exactly one of image, data and url."""
     if [image, data, url].count(None) != 2:
         raise ValueError("give exactly one of image, data and url")
     fields: dict[str, str | bytes] = {"v": str(VERSION)}
     optional = {"image": image, "data": data, "url": url, "id": job_id, "topk": topk,
-                "reply_to": reply_to, "deadline_ms": deadline_ms, "model": model, "tta": tta}
+                "reply_to": reply_to, "deadline_ms": deadline_ms, "model": model, "tta": tta,
+                "output": output}
     for name, value in optional.items():
         if value is not None:
             fields[name] = value if isinstance(value, bytes) else str(value)
@@ -259,7 +284,11 @@ def result_fields(record: Record, job: JobRequest, model: str,
     fields = {"v": str(VERSION), "job_id": job.job_id, "entry_id": job.entry_id,
               "status": record["status"], "model": record.get("model", model)}
     if record["status"] == "ok":
-        fields["predictions"] = json.dumps(record["predictions"], separators=(",", ":"))
+        if "predictions" in record:
+            fields["predictions"] = json.dumps(record["predictions"], separators=(",", ":"))
+        if "embedding" in record:
+            fields["embedding"] = to_base64(record["embedding"])
+            fields["dim"], fields["dtype"] = str(record["embedding"].size), DTYPE_NAME
         fields["cache"] = record.get("cache", "miss")
         if "views" in record:
             fields["views"] = str(record["views"])
@@ -276,6 +305,14 @@ def result_fields(record: Record, job: JobRequest, model: str,
 def reply_text(value: Any) -> str:
     """A value from a Redis reply (entry id, consumer name) as text."""
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def embedding_of(result: Mapping[str, Any]) -> np.ndarray:
+    """The float16 vector of a decoded result (`decode_result`) with an embedding;
+    ValueError when its fields do not hold one."""
+    if result.get("dtype") != DTYPE_NAME:
+        raise ValueError(f"embedding dtype {result.get('dtype')!r}, expected {DTYPE_NAME}")
+    return from_base64(result["embedding"], int(result["dim"]))
 
 
 def decode_result(fields: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:

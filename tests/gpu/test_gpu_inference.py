@@ -66,6 +66,23 @@ def test_cuda_logits_match_the_cpu(samples_dir: Path) -> None:
     assert torch.allclose(got.softmax(1), expected.softmax(1), atol=1e-3)
 
 
+def test_cuda_embeddings_match_the_cpu_in_a_padded_batch(samples_dir: Path) -> None:
+    # three photographs: a batch padded to the warmed size 8 on the GPU
+    pixels = PillowBackend(PreprocessSpec(), InputLimits()).run(
+        [(samples_dir / name).read_bytes() for name in ("coffee.jpg", "rocket.jpg",
+                                                         "chelsea.jpg")])
+    setting = "model.output = 'embedding'"
+    cpu = TorchBackend(load_model(), torch.device("cpu"), 8, SHAPE, embeddings=setting)
+    cpu.setup()
+    _, expected = cpu.predict_features(pixels)
+    gpu = TorchBackend(load_model(), torch.device("cuda", 0), 8, SHAPE, embeddings=setting)
+    gpu.setup()
+    _, got = gpu.predict_features(pixels)
+    assert got.shape == expected.shape == (3, 1280)
+    cosines = torch.nn.functional.cosine_similarity(got.cpu(), expected.clone(), dim=1)
+    assert bool((cosines > 0.999).all()), cosines
+
+
 def test_engine_scores_on_the_gpu(samples_dir: Path) -> None:
     settings = load_settings(overrides={"model.device": "cuda"})
     engine = Engine(settings)

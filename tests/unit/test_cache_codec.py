@@ -11,8 +11,10 @@ import pytest
 from pipeline.cache.codec import (
     CorruptEntry,
     check_entry,
+    decode_embedded,
     decode_result,
     decode_tensor,
+    encode_embedded,
     encode_result,
     encode_tensor,
     open_entry,
@@ -83,7 +85,8 @@ def test_result_key_changes_with_everything_that_changes_predictions() -> None:
     # when any one part changes
     variants = [{**base, "model_id": "resnet18"}, {**base, "weights_digest": "w2"},
                 {**base, "topk": 3}, {**base, "spec_digest": OTHER_SPEC},
-                {**base, "labels_digest": "l"}]
+                {**base, "labels_digest": "l"}, {**base, "output": "embedding:l2"},
+                {**base, "output": "both:l2"}]
     others = {result_key("imgpipe", "d" * 32, **v) for v in variants}  # type: ignore[arg-type]
     # then every key differs, and all sit under prefix:cache:r:
     assert key not in others and len(others) == len(variants)
@@ -285,3 +288,28 @@ def test_check_entry_matches_blob_to_key(blob: bytes) -> None:
                        ("not-a-key", blob)]:
         with pytest.raises(CorruptEntry):
             check_entry(key, value)
+
+
+# --- results with an embedding ------------------------------------------------
+VECTOR = np.linspace(-1, 1, 1280).astype(np.float16)
+
+
+def test_an_embedding_entry_round_trips_with_or_without_predictions() -> None:
+    for predictions in (PREDICTIONS, []):
+        got, vector = decode_embedded(encode_embedded(predictions, VECTOR))  # type: ignore[arg-type]
+        assert got == predictions
+        assert vector.dtype == np.dtype("<f2") and vector.tolist() == VECTOR.tolist()
+
+
+def test_a_damaged_embedding_entry_is_corrupt_wherever_the_damage_is() -> None:
+    blob = encode_embedded(PREDICTIONS, VECTOR)  # type: ignore[arg-type]
+    for offset in (5, 12, 30, len(blob) - 1):
+        with pytest.raises(CorruptEntry):
+            decode_embedded(flipped(blob, offset))
+    with pytest.raises(CorruptEntry):
+        decode_embedded(blob[:-2])
+    with pytest.raises(CorruptEntry):  # a logits entry is not an embedding answer
+        decode_embedded(encode_result(PREDICTIONS))  # type: ignore[arg-type]
+    key = result_key("imgpipe", "d" * 32, "m", "w", 5, spec_digest=SPEC, labels_digest="",
+                     output="both:l2")
+    check_entry(key, blob)  # cache verify reads it as a result entry

@@ -140,3 +140,47 @@ def test_an_unreadable_or_empty_hmac_key_file_is_a_one_line_config_error(
 def test_the_key_is_the_file_without_surrounding_whitespace(key_file: Path) -> None:
     assert CacheSettings(hmac_key_file=key_file).hmac_key() == b"a secret only the fleet knows"
     assert CacheSettings().hmac_key() is None
+
+
+VECTOR = np.array([0.6, 0.8, 0.0], dtype=np.float16)
+
+
+def test_each_output_kind_has_its_own_answers(lookup: CacheLookup) -> None:
+    # given an image whose logits answer is cached
+    digest = image_digest(b"photo")
+    lookup.store_predictions(digest, PREDICTIONS)
+    lookup.cache.flush()
+
+    # then neither an embedding nor a both request is answered by it
+    assert lookup.find(b"photo").predictions == PREDICTIONS
+    for output in ("embedding", "both"):
+        found = lookup.find(b"photo", output=output)
+        assert (found.predictions, found.embedding, found.tier) == (None, None, "miss")
+
+    # and once an embedding answer is cached, it answers only embedding requests
+    lookup.store_predictions(digest, [], output="embedding", embedding=VECTOR)
+    lookup.cache.flush()
+    found = lookup.find(b"photo", output="embedding")
+    assert (found.predictions, found.embedding.tolist()) == ([], VECTOR.tolist())
+    assert lookup.find(b"photo", output="both").tier == "miss"
+    assert lookup.find(b"photo").embedding is None
+    assert lookup.find(b"photo").predictions == PREDICTIONS
+
+
+def test_embeddings_normalised_or_not_are_apart(tmp_path: Path) -> None:
+    raw_scope = ResultScope("model", "weights", 2, "labels", normalize_embeddings=False)
+    raw = CacheLookup(CacheSettings(dir=tmp_path / "cache"), PreprocessSpec().digest(),
+                      raw_scope)
+    normalised = CacheLookup(CacheSettings(dir=tmp_path / "cache"), PreprocessSpec().digest(),
+                             SCOPE)
+    for cache in (raw, normalised):
+        cache.setup()
+    try:
+        normalised.store_predictions(image_digest(b"photo"), PREDICTIONS, output="both",
+                                     embedding=VECTOR)
+        normalised.cache.flush()
+        assert normalised.find(b"photo", output="both").embedding is not None
+        assert raw.find(b"photo", output="both").tier == "miss"
+    finally:
+        raw.close()
+        normalised.close()

@@ -128,10 +128,21 @@ def test_invalid_environment_value_names_key_value_and_variable():
     ("[preprocess]\nworkers = -1\n", "preprocess.workers"),
     ('[batching]\nmax_batch_size = "lots"\n', "batching.max_batch_size"),
     ("[model]\ntopk = 1001\n", "model.topk"),
+    ('[model]\noutput = "vectors"\n', "model.output"),
 ])
 def test_invalid_file_values_are_refused_naming_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_settings(write_toml(tmp_path, text), environ=NO_ENV)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript", "torch-compile"])
+def test_embeddings_on_a_variant_without_features_are_refused_naming_both(tmp_path, backend):
+    text = f'[model]\noutput = "embedding"\nbackend = "{backend}"\n'
+    with pytest.raises(ConfigError, match=f"model.output = 'embedding' runs on eager "
+                       f"PyTorch in fp32: use model.backend 'auto' or 'torch'.*{backend}"):
+        load_settings(write_toml(tmp_path, text), environ=NO_ENV)
+    settings = load_settings(write_toml(tmp_path, '[model]\noutput = "both"\n'), environ=NO_ENV)
+    assert (settings.model.output, settings.model.normalize_embeddings) == ("both", True)
 
 
 @pytest.mark.parametrize("text", [

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from pipeline.errors import InputError
@@ -191,3 +195,39 @@ def test_keys_share_the_prefix() -> None:
     keys = contract.Keys("fleet-a")
     assert (keys.jobs, keys.results, keys.dead) == ("fleet-a:jobs", "fleet-a:results",
                                                     "fleet-a:dead")
+
+
+def test_output_is_parsed_where_the_daemon_gives_embeddings(rules: JobRules) -> None:
+    embedding_rules = dataclasses.replace(rules, outputs=("logits", "embedding", "both"))
+    assert parse(embedding_rules, data=b"x", output="embedding").output == "embedding"
+    assert parse(embedding_rules, data=b"x").output is None  # the daemon's own
+
+
+@pytest.mark.parametrize(("output", "outputs", "says"), [
+    ("vectors", ("logits", "embedding", "both"), "'vectors' is not one of"),
+    ("embedding", ("logits",), "this daemon answers logits"),
+])
+def test_an_output_the_daemon_cannot_give_is_an_invalid_field(
+        rules: JobRules, output: str, outputs: tuple[str, ...], says: str) -> None:
+    job = parse(dataclasses.replace(rules, outputs=outputs), data=b"x", output=output)
+    assert job.error is not None and job.error.code == "invalid_field"
+    assert job.error.message.startswith("field output:") and says in job.error.message
+
+
+def test_an_embedding_result_is_base64_float16_with_its_dim_and_dtype(rules: JobRules) -> None:
+    # given an ok record carrying an embedding and no predictions
+    vector = np.array([0.6, -0.8, 0.0, 1e-3], dtype=np.float16)
+    record: Any = {"path": "x", "status": "ok", "model": "m", "embedding": vector,
+                   "timings_ms": {}}
+    job = parse(rules, data=b"x")
+
+    # when it is encoded as a result entry
+    fields = contract.result_fields(record, job, "m", 1.0)
+
+    # then the bytes are the little-endian float16 values, with their count and type
+    assert (fields["dim"], fields["dtype"]) == ("4", "float16")
+    assert np.frombuffer(base64.b64decode(fields["embedding"]), "<f2").tolist() == \
+        vector.tolist()
+    assert "predictions" not in fields
+    decoded = contract.decode_result({k.encode(): v.encode() for k, v in fields.items()})
+    assert contract.embedding_of(decoded).tolist() == vector.tolist()
