@@ -158,6 +158,29 @@ def _inference_device(requested: str) -> str:
     return f"cuda:{_cuda_index(requested)}"
 
 
+def _onnxruntime(settings: Settings, serve: bool) -> list[Check]:
+    try:
+        import onnxruntime as ort
+    except Exception as exc:  # ImportError, or a broken install failing at import
+        return [Check("onnxruntime", WARN, f"cannot import onnxruntime ({first_line(exc)}): "
+                                           "the CPU default and the onnxruntime variants "
+                                           "are unavailable; eager PyTorch runs instead")]
+    return [onnxruntime_providers(ort.__version__, ort.get_available_providers(),
+                                  _inference_device(settings.model.device))]
+
+
+def onnxruntime_providers(version: str, providers: list[str], device: str) -> Check:
+    """Whether ONNX Runtime can use `device`: the PyPI `onnxruntime` wheel is CPU-only,
+    and on a GPU host its variants would silently run on the CPU."""
+    listed = ", ".join(name.removesuffix("ExecutionProvider") for name in providers)
+    if device.startswith("cuda") and "CUDAExecutionProvider" not in providers:
+        return Check("onnxruntime", WARN, f"{version}, a CPU-only build ({listed}) on a GPU "
+                                          "host: the onnxruntime variants would run on the "
+                                          "CPU; for the GPU, replace it: pip uninstall -y "
+                                          "onnxruntime && pip install onnxruntime-gpu")
+    return Check("onnxruntime", OK, f"{version} ({listed})")
+
+
 # --- preprocessing -----------------------------------------------------------------
 
 
@@ -491,6 +514,7 @@ def _scrub(text: str, secrets: list[str]) -> str:
 
 
 _PROBES: list[tuple[str, Callable[[Settings, bool], list[Check]]]] = [
-    ("python", _python), ("torch", _torch), ("dali", _dali), ("pillow", _pillow),
+    ("python", _python), ("torch", _torch), ("onnxruntime", _onnxruntime), ("dali", _dali),
+    ("pillow", _pillow),
     ("model", _model), ("inference", _inference), ("cache", _cache), ("redis", _redis),
 ]

@@ -45,8 +45,9 @@ def test_a_healthy_setup_is_ready(redis_server: RedisServer, tmp_path: Path) -> 
     checks = doctor.run(settings_for(redis_server.url, tmp_path), serve=True)
     found = by_name(checks)
     # then every part is reported, nothing fails, and the server is named by host:port
-    assert {"python", "torch", "cuda", "dali", "dali gpu", "pillow", "model", "cache dir",
-            "cache redis", "redis", "redis persistence", "redis eviction"} <= set(found)
+    assert {"python", "torch", "cuda", "onnxruntime", "dali", "dali gpu", "pillow", "model",
+            "cache dir", "cache redis", "redis", "redis persistence", "redis eviction"
+            } <= set(found)
     assert doctor.exit_code(checks) == 0, checks
     assert found["redis"].status == "ok"
     assert found["redis"].detail.startswith(f"127.0.0.1:{redis_server.port}: Redis 7")
@@ -216,3 +217,16 @@ def test_the_dali_probe_decodes_with_the_real_graph() -> None:
     # the GPU check runs this on cuda:N; on the CPU operators it must pass as well
     pytest.importorskip("nvidia.dali")
     doctor._dali_decodes("cpu")
+
+
+def test_a_cpu_only_onnxruntime_on_a_gpu_host_is_a_warning_naming_the_fix() -> None:
+    cpu_only = ["AzureExecutionProvider", "CPUExecutionProvider"]  # as on an H200 host
+    on_gpu = doctor.onnxruntime_providers("1.30.0", cpu_only, "cuda:0")
+    assert on_gpu.status == "warn"
+    assert "CPU-only build (Azure, CPU) on a GPU host" in on_gpu.detail
+    assert "pip install onnxruntime-gpu" in on_gpu.detail
+    assert doctor.onnxruntime_providers("1.30.0", cpu_only, "cpu").status == "ok"
+    gpu_build = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert doctor.onnxruntime_providers("1.30.0", gpu_build, "cuda:0") == doctor.Check(
+        "onnxruntime", "ok", "1.30.0 (CUDA, CPU)")
+
