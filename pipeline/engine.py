@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from pipeline import __version__, prebuilt
+from pipeline import __version__, plans, prebuilt
 from pipeline.batching import END, Batcher
 from pipeline.cache import scopes
 from pipeline.cache.lookup import CacheLookup, ResultScope
@@ -27,11 +27,12 @@ from pipeline.errors import ImgpipeError, ModelLoadError, first_line
 from pipeline.inference import InferenceLoop
 from pipeline.items import Job, Prepared
 from pipeline.notify import Heartbeat
+from pipeline.plans import Plan
 from pipeline.prebuilt import PrebuiltBackend
 from pipeline.predictions import Prediction, Record
 from pipeline.preprocess.pool import PreprocessPool, WorkerPlan
 from pipeline.preprocess.select import resolve_backend
-from pipeline.profiles import chosen
+from pipeline.profiles import Profile, chosen
 from pipeline.sources import ChunkSource, IterableSource
 from pipeline.spec import TTA_VIEWS
 from pipeline.variants import Variant
@@ -108,19 +109,24 @@ class Engine:
         self.cores = usable_cores()
         self._setup_pending = False  # a backend built whose setup() has not run yet
         self._load_s = 0.0
+        self.plan: Optional[Plan] = None  # the plan run, when optimize's profile had one
 
     def setup(self, lazy: bool = False) -> None:
         """Load the model and start the workers. With `lazy`, a model whose cache
         scope an earlier run remembered (on a host without a GPU) is loaded only
         when an image first needs it: a run the cache answers in full, or an
         empty one, never loads it, nor imports torch."""
+        if self.settings.model.backend == "auto" and self._surely_cpu():
+            choice = prebuilt.recall_choice(self.settings)  # read without torch
+            if choice is not None:
+                self._take_plan(chosen(self.settings.cache.directory(), choice.card))
         model_cfg = self.settings.model
         # Embeddings load the model at start: whether its head gives them is known then.
         known = self._remembered_scope() if lazy and model_cfg.output == "logits" else None
         if known is None:
             # The backend's setup (to the device, warm-up) waits until the workers
             # have been launched below: both take seconds on a GPU host.
-            self._load_model(defer_setup=True)
+            self._load_model(at_setup=True)
             known = scopes.ModelScope(self.model.name, self.model.weights_digest,
                                       ResultScope.labels_digest_of(self.model.labels))
             if self.settings.cache.enabled:
@@ -146,15 +152,29 @@ class Engine:
     def model_loaded(self) -> bool:
         return hasattr(self, "inference")
 
-    def _load_model(self, defer_setup: bool = False) -> None:
-        """Load the model and its backend; with `defer_setup`, a torch backend's
+    def _load_model(self, at_setup: bool = False) -> None:
+        """Load the model and its backend. `at_setup` (not lazily, mid-run): a
+        profile's plan may still change the settings, and a torch backend's
         setup is left to _finish_model_setup()."""
         started = time.perf_counter()
         if not self._load_prebuilt():
-            self._load_with_torch()
+            self._load_with_torch(at_setup)
         self._load_s = time.perf_counter() - started
-        if not defer_setup:
+        if not at_setup:
             self._finish_model_setup()
+
+    def _take_plan(self, profile: Optional[Profile]) -> None:
+        """The batch and thread plan `optimize` measured with its variant, for the
+        settings left at their defaults (pipeline/plans.py). Only before anything
+        is built from the settings: never once a run has started."""
+        if profile is not None and profile.plan is not None:
+            self.settings = settings = plans.applied(self.settings, profile.plan)
+            self.plan = Plan(settings.preprocess.workers, settings.model.threads,
+                             settings.batching.max_batch_size)  # what runs: the user's wins
+
+    def _chosen_note(self) -> str:
+        plan = f"; {self.plan.describe()}" if self.plan is not None else ""
+        return f"chosen by imgpipe optimize{plan}"
 
     def _finish_model_setup(self) -> None:
         if not self.model_loaded:  # lazy: loaded when first needed
@@ -193,11 +213,11 @@ class Engine:
             return False
         self.device, self.model, self.inference = "cpu", checked.card, backend
         self.variant = Variant.parse(checked.variant)
-        self.variant_note = checked.note() if checked.chosen_by_optimize else \
+        self.variant_note = self._chosen_note() if checked.chosen_by_optimize else \
             f"the CPU default, {checked.note()}"
         return True
 
-    def _load_with_torch(self) -> None:
+    def _load_with_torch(self, at_setup: bool = False) -> None:
         from pipeline.backends import backend_for, resolve_device
         from pipeline.models import load_model
 
@@ -215,7 +235,9 @@ class Engine:
             self.variant, self.variant_note = Variant(cfg.backend, cfg.precision), \
                 "set by model.backend"
         elif profile is not None:
-            self.variant, self.variant_note = profile.variant, "chosen by imgpipe optimize"
+            if at_setup:
+                self._take_plan(profile)
+            self.variant, self.variant_note = profile.variant, self._chosen_note()
             calibration_images = profile.calibration_images
         elif self.device.type == "cpu" and self._load_checked_default(model):
             return

@@ -21,15 +21,17 @@ which `score` and `serve` use when `model.backend = "auto"`.
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from pipeline import prebuilt
+from pipeline import plans, prebuilt
 from pipeline.backends import InferenceBackend, TorchBackend, Variant, backend_for
 from pipeline.backends.calibration import (
     CALIBRATION_IMAGES,
@@ -52,12 +54,20 @@ from pipeline.backends.validation import (
     validation_set,
 )
 from pipeline.config import Settings
+from pipeline.cores import usable_cores
 from pipeline.errors import ConfigError, ImgpipeError, first_line
+from pipeline.items import Job
 from pipeline.models import LoadedModel
+from pipeline.plans import Plan
 from pipeline.profiles import write_profile
+from pipeline.spec import TTA_VIEWS
 from pipeline.timing import percentiles, timed_calls
 
+log = logging.getLogger("imgpipe.optimize")
 MAX_VALIDATION_IMAGES = 500
+# Images per plan (the validation set, repeated): a short run would measure
+# filling and draining the pipeline more than running it.
+PLAN_IMAGES = 400
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,7 @@ class Options:
     labels_csv: Optional[Path] = None
     wnids: Optional[Path] = None
     unlabelled: bool = False  # ignore labels: judge on agreement
+    plan_images: int = PLAN_IMAGES  # per batch and thread plan measured; 0: none
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,9 @@ class Outcome:
     calibration: str  # what int8 calibrates on, in words ("" when no int8 variant)
     left_out: int = 0  # files not judged: without a label, or not decodable
     notes: list[str] = field(default_factory=list)  # said under the table
+    plans: list[Plan] = field(default_factory=list)  # measured with the chosen variant
+    plan: Optional[Plan] = None  # the fastest of them, written into the profile
+    plan_images: int = 0  # images each plan was measured on
 
 
 def run(settings: Settings, options: Options) -> Outcome:
@@ -166,6 +180,9 @@ def run(settings: Settings, options: Options) -> Outcome:
     best = max((c for c in candidates if c.accepted), key=lambda c: c.images_per_s,
                default=None)
     chosen = Variant.parse(best.variant) if best is not None else None
+    plan, measured_plans = (_fastest_plan(settings, chosen, calibration_dir, paths,
+                                          options.plan_images)
+                            if chosen is not None and options.plan_images else (None, []))
     if chosen is not None and best is not None:
         write_profile(settings.cache.directory(), model, chosen,
                       calibration_dir.resolve() if chosen.precision == "int8" else None,
@@ -173,7 +190,7 @@ def run(settings: Settings, options: Options) -> Outcome:
                        "labelled_by": vset.labelled_by or None, "rule": rule,
                        "min_accuracy_ratio": options.min_ratio if labels is not None else None,
                        "threshold": options.threshold if labels is None else None},
-                      asdict(best))
+                      asdict(best), plan)
     _record_for_torch_free_starts(settings, model, device, chosen, calibration_dir, best)
     notes = []
     if len(paths) < MIN_JUDGED_IMAGES:
@@ -183,7 +200,47 @@ def run(settings: Settings, options: Options) -> Outcome:
     return Outcome(candidates, chosen, images, len(paths), vset.labelled_by, rule,
                    judge(expected, expected, labels),
                    _calibration_words(calibration_dir, images, len(calibration)) if int8
-                   else "", vset.left_out + len(vset.files) - len(paths), notes)
+                   else "", vset.left_out + len(vset.files) - len(paths), notes,
+                   measured_plans, plan, options.plan_images)
+
+
+def _fastest_plan(settings: Settings, variant: Variant, calibration_dir: Path,
+                  paths: list[str], images: int) -> tuple[Optional[Plan], list[Plan]]:
+    """Each candidate plan (pipeline/plans.py) measured end to end with `variant`
+    over `images` of `paths` (repeated as needed), and the fastest; None when none ran."""
+    jobs = [paths[i % len(paths)] for i in range(images)]
+    measured = [_plan_rate(settings, variant, calibration_dir, jobs, plan)
+                for plan in plans.candidates(usable_cores())]
+    ran = [plan for plan in measured if plan.images_per_s > 0]
+    return max(ran, key=lambda plan: plan.images_per_s, default=None), measured
+
+
+def _plan_rate(settings: Settings, variant: Variant, calibration_dir: Path,
+               paths: list[str], plan: Plan) -> Plan:
+    """`plan` with the images/s of a whole run (the engine, its workers, batching
+    and `variant`) over `paths`, set-up excluded and the cache off; 0 if it fails."""
+    from pipeline.engine import Engine
+
+    batch = max(plan.max_batch_size, TTA_VIEWS[settings.preprocess.tta])
+    trial = settings.model_copy(update={
+        "model": settings.model.model_copy(update={
+            "backend": variant.backend, "precision": variant.precision,
+            "threads": plan.threads, "calibration_images": calibration_dir}),
+        "preprocess": settings.preprocess.model_copy(update={"workers": plan.workers}),
+        "batching": settings.batching.model_copy(update={"max_batch_size": batch}),
+        "cache": settings.cache.model_copy(update={"enabled": False})})
+    engine = Engine(trial)
+    try:
+        engine.setup()
+        started = time.perf_counter()
+        summary = engine.run([Job(path) for path in paths], lambda records: None)
+        rate = summary.scored / (time.perf_counter() - started)
+    except ImgpipeError as exc:
+        log.warning("plan %s did not run: %s", plan.describe(), exc)
+        rate = 0.0
+    finally:
+        engine.close()
+    return replace(plan, images_per_s=rate)
 
 
 def _record_for_torch_free_starts(settings: Settings, model: LoadedModel, device: Any,
@@ -338,6 +395,14 @@ def table(outcome: Outcome) -> list[str]:
             measured = f"{'-':>6} {'-':>7} {'-':>7} {'-':>7} {'-':>6} {'-':>9} {'-':>9}"
         lines.append(f"{c.variant:<19}{measured}  {verdict}")
     lines.extend(outcome.notes)
+    if outcome.plans and outcome.chosen is not None:
+        lines.append(f"plans, end to end with {outcome.chosen} over {outcome.plan_images} "
+                     f"images:")
+        lines.extend(f"  {plan.describe():<58}{plan.images_per_s:>8.1f} images/s"
+                     for plan in outcome.plans)
+    if outcome.plan is not None:
+        lines.append(f"plan: {outcome.plan.describe()} (used by score and serve for the "
+                     f"settings left at their defaults)")
     return lines
 
 

@@ -1,4 +1,5 @@
-"""The profile store: which inference variant `optimize` chose per model and weights.
+"""The profile store: which inference variant `optimize` chose per model and weights,
+and the batch and thread plan it measured fastest with it (pipeline/plans.py).
 
 Read at every start when `model.backend = "auto"`, written by `optimize`.
 """
@@ -7,11 +8,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from pipeline.errors import ImgpipeError
+from pipeline.plans import Plan
 from pipeline.variants import Variant
 
 PROFILES_SUBDIR = "profiles"
@@ -33,6 +35,7 @@ class Profile:
 
     variant: Variant
     calibration_images: Optional[Path]
+    plan: Optional[Plan] = None  # None in profiles written before plans were measured
 
 
 def profile_path(cache_dir: Path, model: Identified) -> Path:
@@ -49,12 +52,13 @@ def chosen(cache_dir: Path, model: Identified) -> Optional[Profile]:
     except (OSError, ValueError, TypeError, KeyError, ImgpipeError):
         return None
     images = fields.get("calibration_images")
-    return Profile(variant, Path(images) if isinstance(images, str) else None)
+    return Profile(variant, Path(images) if isinstance(images, str) else None,
+                   Plan.from_json(fields.get("plan")))
 
 
 def write_profile(cache_dir: Path, model: Identified, variant: Variant,
                   calibration_images: Optional[Path], validation: dict[str, Any],
-                  measured: dict[str, Any]) -> None:
+                  measured: dict[str, Any], plan: Optional[Plan] = None) -> None:
     """Record `variant` as the choice for `model`, atomically, with what it was judged
     on and by which rule (`validation`) and what was measured."""
     path = profile_path(cache_dir, model)
@@ -63,7 +67,8 @@ def write_profile(cache_dir: Path, model: Identified, variant: Variant,
         "model": model.name, "weights_digest": model.weights_digest,
         "backend": variant.backend, "precision": variant.precision,
         "calibration_images": str(calibration_images) if calibration_images else None,
-        "validation": validation, "chosen_at": time.time(), "measured": measured}
+        "validation": validation, "chosen_at": time.time(), "measured": measured,
+        "plan": asdict(plan) if plan is not None else None}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)

@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
                           "(default 0.93)")
     optimize.add_argument("--latency-ms", type=float,
                           help="most batch-of-one p50 latency a variant may have")
+    optimize.add_argument("--plan-images", type=int, default=None, metavar="N",
+                          help="images each batch and thread plan is measured on, end to "
+                          "end with the chosen variant (default 400; 0: no plan)")
     _cache_dir_flag(optimize)
     optimize.set_defaults(handler=_optimize, images=None)
 
@@ -421,8 +424,12 @@ def _optimize(args: argparse.Namespace, stderr: Console) -> int:
     for flag, value in (("--threshold", threshold), ("--min-accuracy-ratio", ratio)):
         if not 0 < value <= 1:
             raise ConfigError(f"{flag} must be in (0, 1]")
+    plan_images = optimize.PLAN_IMAGES if args.plan_images is None else args.plan_images
+    if plan_images < 0:
+        raise ConfigError("--plan-images must be 0 or more")
     options = optimize.Options(args.images, args.backends, threshold, ratio, args.latency_ms,
-                               args.seconds, args.labels_csv, args.wnids, args.unlabelled)
+                               args.seconds, args.labels_csv, args.wnids, args.unlabelled,
+                               plan_images)
     with stderr.status("exporting, validating and measuring"):
         outcome = optimize.run(_settings(args), options)
     stdout = Console(highlight=False, soft_wrap=True)

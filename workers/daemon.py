@@ -119,7 +119,7 @@ def serve(settings: Settings) -> int:
                          (cache_keys.namespace(settings.cache.prefix) + ":",),
                          tuple(Prefix.parse(prefix) for prefix in cfg.allowed_url_prefixes),
                          # all of a job's views go through the model in one batch
-                         max_views=min(cfg.max_views, settings.batching.max_batch_size),
+                         max_views=min(cfg.max_views, engine.settings.batching.max_batch_size),
                          outputs=answerable(settings.model.output))
         source = StreamSource(client, streams, consumer, cfg, rules,
                               settings.preprocess.chunk_size, in_flight, publisher, outage)

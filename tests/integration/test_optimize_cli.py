@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import plans
+from pipeline.cores import usable_cores
+
 ROOT = Path(__file__).resolve().parents[2]
 IMAGENET_VAL_100 = ROOT.parent / "shared" / "data" / "imagenet-val-100"
 
@@ -55,7 +58,7 @@ def test_labelled_photos_accept_by_accuracy_and_refuse_a_variant_that_loses_it(
     # when optimize judges ONNX fp32 and that int8 against eager fp32
     result = run("optimize", "--images", str(photos), "--backends", "onnxruntime",
                  "onnxruntime:int8", "--calibration-images", str(one_rocket),
-                 "--seconds", "0.2", "--cache-dir", str(cache))
+                 "--seconds", "0.2", "--cache-dir", str(cache), "--plan-images", "40")
 
     # then both are judged on the 100 labelled photos, with accuracy, top-5, agreement ...
     assert result.returncode == 0, result.stderr
@@ -86,20 +89,31 @@ def test_labelled_photos_accept_by_accuracy_and_refuse_a_variant_that_loses_it(
     assert profile["validation"]["min_accuracy_ratio"] == 0.99
     assert profile["measured"]["top1"] == profile["measured"]["reference_top1"]
 
-    # ... and score (model.backend = auto) runs it, without importing torch
+    # ... with the batch and thread plan measured fastest with it, end to end ...
+    measured = out.split("plans, end to end with onnxruntime over 40 images:\n")[1]
+    listed = [line for line in measured.splitlines() if line.startswith("  batch ")]
+    assert len(listed) == len(plans.candidates(usable_cores()))
+    plan = plans.Plan.from_json(profile["plan"])
+    assert plan is not None and f"plan: {plan.describe()} (used by score" in out
+    assert round(plan.images_per_s, 1) == max(float(line.split()[-2]) for line in listed)
+
+    # ... and score (model.backend = auto) runs both, without importing torch
     scored = run("score", str(samples_dir), "--cache-dir", str(cache),
                  env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert scored.returncode == 0, scored.stderr
-    assert "(onnxruntime: chosen by imgpipe optimize)" in scored.stderr
+    assert f"(onnxruntime: chosen by imgpipe optimize; {plan.describe()})" in scored.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in scored.stderr.splitlines()
                 if line.startswith("import time:")}
     assert "onnxruntime" in imported and "torch" not in imported
 
     # and once the profile names another variant, that one runs instead
     profile_file.write_text(json.dumps({**profile, "backend": "torch"}))
-    rescored = run("score", str(samples_dir), "--cache-dir", str(cache), "--no-cache")
+    # (with the plan's threads unless the settings name theirs)
+    rescored = run("score", str(samples_dir), "--cache-dir", str(cache), "--no-cache",
+                   env={"IMGPIPE_MODEL__THREADS": "3"})
     assert rescored.returncode == 0, rescored.stderr
-    assert "(torch: chosen by imgpipe optimize)" in rescored.stderr
+    mine = plans.Plan(plan.workers, 3, plan.max_batch_size)
+    assert f"(torch: chosen by imgpipe optimize; {mine.describe()})" in rescored.stderr
 
 
 def test_unlabelled_photos_are_judged_on_agreement_with_fp32(
@@ -107,7 +121,7 @@ def test_unlabelled_photos_are_judged_on_agreement_with_fp32(
     cache = tmp_path / "cache"
     result = run("optimize", "--images", str(photos), "--unlabelled", "--backends",
                  "onnxruntime", "onnxruntime:int8", "--calibration-images", str(one_rocket),
-                 "--seconds", "0.2", "--cache-dir", str(cache))
+                 "--seconds", "0.2", "--plan-images", "0", "--cache-dir", str(cache))
 
     assert result.returncode == 0, result.stderr
     assert f"validation: 100 images of {photos}, unlabelled" in result.stdout
@@ -134,7 +148,7 @@ def test_a_set_too_small_to_decide_says_so_and_writes_nothing(
     cache = tmp_path / "cache"
 
     result = run("optimize", "--images", str(few), "--backends", "torch", "--seconds", "0.1",
-                 "--cache-dir", str(cache))
+                 "--plan-images", "0", "--cache-dir", str(cache))
 
     assert result.returncode == 1
     assert "labelled by labels.csv (column index)" in result.stdout
@@ -152,7 +166,7 @@ def test_int8_is_never_judged_on_its_calibration_images(
     cache = tmp_path / "cache"
     result = run("optimize", "--model", str(tiny_model), "--images", str(photos),
                  "--unlabelled", "--backends", "onnxruntime:int8", "--seconds", "0.1",
-                 "--cache-dir", str(cache))
+                 "--plan-images", "0", "--cache-dir", str(cache))
 
     assert result.returncode == 1
     assert f"int8 calibrates on --images {photos} (its first 128 files in path order: " \
@@ -169,7 +183,7 @@ def test_a_variant_over_the_latency_target_is_refused(run, photos: Path, tiny_mo
     cache = tmp_path / "cache"
     result = run("optimize", "--model", str(tiny_model), "--images", str(photos),
                  "--unlabelled", "--backends", "torch", "--latency-ms", "0.0001",
-                 "--seconds", "0.1", "--cache-dir", str(cache))
+                 "--seconds", "0.1", "--plan-images", "0", "--cache-dir", str(cache))
     assert result.returncode == 1
     assert "refused: batch-of-one p50" in result.stdout
     assert not (cache / "profiles").exists()
@@ -218,7 +232,7 @@ def test_wordnet_id_folders_need_a_wordnet_id_list(run, photos: Path, tiny_model
     shutil.copytree(folder, layout / folder.name)
 
     result = run("optimize", "--model", str(tiny_model), "--images", str(layout),
-                 "--cache-dir", str(tmp_path / "cache"))
+                 "--plan-images", "0", "--cache-dir", str(tmp_path / "cache"))
 
     assert result.returncode == 2
     assert f"are WordNet ids, and {tiny_model} comes with no WordNet id list: pass " \
@@ -227,7 +241,7 @@ def test_wordnet_id_folders_need_a_wordnet_id_list(run, photos: Path, tiny_model
     if wnids.is_file():  # with the list, they label the photographs (too few to decide)
         result = run("optimize", "--model", str(tiny_model), "--images", str(layout),
                      "--wnids", str(wnids), "--backends", "torch", "--seconds", "0.1",
-                     "--cache-dir", str(tmp_path / "cache"))
+                     "--plan-images", "0", "--cache-dir", str(tmp_path / "cache"))
         assert result.returncode == 1, result.stderr
         assert "validation: 1 image of" in result.stdout
         assert "labelled by subdirectory names" in result.stdout
