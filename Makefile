@@ -35,12 +35,13 @@ lint: $(STAMP)
 # .[bench]` would put plain Pillow back over Pillow-SIMD. Same pin as pyproject.toml.
 bench: $(STAMP)
 	$(BIN)/pip install --quiet 'celery[redis]>=5.5,<6'
-	$(BIN)/python -m benchmarks.bench_score
+	$(BIN)/python -m benchmarks.bench_optimize
 	$(BIN)/python -m benchmarks.bench_cache
 	$(BIN)/python -m benchmarks.bench_serve
-	$(BIN)/python -m benchmarks.bench_optimize
 	$(BIN)/python -m benchmarks.bench_startup
+	$(BIN)/python -m benchmarks.bench_tta
 	$(BIN)/python -m benchmarks.bench_command
+	$(BIN)/python -m benchmarks.bench_capacity
 
 # The suite three times in a row with every core kept busy (tools/test_under_load.sh).
 test-loaded: $(STAMP)

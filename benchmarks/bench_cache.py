@@ -1,37 +1,31 @@
 """The cache, side by side in one run: cold vs warm tensor cache vs warm result
 cache on the mixed-size directory, plus Redis-tier hit throughput on loopback.
 
-    .venv/bin/python -m benchmarks.bench_cache [--images N] [--model NAME] [--no-readme]
-
-Writes the table into benchmarks/README.md between the cache markers and the
-raw numbers to benchmarks/results/.
+    .venv/bin/python -m benchmarks.bench_cache [--images N] [--model NAME] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from benchmarks import datasets, harness
-from benchmarks.bench_score import measure_imgpipe, measure_model_only
 from benchmarks.services import redis_server
 
-# What the imgpipe command sets for itself before torch loads (workers/cli.py);
-# nothing imported above loads torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The command's own thread policy; nothing imported above loads torch.
+os.environ.update(harness.IMGPIPE_ENV)
 
 
 def score_once(directory: Path, model: str, cache_dir: Path, results: bool) -> float:
     """images/s of one Engine.run over `directory` with the cache on (setup excluded)."""
     cache = {"cache.enabled": True, "cache.dir": str(cache_dir), "cache.results": results}
-    return measure_imgpipe(model, directory, cache)[0]
+    return harness.engine_run(model, directory, cache)[0]
 
 
 def redis_hits_per_s(entries: int) -> dict[str, float]:
@@ -43,8 +37,8 @@ def redis_hits_per_s(entries: int) -> dict[str, float]:
 
     spec = PreprocessSpec().digest()
     blob = encode_tensor(np.random.default_rng(0).integers(0, 255, (3, 224, 224), np.uint8), spec)
-    with tempfile.TemporaryDirectory() as folder, redis_server(Path(folder)) as server:
-        tier = RedisTier(server.url, "bench", 3600, 1 << 20)
+    with tempfile.TemporaryDirectory() as folder, redis_server(Path(folder)) as url:
+        tier = RedisTier(url, "bench", 3600, 1 << 20)
         tier.setup()
         keys = [f"bench:t:{index}" for index in range(entries)]
         for key in keys:
@@ -63,37 +57,29 @@ def redis_hits_per_s(entries: int) -> dict[str, float]:
             "entry_bytes": len(blob)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=1000)
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = harness.parser(__doc__, "100 images, 200 Redis entries")
+    parser.add_argument("--images", type=int, default=datasets.FULL_SIZE)
     parser.add_argument("--model", default="mobilenet_v3_small")
     parser.add_argument("--redis-entries", type=int, default=2000)
-    parser.add_argument("--no-readme", dest="write_readme", action="store_false",
-                        help="do not update benchmarks/README.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.redis_entries = 100, 200
+    started = time.perf_counter()
     directory = datasets.first_images(args.images)
-    datasets.warm_page_cache(directory)
+    n = harness.run_header(directory, args)
     with tempfile.TemporaryDirectory() as cache_dir:
-        cold = score_once(directory, args.model, Path(cache_dir), results=True)
-        tensor = score_once(directory, args.model, Path(cache_dir), results=False)
-        result = score_once(directory, args.model, Path(cache_dir), results=True)
-    numbers: dict[str, Any] = {
-        "date": dt.date.today().isoformat(), "machine": harness.machine(), "model": args.model,
-        "images": args.images, "cold": cold, "warm_tensor": tensor, "warm_result": result,
-        "model_only": measure_model_only(args.model, seconds=5.0),
-        **redis_hits_per_s(args.redis_entries)}
-    harness.save_json("cache", numbers)
-    if args.write_readme:
-        harness.update_readme("cache", table(numbers), "## Cache (`bench_cache.py`)")
-    print(table(numbers))
+        for key, results in (("cold", True), ("warm_tensor", False), ("warm_result", True)):
+            n[key] = score_once(directory, args.model, Path(cache_dir), results)
+    n["model_only"] = harness.model_only_rate(args.model, seconds=5.0)
+    n.update(redis_hits_per_s(args.redis_entries))
+    return harness.finish("cache", args, n, started, table, "cache")
 
 
 def table(n: dict[str, Any]) -> str:
-    m = n["machine"]
     return "\n".join([
-        f"{harness.measured_on(n['date'], m)}"
-        f"{m['pillow']}; {n['images']} mixed-size JPEGs, model `{n['model']}`, "
-        "Engine.run (setup excluded), one run each, in this order.",
+        f"{harness.measured_on(n)} {n['dataset']['files']} mixed-size JPEGs, model "
+        f"`{n['options']['model']}`, Engine.run (setup excluded), one run each, in this order.",
         "",
         "| run | images/s | vs cold | target |",
         "|---|---:|---:|---|",
@@ -112,4 +98,4 @@ def table(n: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

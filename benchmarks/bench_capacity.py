@@ -20,10 +20,10 @@ the raw numbers to benchmarks/results/capacity-*.json.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,29 +49,24 @@ PREDICTIONS = [Prediction(index=i, label=f"class {i}", score=0.2) for i in range
 IDLE_S = 2.0  # a consumer with nothing to read for this long has finished
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def main() -> int:
+    parser = harness.parser(__doc__, "1,000 jobs per kind")
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs per kind (20000)")
     parser.add_argument("--processes", type=int, default=2, help="consumers (2)")
-    parser.add_argument("--quick", action="store_true", help="1,000 jobs per kind, README "
-                        "untouched")
-    options = parser.parse_args()
-    jobs = 1_000 if options.quick else options.jobs
-    header = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": harness.machine(),
-              "options": vars(options)}
-    with tempfile.TemporaryDirectory(prefix="bench-capacity-") as scratch, \
-            redis_server(Path(scratch), persistence=False) as server:
+    args = parser.parse_args()
+    jobs = 1_000 if args.quick else args.jobs
+    started = time.perf_counter()
+    info: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                            "machine": harness.machine(), "options": vars(args), "jobs": jobs}
+    with tempfile.TemporaryDirectory(prefix="bench-capacity-") as scratch:
         image = Path(scratch) / "image.jpg"  # path jobs name it; nothing reads it
         image.write_bytes(b"\xff\xd8" + bytes(1000))
-        rows = []
-        for kind, size in KINDS.items():
-            harness.log(f"{kind}: {jobs:,} jobs")
-            rows.append(measure(server.url, kind, size, jobs, options.processes, image))
-    harness.save_json("capacity", {**header, "rows": rows}, options.quick)
-    block = table(header, rows, jobs, options.processes)
-    print(block)
-    if not options.quick:
-        harness.update_readme("capacity", block, "## Redis capacity (`bench_capacity.py`)")
+        with redis_server(Path(scratch) / "redis") as url:
+            info["rows"] = []
+            for kind, size in KINDS.items():
+                harness.log(f"{kind}: {jobs:,} jobs")
+                info["rows"].append(measure(url, kind, size, jobs, args.processes, image))
+    return harness.finish("capacity", args, info, started, table, block="capacity")
 
 
 def measure(url: str, kind: str, size: int, jobs: int, processes: int,
@@ -94,9 +89,10 @@ def measure(url: str, kind: str, size: int, jobs: int, processes: int,
     answered = int(conn.xlen(results))
     # From the first result to the last, by their stream ids (milliseconds): the
     # consumers' start and idle wait at the end are not the transport's.
-    first, last = (entries[0][0] for entries in (conn.xrange(results, count=1),
-                                                   conn.xrevrange(results, count=1)))
-    drain_s = max(int(last.split(b"-")[0]) - int(first.split(b"-")[0]), 1) / 1000
+    first, last = (int(entries[0][0].split(b"-")[0])
+                   for entries in (conn.xrange(results, count=1),
+                                   conn.xrevrange(results, count=1)))
+    drain_s = max(last - first, 1) / 1000
     conn.close()
     return {"kind": kind, "jobs": jobs, "answered": answered,
             "redis_us_per_job": (after["cpu_s"] - before["cpu_s"]) * 1e6 / jobs,
@@ -149,17 +145,16 @@ def consume(url: str, root: str, number: int) -> None:
     client.close()
 
 
-def table(header: dict[str, Any], rows: list[dict[str, Any]], jobs: int,
-          processes: int) -> str:
-    machine = header["machine"]
-    lines = [f"Measured {header['date']} on {machine['cores']} cores ({machine['cpu']}), "
-             f"1-minute load average {machine['load_average'][0]:.1f}: {jobs:,} jobs per "
-             f"kind, {processes} consumer processes, chunk size as configured; Redis "
-             "without persistence.", "",
+def table(info: dict[str, Any]) -> str:
+    machine = info["machine"]
+    lines = [f"Measured {info['date']} on {machine['cores']} cores ({machine['cpu']}), "
+             f"1-minute load average {machine['load_average'][0]:.1f}: {info['jobs']:,} jobs "
+             f"per kind, {info['options']['processes']} consumer processes, chunk size as "
+             "configured; Redis without persistence.", "",
              "| job | Redis µs/job | one Redis core full at | bytes in / out per job "
              "| Redis memory per queued job | drained, jobs/s |",
              "|---|---:|---:|---:|---:|---:|"]
-    for row in rows:
+    for row in info["rows"]:
         per_job = row["redis_us_per_job"]
         lines.append(
             f"| {row['kind']} | {per_job:.1f} | ~{1e6 / per_job:,.0f} jobs/s "
@@ -171,4 +166,4 @@ def table(header: dict[str, Any], rows: list[dict[str, Any]], jobs: int,
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

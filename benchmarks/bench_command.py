@@ -1,9 +1,8 @@
 """The whole command a user types, against what they would write instead.
 
 1. `imgpipe score DIR --out FILE.jsonl` with the defaults, as a fresh process
-   (start-up included), against the seed-style script (bench_score's baseline:
-   a DataLoader over PIL + torchvision transforms, eager EfficientNet-Lite0,
-   batch 32), also as a fresh process; alternating, --runs each, on
+   (start-up included), against the script a user would write instead
+   (benchmarks/baseline.py), also as a fresh process; alternating, --runs each, on
    (a) 1,000 labelled ImageNet photographs with distinct bytes (accuracy too),
    (b) the generated mixed-size JPEGs (0.08-12 MP).
    One untimed imgpipe run goes first: the first run on a machine exports the
@@ -22,7 +21,6 @@ markers and every run to benchmarks/results/command-*.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -36,17 +34,19 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, cast
+from typing import Any, Optional
 
 from benchmarks import datasets, harness
-from benchmarks.bench_score import BATCH, PhotoFiles, baseline_transform
-from benchmarks.harness import CORES, REPO, log
-from benchmarks.services import redis_server, running_celery_worker, running_daemon
+from benchmarks.harness import BASELINE, CORES, IMGPIPE, log, run_command, user_env
+from benchmarks.services import (
+    redis_server,
+    running_celery_worker,
+    running_daemon,
+    submit_and_wait,
+)
 
 MODEL = "efficientnet_lite0"  # imgpipe's default model, with its ImageNet weights
-IMGPIPE = str(Path(sys.executable).parent / "imgpipe")  # the installed command
 PROFILES = "profiles"  # where a cache directory keeps optimize's choice
-SCRIPT = [sys.executable, "-m", "benchmarks.bench_command", "--script"]
 CELERY_BACKENDS = {"onnxruntime": 2, "torch": 1}  # Redis database of each worker
 WARMUP_JOBS = 4 * CORES  # every prefork process and the daemon's workers see a few
 RESULT_TIMEOUT_S = 900.0
@@ -61,22 +61,8 @@ OPTIMIZE_COMMAND = ("imgpipe optimize --images ../shared/data/imagenet-val-100 "
 OPTIMIZE_TIMEOUT_S = 1800.0
 
 
-@dataclass
-class Options:
-    """What to run, from the command line."""
-
-    runs: int
-    photos: int  # files of (a), the first by name
-    mixed_images: int
-    jobs: int
-    optimize: bool
-    serve: bool
-    write_readme: bool
-    quick: bool
-
-
-def parse_args(argv: list[str]) -> Options:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+def parse_args(argv: Optional[list[str]]) -> Any:
+    parser = harness.parser(__doc__, "200 photos, 100 mixed, 60 jobs, one run, no optimize")
     parser.add_argument("--runs", type=int, default=3, help="alternating runs of each (3)")
     parser.add_argument("--mixed-images", type=int, default=datasets.FULL_SIZE,
                         help="files of the generated mixed-size directory (default 1000)")
@@ -85,16 +71,12 @@ def parse_args(argv: list[str]) -> Options:
                         help="skip imgpipe score after imgpipe optimize")
     parser.add_argument("--no-serve", dest="serve", action="store_false",
                         help="skip imgpipe serve against Celery")
-    parser.add_argument("--no-readme", dest="write_readme", action="store_false")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 200 photos, 100 mixed, 60 jobs, one run, no "
-                             "optimize, README untouched")
     args = parser.parse_args(argv)
-    photos = len(datasets.PHOTO_QUALITIES) * 100
+    args.photos = len(datasets.PHOTO_QUALITIES) * 100  # files of (a), the first by name
     if args.quick:
-        photos, args.mixed_images, args.jobs, args.runs, args.optimize = 200, 100, 60, 1, False
-    return Options(max(1, args.runs), photos, args.mixed_images, args.jobs, args.optimize,
-                   args.serve, args.write_readme and not args.quick, args.quick)
+        args.photos, args.mixed_images, args.jobs, args.runs, args.optimize = 200, 100, 60, 1, False
+    args.runs = max(1, args.runs)
+    return args
 
 
 # ---------------------------------------------------------------- fresh processes
@@ -109,23 +91,6 @@ class Scored:
     summary: str = ""  # imgpipe's closing lines (which backend ran, the cache)
 
 
-def user_env() -> dict[str, str]:
-    """A user's own script or worker runs with OpenMP's default wait policy (the
-    imgpipe command sets its own before torch loads)."""
-    return {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-
-
-def timed_run(command: list[str], env: dict[str, str]) -> tuple[float, str]:
-    """Wall seconds of a whole command, start-up included, and its stderr."""
-    started = time.perf_counter()
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
-    wall_s = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:3])} exited {done.returncode}:\n"
-                           f"{done.stderr[-3000:]}")
-    return wall_s, done.stderr
-
-
 def imgpipe_score(directory: Path, scratch: Path, env: dict[str, str],
                   cache_dir: Optional[Path] = None) -> Scored:
     """`imgpipe score DIR --out FILE.jsonl`, defaults, with a fresh --cache-dir (given
@@ -136,8 +101,8 @@ def imgpipe_score(directory: Path, scratch: Path, env: dict[str, str],
     if cache_dir is not None:  # optimize's choice, and nothing else of its cache
         shutil.copytree(cache_dir / PROFILES, cache / PROFILES)
     out = run / "results.jsonl"
-    wall_s, stderr = timed_run([IMGPIPE, "score", str(directory), "--out", str(out),
-                                "--cache-dir", str(cache)], env)
+    wall_s, _, stderr = run_command([IMGPIPE, "score", str(directory), "--out",
+                                      str(out), "--cache-dir", str(cache)], env)
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()[1:]]
     shutil.rmtree(run)
     failed = [r for r in records if r["status"] != "ok"]
@@ -151,43 +116,13 @@ def imgpipe_score(directory: Path, scratch: Path, env: dict[str, str],
 
 
 def script_score(directory: Path, scratch: Path) -> Scored:
-    """The seed-style script over DIR, as its own process (see `script`)."""
+    """The baseline script over DIR, as its own process with a user's environment."""
     out = scratch / f"script-{uuid.uuid4().hex[:8]}.jsonl"
-    wall_s, _ = timed_run([*SCRIPT, str(directory), str(out)], user_env())
+    wall_s, _, _ = run_command([*BASELINE, str(directory), "--model", MODEL, "--out", str(out)],
+                               user_env())
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     out.unlink()
     return Scored(wall_s, {row["file"]: row["top5"] for row in rows})
-
-
-def script(directory: Path, out: Path) -> int:
-    """What a user would write, run by `script_score` in a fresh process:
-    bench_score's baseline (DataLoader, one worker per core, PIL + torchvision
-    Resize(256)/CenterCrop(224)/ToTensor/Normalize, eager model under no_grad,
-    batch 32, softmax, top-5), writing each file's top-5 class indices."""
-    import torch
-    from torch.utils.data import DataLoader
-    from torchvision import transforms
-
-    from pipeline.models import load_model
-
-    loaded = load_model(MODEL)
-    model = loaded.module.eval()
-    torch.set_num_threads(CORES)
-    recipe = cast(transforms.Compose, baseline_transform())
-    # bench_score's recipe normalises with ImageNet's mean/std, which costs the same
-    # time; accuracy needs the model's own, (x - 127) / 128 for Lite0.
-    recipe.transforms[-1] = transforms.Normalize([m / 255 for m in loaded.mean],
-                                                 [s / 255 for s in loaded.std])
-    files = datasets.list_images(directory)
-    loader: DataLoader[Any] = DataLoader(PhotoFiles(files, recipe),  # type: ignore[arg-type]
-                                         batch_size=BATCH, num_workers=CORES)
-    top5: list[list[int]] = []
-    with torch.no_grad():
-        for batch in loader:
-            top5 += model(batch).softmax(dim=1).topk(5).indices.tolist()
-    out.write_text("".join(json.dumps({"file": f.name, "top5": t}) + "\n"
-                           for f, t in zip(files, top5, strict=True)), encoding="utf-8")
-    return 0
 
 
 # ---------------------------------------------------------------- 1. score vs script
@@ -203,11 +138,11 @@ def first_run(directory: Path, scratch: Path, env: dict[str, str]) -> dict[str, 
 
 
 def compare(name: str, directory: Path, scratch: Path, env: dict[str, str],
-            options: Options, optimized: Optional[Path]) -> dict[str, Any]:
+            args: Any, optimized: Optional[Path]) -> dict[str, Any]:
     """imgpipe (and imgpipe after optimize) and the script, alternating."""
     runs: dict[str, list[Scored]] = {"imgpipe": [], "script": [], "optimized": []}
-    for attempt in range(options.runs):
-        log(f"{name}: run {attempt + 1}/{options.runs}")
+    for attempt in range(args.runs):
+        log(f"{name}: run {attempt + 1}/{args.runs}")
         runs["imgpipe"].append(imgpipe_score(directory, scratch, env))
         runs["script"].append(script_score(directory, scratch))
         if optimized is not None:
@@ -226,14 +161,6 @@ def timing(runs: list[Scored], files: int) -> dict[str, Any]:
     return {"wall_s": walls, "median_s": median, "images_per_s": files / median}
 
 
-def accuracy(top5: dict[str, list[int]], labels: dict[str, int]) -> dict[str, float]:
-    """Top-1 and top-5 accuracy, in percent, against the labels (class index)."""
-    top1 = sum(top5[f][0] == label for f, label in labels.items() if f in top5)
-    within = sum(label in top5[f] for f, label in labels.items() if f in top5)
-    scored = sum(f in top5 for f in labels)
-    return {"top1": 100 * top1 / scored, "top5": 100 * within / scored, "images": scored}
-
-
 def agreement(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
     """Share of files, in percent, with the same top-1 in both."""
     return 100 * sum(a[f][0] == b[f][0] for f in a) / len(a)
@@ -245,7 +172,7 @@ def photo_accuracy(result: dict[str, Any], labels: dict[str, int]) -> dict[str, 
     out: dict[str, Any] = {}
     for key, scored in runs.items():
         if scored:
-            out[key] = {**accuracy(scored[0].top5, labels),
+            out[key] = {**harness.accuracy(scored[0].top5, labels),
                         "same_top5_every_run": all(s.top5 == scored[0].top5 for s in scored)}
     out["top1_agreement"] = agreement(runs["imgpipe"][0].top5, runs["script"][0].top5)
     return out
@@ -256,9 +183,8 @@ def photo_accuracy(result: dict[str, Any], labels: dict[str, int]) -> dict[str, 
 
 def optimize(scratch: Path) -> dict[str, Any]:
     """`imgpipe optimize --images SHARED_PHOTOS --calibration-images samples/` into
-    its own cache directory: what
-    it chose (None when it failed, ran out of time or chose nothing), that
-    directory, and whether its artifacts had to be built."""
+    its own cache directory: what it chose (None when it failed, ran out of time or
+    chose nothing), that directory, and whether its artifacts had to be built."""
     cache = scratch / "optimize-cache"
     # int8 calibrates on other real photographs (samples/): on the validation set
     # itself it could not be judged (optimize would leave it undecided).
@@ -269,23 +195,19 @@ def optimize(scratch: Path) -> dict[str, Any]:
         f"{'built now' if fresh else 'kept from an earlier run'})")
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, env=optimize_env(), cwd=REPO, capture_output=True,
-                              text=True, timeout=OPTIMIZE_TIMEOUT_S)
-        returncode, output = done.returncode, done.stdout + done.stderr
-    except subprocess.TimeoutExpired as timeout:  # its output is bytes, whatever `text`
-        partial = (timeout.stdout or b"") + (timeout.stderr or b"")
-        returncode, output = -1, f"{partial.decode(errors='replace')}\n" \
-                                 f"timed out after {OPTIMIZE_TIMEOUT_S:.0f} s"
+        _, stdout, stderr = run_command(command, optimize_env(), OPTIMIZE_TIMEOUT_S)
+        output, failed = stdout + stderr, False
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:  # reported; the rest goes on
+        output, failed = str(exc), True
     wall_s = time.perf_counter() - started
     profiles = sorted((cache / PROFILES).glob("*.json"))
     chosen = None
-    if returncode == 0 and profiles:
+    if profiles and not failed:
         profile = json.loads(profiles[0].read_text(encoding="utf-8"))
         chosen = f"{profile['backend']}:{profile['precision']}"
-    log(f"optimize: exit {returncode} after {wall_s:.0f} s, chose {chosen}")
-    return {"returncode": returncode, "wall_s": wall_s, "chosen": chosen,
-            "artifacts_built": fresh, "cache_dir": str(cache),
-            "output_tail": str(output).strip().splitlines()[-25:]}
+    log(f"optimize: {'failed' if failed else 'done'} after {wall_s:.0f} s, chose {chosen}")
+    return {"failed": failed, "wall_s": wall_s, "chosen": chosen, "artifacts_built": fresh,
+            "cache_dir": str(cache), "output_tail": output.strip().splitlines()[-25:]}
 
 
 def optimize_env() -> dict[str, str]:
@@ -303,27 +225,15 @@ def serve_env(url: str, scratch: Path, artifacts: Path) -> dict[str, str]:
             "IMGPIPE_MODEL__ARTIFACTS_DIR": str(artifacts)}
 
 
-def celery_env(url: str, backend: str, onnx_file: Path) -> dict[str, str]:
-    return {**user_env(), "CELERY_BROKER_URL": url, "MODEL_BACKEND": backend,
-            "ONNX_FILE": str(onnx_file)}
-
-
 def serve_jobs(client: Any, payloads: dict[str, bytes]) -> dict[str, Any]:
     """Every payload as an inline-data job (job id = file name) to one fresh reply
     stream, timed from before the first submit to the last result read."""
     cpu = time.process_time()
     started = time.perf_counter()
-    reply = client.reply_stream()
-    ids = client.submit_many({"data": data, "job_id": name, "reply_to": reply}
-                             for name, data in payloads.items())
-    found = client.wait(ids, stream=reply, timeout_s=RESULT_TIMEOUT_S)
+    found = submit_and_wait(client, [{"data": data, "job_id": name}
+                                     for name, data in payloads.items()], RESULT_TIMEOUT_S)
     elapsed = time.perf_counter() - started
-    client.delete_stream(reply)
-    failed = [r for r in found.values() if r.get("status") != "ok"]
-    if len(found) != len(ids) or failed:
-        raise RuntimeError(f"serve: {len(found)} of {len(ids)} results, {len(failed)} not ok: "
-                           f"{failed[:2]}")
-    return {"jobs_per_s": len(ids) / elapsed, "elapsed_s": elapsed,
+    return {"jobs_per_s": len(found) / elapsed, "elapsed_s": elapsed,
             "client_cpu_s": time.process_time() - cpu,
             "top1": {job: r["predictions"][0]["index"] for job, r in found.items()}}
 
@@ -343,17 +253,16 @@ def celery_jobs(app: Any, payloads: dict[str, bytes]) -> dict[str, Any]:
             "top1": {name: int(top[0][0]) for name, top in top5.items()}}
 
 
-def job_rounds(directory: Path, options: Options) -> tuple[dict[str, bytes],
-                                                             list[dict[str, bytes]]]:
+def job_rounds(directory: Path, args: Any) -> tuple[dict[str, bytes], list[dict[str, bytes]]]:
     """Warm-up payloads, then one set of `jobs` distinct photographs per run (no
     daemon cache hit across runs), taken from the end of (a)'s files."""
     files = datasets.list_images(directory)
     warm = {f.name: f.read_bytes() for f in files[-WARMUP_JOBS:]}
     rest = files[:-WARMUP_JOBS]
-    if len(rest) < options.jobs * options.runs:
-        raise RuntimeError(f"{len(rest)} photographs for {options.runs} x {options.jobs} jobs")
-    rounds = [{f.name: f.read_bytes() for f in rest[k * options.jobs:(k + 1) * options.jobs]}
-              for k in range(options.runs)]
+    if len(rest) < args.jobs * args.runs:
+        raise RuntimeError(f"{len(rest)} photographs for {args.runs} x {args.jobs} jobs")
+    rounds = [{f.name: f.read_bytes() for f in rest[k * args.jobs:(k + 1) * args.jobs]}
+              for k in range(args.runs)]
     return warm, rounds
 
 
@@ -369,31 +278,31 @@ def celery_clients(url: str, scratch: Path, onnx_file: Path) -> Iterator[dict[st
             broker = url.rsplit("/", 1)[0] + f"/{db}"
             stack.enter_context(running_celery_worker(
                 "benchmarks.celery_worker", CORES, backend,
-                celery_env(broker, backend, onnx_file), scratch / f"celery-{backend}.log"))
+                {**user_env(), "CELERY_BROKER_URL": broker, "MODEL_BACKEND": backend,
+                 "ONNX_FILE": str(onnx_file)}, scratch / f"celery-{backend}.log"))
             apps[backend] = Celery("client", broker=broker, backend=broker)
             log(f"celery worker ({backend}) ready")
         yield apps
 
 
 def serve_vs_celery(directory: Path, labels: dict[str, int], scratch: Path,
-                    artifacts: Path, options: Options) -> dict[str, Any]:
+                    artifacts: Path, args: Any) -> dict[str, Any]:
     """imgpipe serve and the Celery workers, all warm, alternating per run."""
     from pipeline.config import RedisSettings
     from pipeline.transport.client import Client
 
-    warm, rounds = job_rounds(directory, options)
+    warm, rounds = job_rounds(directory, args)
     onnx_file = scratch / "celery-model" / "efficientnet_lite0.onnx"
     onnx_file.parent.mkdir()
     log("exporting the Celery worker's ONNX graph (torch.onnx.export)")
-    export_s, _ = timed_run([sys.executable, "-m", "benchmarks.celery_worker", "export",
-                             str(onnx_file)], user_env())
+    export_s, _, _ = run_command([sys.executable, "-m", "benchmarks.celery_worker", "export",
+                                  str(onnx_file)], user_env())
     systems = ["serve", *CELERY_BACKENDS]
     measured: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
-    with redis_server(scratch / "redis", persistence=False) as server, \
-            running_daemon(serve_env(server.url, scratch, artifacts),
-                           scratch / "serve.log") as daemon, \
-            Client(RedisSettings(url=server.url)) as client, \
-            celery_clients(server.url, scratch, onnx_file) as apps:
+    with redis_server(scratch / "redis") as url, \
+            running_daemon(serve_env(url, scratch, artifacts), scratch / "serve.log") as daemon, \
+            Client(RedisSettings(url=url)) as client, \
+            celery_clients(url, scratch, onnx_file) as apps:
         serve_jobs(client, warm)
         for app in apps.values():
             celery_jobs(app, warm)
@@ -404,8 +313,8 @@ def serve_vs_celery(directory: Path, labels: dict[str, int], scratch: Path,
                 measured[backend].append(celery_jobs(app, payloads))
             log("  " + ", ".join(f"{k} {v[-1]['jobs_per_s']:.1f} jobs/s"
                                  for k, v in measured.items()))
-        daemon_onnxruntime = has_onnxruntime(daemon.process.pid)
-    return {"jobs": options.jobs, "onnx_export_s": export_s,
+        daemon_onnxruntime = has_onnxruntime(daemon.pid)
+    return {"jobs": args.jobs, "onnx_export_s": export_s,
             "daemon_has_onnxruntime": daemon_onnxruntime,
             **{name: summarise_jobs(runs, labels) for name, runs in measured.items()}}
 
@@ -511,10 +420,8 @@ def serve_lines(serve: dict[str, Any]) -> list[str]:
 
 
 def report(n: dict[str, Any]) -> str:
-    m, photos, mixed = n["machine"], n["dataset"], n["mixed_dataset"]
-    lines = [f"{harness.measured_on(n['date'], m)}{m['pillow']} {m['pil_version']}; "
-             f"1-minute load average {m['load_average'][0]:.2f} at the start, "
-             f"{n['load_average_end'][0]:.2f} at the end. (a) {photos['files']} JPEGs, "
+    photos, mixed = n["dataset"], n["mixed_dataset"]
+    lines = [f"{harness.measured_on(n)} (a) {photos['files']} JPEGs, "
              f"{photos['bytes'] / 1e6:.0f} MB; (b) {mixed['files']} JPEGs, "
              f"{mixed['bytes'] / 1e6:.0f} MB. Each command a fresh process, start-up "
              f"included; runs alternating, {n['options']['runs']} of each; whole benchmark "
@@ -528,7 +435,7 @@ def report(n: dict[str, Any]) -> str:
              "", *accuracy_lines(n), "", *optimize_lines(n)]
     if n.get("serve"):
         lines += ["", *serve_lines(n["serve"])]
-    lines += ["", "Targets:", "", *harness.target_lines(targets(n))]
+    lines += ["", *harness.target_lines(targets(n))]
     return "\n".join(lines)
 
 
@@ -542,9 +449,9 @@ def optimize_lines(n: dict[str, Any]) -> list[str]:
         return [f"`imgpipe optimize`: not run ({opt['skipped']})."]
     if opt["chosen"] is None:
         last = opt["output_tail"][-1] if opt["output_tail"] else ""
-        return [f"`{OPTIMIZE_COMMAND}` exited "
-                f"{opt['returncode']} after {opt['wall_s']:.0f} s and chose nothing, so the "
-                f"after-optimize runs were skipped. Its last line: `{last}`"]
+        return [f"`{OPTIMIZE_COMMAND}` {'failed' if opt['failed'] else 'ended'} after "
+                f"{opt['wall_s']:.0f} s and chose nothing, so the after-optimize runs were "
+                f"skipped. Its last line: `{last}`"]
     built = ("built now" if opt["artifacts_built"]
              else "kept from an earlier run, so no torch-compile build")
     return [f"`{OPTIMIZE_COMMAND}` took "
@@ -563,44 +470,34 @@ def raw(n: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- main
 
 
-def run(options: Options, scratch: Path) -> dict[str, Any]:
+def run(args: Any, scratch: Path) -> dict[str, Any]:
     full = datasets.ensure_labelled_photos()
-    photos = datasets.ensure_subset(full, options.photos)
+    photos = datasets.ensure_subset(full, args.photos)
     every_label = datasets.labels_of(full)
     labels = {f.name: every_label[f.name] for f in datasets.list_images(photos)}
-    mixed = datasets.first_images(options.mixed_images)
-    n = harness.run_header(photos, options, mixed_dataset=datasets.describe(mixed))
+    mixed = datasets.first_images(args.mixed_images)
+    n = harness.run_header(photos, args, mixed_dataset=datasets.describe(mixed))
     datasets.warm_page_cache(mixed)
     artifacts = scratch / "artifacts"  # empty: the first run exports, as on a new machine
     env = {**os.environ, "IMGPIPE_MODEL__ARTIFACTS_DIR": str(artifacts)}
     n["first_run"] = first_run(photos, scratch, env)
-    n["optimize"] = optimize(scratch) if options.optimize else {"skipped": "--no-optimize"}
+    n["optimize"] = optimize(scratch) if args.optimize else {"skipped": "--no-optimize"}
     chosen = n["optimize"].get("chosen")
     optimized = Path(n["optimize"]["cache_dir"]) if chosen else None
-    n["photos"] = compare("(a) photographs", photos, scratch, env, options, optimized)
+    n["photos"] = compare("(a) photographs", photos, scratch, env, args, optimized)
     n["accuracy"] = photo_accuracy(n["photos"], labels)
-    n["mixed"] = compare("(b) mixed sizes", mixed, scratch, env, options, optimized)
-    if options.serve:
-        n["serve"] = serve_vs_celery(full, every_label, scratch, artifacts, options)
+    n["mixed"] = compare("(b) mixed sizes", mixed, scratch, env, args, optimized)
+    if args.serve:
+        n["serve"] = serve_vs_celery(full, every_label, scratch, artifacts, args)
     return n
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--script"]:
-        return script(Path(argv[1]), Path(argv[2]))
-    options = parse_args(argv)
+    args = parse_args(argv)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-command-") as scratch:
-        numbers = run(options, Path(scratch))
-    numbers["load_average_end"] = os.getloadavg()
-    numbers["total_s"] = time.perf_counter() - started
-    block = report(numbers)
-    print(block)
-    print(f"\nraw results: {harness.save_json('command', raw(numbers), options.quick)}")
-    if options.write_readme:
-        harness.update_readme("command", block, "## The whole command (`bench_command.py`)")
-    return 0
+        numbers = run(args, Path(scratch))
+    return harness.finish("command", args, numbers, started, report, "command", raw)
 
 
 if __name__ == "__main__":

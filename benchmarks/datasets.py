@@ -14,9 +14,7 @@ from __future__ import annotations
 import csv
 import multiprocessing
 import os
-import re
 import time
-from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
@@ -39,68 +37,41 @@ PORTRAIT_FRACTION = 0.25
 QUALITY = (85, 92)  # inclusive
 TILE_SIDE = 700  # mosaic tiles are about this many pixels on their shorter side
 COMPLETE = ".complete"  # marker file; hidden, so directory.walk skips it
-FULL_SIZE = 1000  # bench_score's directory; smaller runs elsewhere take its first files
+FULL_SIZE = 1000  # the generated directory; smaller runs take its first files
 # 100 labelled ImageNet validation photographs (one per tenth class), shared, read-only.
 SHARED_PHOTOS = REPO.parent / "shared" / "data" / "imagenet-val-100"
 PHOTO_QUALITIES = tuple(range(85, 95))  # each photo is re-encoded once per quality
 LABELS_FILE = ".labels.csv"  # hidden, so `imgpipe score DIR` and list_images skip it
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What image `index` of a dataset looks like."""
-
-    index: int
-    width: int
-    height: int
-    quality: int
-
-
-def plan(seed: int, index: int) -> Plan:
-    """The size, orientation and quality of one image, from a seeded RNG."""
+def plan(seed: int, index: int) -> tuple[int, int, int]:
+    """The width, height and JPEG quality of image `index`, from a seeded RNG."""
     rng = np.random.default_rng([seed, index, 0])
     width, height = SIZES[int(rng.integers(len(SIZES)))]
     if rng.random() < PORTRAIT_FRACTION:
         width, height = height, width
-    quality = int(rng.integers(QUALITY[0], QUALITY[1] + 1))
-    return Plan(index, width, height, quality)
+    return width, height, int(rng.integers(QUALITY[0], QUALITY[1] + 1))
 
 
 def ensure_dataset(count: int, seed: int = 0, root: Path = DATA) -> Path:
     """Return a directory of `count` JPEGs, generating it (in parallel) once."""
-    larger = _complete_datasets(root, seed, at_least=count)
-    if larger:
-        return ensure_subset(larger[0], count)  # image i is the same in every size
-    directory = root / _dataset_name(count, seed)
+    directory = root / f"photos-n{count}-s{seed}-v{FORMAT_VERSION}"
+    if (directory / COMPLETE).exists():
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
     todo = [(seed, i, directory) for i in range(count)
             if not (directory / file_name(i)).exists()]
-    if todo:
-        with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
-            for _ in pool.imap_unordered(_write_one, todo, chunksize=4):
-                pass
+    with multiprocessing.get_context("spawn").Pool(os.cpu_count()) as pool:
+        for _ in pool.imap_unordered(_write_one, todo, chunksize=4):
+            pass
     (directory / COMPLETE).write_text(f"{count}\n")
     return directory
 
 
 def first_images(count: int, seed: int = 0) -> Path:
-    """The first `count` files of the full-size dataset (of `count`, if larger)."""
+    """The first `count` files of the full-size dataset (image i is the same in every
+    size), or a dataset of `count` when that is larger."""
     return ensure_subset(ensure_dataset(max(count, FULL_SIZE), seed), count)
-
-
-def _dataset_name(count: int, seed: int) -> str:
-    return f"photos-n{count}-s{seed}-v{FORMAT_VERSION}"
-
-
-def _complete_datasets(root: Path, seed: int, at_least: int) -> list[Path]:
-    """Complete generated datasets with at least `at_least` images, smallest first."""
-    found: list[tuple[int, Path]] = []
-    pattern = re.compile(rf"photos-n(\d+)-s{seed}-v{FORMAT_VERSION}")
-    for directory in root.glob(f"photos-n*-s{seed}-v{FORMAT_VERSION}"):
-        match = pattern.fullmatch(directory.name)
-        if match and int(match[1]) >= at_least and (directory / COMPLETE).exists():
-            found.append((int(match[1]), directory))
-    return [directory for _, directory in sorted(found)]
 
 
 def ensure_labelled_photos(source: Path = SHARED_PHOTOS, root: Path = DATA) -> Path:
@@ -215,21 +186,19 @@ def describe(directory: Path) -> dict[str, object]:
 
 def _write_one(task: tuple[int, int, Path]) -> None:
     seed, index, directory = task
-    spec = plan(seed, index)
-    image = render(spec, np.random.default_rng([seed, index, 1]))
+    width, height, quality = plan(seed, index)
+    image = render(width, height, np.random.default_rng([seed, index, 1]))
     final = directory / file_name(index)
     partial = directory / f".{final.name}.partial"
-    image.save(partial, "JPEG", quality=spec.quality)
+    image.save(partial, "JPEG", quality=quality)
     partial.replace(final)
 
 
-def render(spec: Plan, rng: np.random.Generator) -> Image.Image:
-    """A photo-mosaic of the sample images at the planned size, with grain."""
-    canvas = Image.new("RGB", (spec.width, spec.height))
-    columns = max(1, round(spec.width / TILE_SIDE))
-    rows = max(1, round(spec.height / TILE_SIDE))
-    xs = np.linspace(0, spec.width, columns + 1).astype(int)
-    ys = np.linspace(0, spec.height, rows + 1).astype(int)
+def render(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """A photo-mosaic of the sample images at this size, with grain."""
+    canvas = Image.new("RGB", (width, height))
+    xs = np.linspace(0, width, max(1, round(width / TILE_SIDE)) + 1).astype(int)
+    ys = np.linspace(0, height, max(1, round(height / TILE_SIDE)) + 1).astype(int)
     for left, right in pairwise(xs):
         for top, bottom in pairwise(ys):
             canvas.paste(_tile(int(right - left), int(bottom - top), rng), (int(left), int(top)))

@@ -1,7 +1,6 @@
 """The processes a benchmark starts for itself: a throwaway redis-server on a free
 port (never the shared Redis on 6379), the real `imgpipe serve` daemon and a
 Celery worker.
-Adapted from tests/redis_server.py and tests/serve_daemon.py, without pytest.
 """
 
 from __future__ import annotations
@@ -16,41 +15,22 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.harness import REPO, log
 
 REDIS_START_TIMEOUT_S = 10.0
-DAEMON_START_TIMEOUT_S = 120.0  # it loads and warms the model before it serves
-READY_LINE = "serving "  # what the daemon logs once it reads jobs
+START_TIMEOUT_S = 120.0  # a daemon or worker loads and warms its model first
+READY_LINE = "serving "  # what imgpipe serve logs once it reads jobs
 METRICS_OFF = {"IMGPIPE_METRICS__PORT": "0"}  # no fixed metrics port
 
 
-@dataclass
-class RedisServer:
-    process: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
-@dataclass
-class ServeDaemon:
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
 @contextmanager
-def redis_server(directory: Path, persistence: bool = True) -> Iterator[RedisServer]:
-    """redis-server on 127.0.0.1, data and log in `directory`, AOF on as the tests
-    run it (off with `persistence=False`: no fsync or background rewrite while jobs
-    with inline images go through); killed on the way out."""
+def redis_server(directory: Path) -> Iterator[str]:
+    """redis-server on 127.0.0.1, data and log in `directory`, its URL; persistence
+    off (no fsync or background rewrite while jobs with inline images go through);
+    killed on the way out."""
     executable = shutil.which("redis-server")
     if executable is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -58,68 +38,77 @@ def redis_server(directory: Path, persistence: bool = True) -> Iterator[RedisSer
     port = free_port()
     process = subprocess.Popen(
         [executable, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-         "--save", "", "--appendonly", "yes" if persistence else "no",
-         "--logfile", "redis.log", "--daemonize", "no"],
+         "--save", "", "--appendonly", "no", "--logfile", "redis.log", "--daemonize", "no"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: answers_ping(port), process, REDIS_START_TIMEOUT_S,
                    lambda: f"redis-server on port {port} did not start:\n"
                            f"{tail(directory / 'redis.log')}")
-        yield RedisServer(process, port)
+        yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.kill()
         process.wait(timeout=10)
 
 
 @contextmanager
-def running_daemon(env: dict[str, str], log_path: Path) -> Iterator[ServeDaemon]:
-    """`imgpipe serve` (python -m workers.cli serve, IMGPIPE_* settings in `env`) in
-    its own process group, once it logs READY_LINE; SIGTERM on the way out (exit 0
-    expected), SIGKILL to its group if it hangs or the block fails."""
+def running_daemon(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`imgpipe serve` (python -m workers.cli serve, IMGPIPE_* settings in `env`),
+    once it logs READY_LINE; it must exit 0 on SIGTERM."""
     started = time.perf_counter()
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "serve"], stdout=log_file,
-            stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **METRICS_OFF, **env},
-            start_new_session=True)
-    daemon = ServeDaemon(process, log_path)
-    try:
-        wait_until(lambda: READY_LINE in daemon.log(), process, DAEMON_START_TIMEOUT_S,
-                   lambda: f"imgpipe serve did not start:\n{tail(log_path)}")
+    command = [sys.executable, "-m", "workers.cli", "serve"]
+    with running(command, {**os.environ, **METRICS_OFF, **env}, log_path, READY_LINE,
+                 "imgpipe serve") as process:
         log(f"daemon ready after {time.perf_counter() - started:.1f} s (pid {process.pid})")
-        yield daemon
-        process.send_signal(signal.SIGTERM)
-        status = process.wait(timeout=60)
-        if status != 0:
-            raise RuntimeError(f"imgpipe serve exited {status}:\n{tail(log_path)}")
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        yield process
 
 
 @contextmanager
 def running_celery_worker(app: str, concurrency: int, name: str, env: dict[str, str],
                           log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`celery -A app worker` (prefork, `concurrency` processes, node `name`) in its
-    own process group, once it logs that it is ready; SIGTERM (Celery's warm
-    shutdown) on the way out, SIGKILL to its group if it hangs or the block fails."""
+    """`celery -A app worker` (prefork, `concurrency` processes, node `name`), once
+    it logs that it is ready."""
     command = [sys.executable, "-m", "celery", "-A", app, "worker", "--pool", "prefork",
                "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
                "--loglevel", "INFO"]
+    with running(command, env, log_path, " ready.", f"celery worker {name}") as process:
+        yield process
+
+
+@contextmanager
+def running(command: list[str], env: dict[str, str], log_path: Path, ready: str,
+            name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`command` in its own process group, output to `log_path`, once `ready` is in
+    that log; SIGTERM on the way out (a warm shutdown; exit 0 expected), SIGKILL to
+    the whole group (children left behind too) if it hangs or the block fails."""
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
                                    cwd=REPO, env=env, start_new_session=True)
     try:
-        wait_until(lambda: " ready." in tail(log_path), process, DAEMON_START_TIMEOUT_S,
-                   lambda: f"celery worker {name} did not start:\n{tail(log_path)}")
+        wait_until(lambda: ready in tail(log_path, 100_000), process, START_TIMEOUT_S,
+                   lambda: f"{name} did not start:\n{tail(log_path)}")
         yield process
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        if process.wait(timeout=60) != 0:
+            raise RuntimeError(f"{name} exited {process.returncode}:\n{tail(log_path)}")
     finally:
-        with contextlib.suppress(ProcessLookupError):  # prefork children left behind too
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+
+
+def submit_and_wait(client: Any, jobs: list[dict[str, Any]],
+                    timeout_s: float) -> dict[str, dict[str, Any]]:
+    """imgpipe serve jobs sent at once (Client.submit_many) to one fresh reply stream,
+    and every result read from it (Client.wait); all must be ok."""
+    reply = client.reply_stream()
+    ids = client.submit_many({**job, "reply_to": reply} for job in jobs)
+    found: dict[str, dict[str, Any]] = client.wait(ids, stream=reply, timeout_s=timeout_s)
+    client.delete_stream(reply)
+    failed = [r for r in found.values() if r.get("status") != "ok"]
+    if len(found) != len(ids) or failed:
+        raise RuntimeError(f"serve: {len(found)} of {len(ids)} results, {len(failed)} not ok: "
+                           f"{failed[:2]}")
+    return found
 
 
 def free_port() -> int:
@@ -150,4 +139,5 @@ def wait_until(ready: Callable[[], bool], process: subprocess.Popen[bytes],
 
 
 def tail(log_path: Path, chars: int = 2000) -> str:
+    """The end of a log file ("" while there is none)."""
     return log_path.read_text(errors="replace")[-chars:] if log_path.exists() else ""
