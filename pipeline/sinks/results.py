@@ -246,7 +246,12 @@ def _csv_row(record: Record) -> dict[str, object]:
 def _csv_lines(rows: list[dict[str, object]], columns: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, lineterminator="\n")
-    writer.writerows(rows)
+    # Minimal quoting quotes a line end only as the line terminator spells it (\n): a
+    # \r in a field (a file name may hold one) would read back as a row break.
+    quoted = csv.DictWriter(buffer, columns, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in rows:
+        carriage = any(isinstance(value, str) and "\r" in value for value in row.values())
+        (quoted if carriage else writer).writerow(row)
     return buffer.getvalue()
 
 

@@ -226,6 +226,14 @@ def test_terminal_table_prints_one_line_per_record():
     assert lines[0].index("espresso") == lines[1].index("Egyptian cat")
 
 
+def test_a_csv_path_holding_a_carriage_return_is_done_on_resume(tmp_path):
+    # file names may hold \r; read back without newline="" it would come back as \n
+    path = tmp_path / "results.csv"
+    write_and_close(path, [ok("photos/a\rb.jpg")])
+    written = path.read_bytes()
+    assert written.endswith(b"\n") and b"\r\n" not in written  # rows end in \n, quoted or not
+    assert write_and_close(path, []) == {"photos/a\rb.jpg"}
+
 def test_a_line_that_is_not_a_record_is_skipped_on_resume(tmp_path):
     # given a results file with a damaged line in the middle
     path = tmp_path / "results.jsonl"
