@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Pillow-SIMD is only fast when built for the CPU's vector units.
 SIMD_CC := cc $(shell grep -q avx2 /proc/cpuinfo 2>/dev/null && echo -mavx2)
 
-.PHONY: install run test test-loaded lint bench clean
+.PHONY: install run test test-loaded lint bench mutate clean
 
 install: $(STAMP)
 
@@ -42,6 +42,17 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_tta
 	$(BIN)/python -m benchmarks.bench_command
 	$(BIN)/python -m benchmarks.bench_capacity
+
+# Mutation testing, not part of CI (docs/mutation.md): mutmut over the modules where a
+# silent change loses jobs or serves wrong results ([tool.mutmut] in pyproject.toml),
+# each mutant against only the tests that reach it; then the survivors and the counts
+# per module. Installed by name, as celery above; same pin as pyproject.toml's `mutate`.
+# Results stay in mutants/ and only changed functions run again; rm -rf mutants for all.
+mutate: $(STAMP)
+	$(BIN)/pip install --quiet 'mutmut==3.8.1'
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/mutmut results
+	$(BIN)/python tools/mutation_counts.py
 
 # The suite three times in a row with every core kept busy (tools/test_under_load.sh).
 test-loaded: $(STAMP)

@@ -8,6 +8,7 @@ plain colours, so a prediction tells which file was read.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -120,9 +121,15 @@ def test_a_job_delivered_too_often_is_dead_lettered_without_being_parsed(
     # then it is a dead letter whose client was told, and it was never parsed
     [(_, letter)] = conn.xrange(f"{prefix}:dead")
     assert letter[b"entry_id"].decode() == entry
+    # with the job's own fields, how often it was delivered, and why it is there
+    assert (letter[b"image"], letter[b"id"], letter[b"deliveries"]) == (b"red.png", b"killer",
+                                                                        b"3")
+    error = json.loads(letter[b"error"])
+    assert error["code"] == "too_many_deliveries" and "delivered 3 times" in error["message"]
     [(_, result)] = conn.xrange(f"{prefix}:results")
     decoded = contract.decode_result(result)
     assert (decoded["job_id"], decoded["error"]["code"]) == ("killer", "too_many_deliveries")
+    assert decoded["status"] == "error"
     conn.close()
 
 

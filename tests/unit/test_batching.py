@@ -190,3 +190,26 @@ def test_a_partial_batch_waits_while_more_is_coming():
     # then the batch waited for it, and went as soon as nothing more was coming
     assert batch == ["first", "second"]
     assert 0.09 <= elapsed < 2.0
+
+
+def test_an_item_that_would_overflow_the_batch_opens_the_next_one():
+    # given items weighing 2, 3 and 2 views against a batch of 4, then END
+    weights = {"a": 2, "b": 3, "c": 2}
+    batcher = Batcher(filled("a", "b", "c", END), max_batch_size=4, max_delay_ms=10_000,
+                      weight=weights.__getitem__)
+
+    # when batches are taken
+    batches = [timed(batcher) for _ in range(4)]
+
+    # then no item is split or dropped, each overflow waits for the next batch,
+    # and none of them waits out the delay
+    assert [batch for batch, _ in batches] == [["a"], ["b"], ["c"], None]
+    assert all(elapsed < 1.0 for _, elapsed in batches)
+
+
+def test_items_that_fill_the_batch_exactly_go_together_at_once():
+    weights = {"a": 2, "b": 2, "c": 1}
+    batcher = Batcher(filled("a", "b", "c"), max_batch_size=4, max_delay_ms=10_000,
+                      weight=weights.__getitem__)
+    batch, elapsed = timed(batcher)
+    assert batch == ["a", "b"] and elapsed < 1.0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +17,13 @@ from pipeline.cache.codec import (
     decode_result,
     decode_tensor,
     encode_embedded,
+    encode_file_digest,
     encode_result,
     encode_tensor,
     open_entry,
     sign_entry,
 )
-from pipeline.cache.keys import image_digest, parse_key, result_key, tensor_key
+from pipeline.cache.keys import file_key, image_digest, parse_key, result_key, tensor_key
 from pipeline.models.registry import file_digest
 from pipeline.spec import PreprocessSpec
 
@@ -93,10 +96,37 @@ def test_result_key_changes_with_everything_that_changes_predictions() -> None:
     assert key.startswith("imgpipe:cache:r:") and parse_key(key).kind == "r"
 
 
+def test_a_result_key_is_the_same_in_every_build() -> None:
+    # given a fixed configuration / when its result key is made / then it is the
+    # key every other host and every earlier build of this format made: the Redis
+    # tier is shared, and a key that drifts is a cache that silently stops hitting
+    assert result_key("imgpipe", "d" * 32, "resnet50", "w1", 5, spec_digest="ab" * 16,
+                      labels_digest="") == (
+        "imgpipe:cache:r:426c68a020c2507f:dddddddddddddddddddddddddddddddd")
+
+
+def test_a_prefix_with_colons_parses_back_whole() -> None:
+    # given a key under a prefix that itself holds colons (a per-team namespace)
+    key = tensor_key("team:imgpipe", "abcd", SPEC)
+    # when it is parsed / then the prefix is everything before the namespace
+    parsed = parse_key(key)
+    assert (parsed.prefix, parsed.kind, parsed.scope, parsed.image_digest) == (
+        "team:imgpipe", "t", SPEC[:16], "abcd")
+
+
+@pytest.mark.parametrize(("prefix", "digest", "spec"), [
+    ("", "abcd", SPEC), ("imgpipe", "", SPEC), ("imgpipe", "abcd", "")])
+def test_a_key_with_an_empty_part_is_refused(prefix: str, digest: str, spec: str) -> None:
+    # an empty part would make a key that parse_key refuses (and `cache verify` deletes)
+    with pytest.raises(ValueError, match="must not be empty"):
+        tensor_key(prefix, digest, spec)
+
+
 @pytest.mark.parametrize("key", ["", "imgpipe", "imgpipe:cache:x:abc:def", "imgpipe:cache:t::def",
                                  "a:b:c", "imgpipe:t:abc:def", "imgpipe:jobs:t:abc:def"])
 def test_parse_key_refuses_foreign_strings(key: str) -> None:
-    with pytest.raises(ValueError):
+    # the message reaches `imgpipe cache verify`'s report through CorruptEntry
+    with pytest.raises(ValueError, match="not an imgpipe cache key"):
         parse_key(key)
 
 
@@ -119,8 +149,41 @@ def test_non_contiguous_tensor_round_trips(tensor: np.ndarray) -> None:
     np.testing.assert_array_equal(decode_tensor(encode_tensor(view, SPEC), SPEC), view)
 
 
+def test_a_tensor_of_the_most_dimensions_allowed_round_trips() -> None:
+    array = np.arange(2, dtype=np.uint8).reshape((1,) * 7 + (2,))
+    np.testing.assert_array_equal(decode_tensor(encode_tensor(array, SPEC), SPEC), array)
+
+
+@pytest.mark.parametrize("shape", [(1,) * 9, (0, 2**32)])
+def test_encode_refuses_shapes_the_header_cannot_hold(shape: tuple[int, ...]) -> None:
+    # (0, 2**32) holds no bytes, so it costs no memory to try
+    with pytest.raises(ValueError, match="unsupported tensor shape"):
+        encode_tensor(np.zeros(shape, dtype=np.uint8), SPEC)
+
+
+def test_a_tensor_entry_is_the_same_bytes_in_every_build() -> None:
+    # entries are shared between hosts and builds through Redis: the bytes are the
+    # format, down to the reserved byte and the checksum, not just what decodes back
+    entry = encode_tensor(np.arange(6, dtype=np.uint8).reshape(2, 3), "ab" * 16)
+    assert entry.hex() == ("4950540001010200" + "ab" * 16 + "0600000000000000"
+                           "9e8b2eb8a7cf0057" "0200000003000000" "000102030405")
+
+
+def test_a_length_that_does_not_fit_the_shape_is_corrupt_even_with_a_valid_checksum(
+        ) -> None:
+    # given an entry whose header claims 7 payload bytes for a (2, 3) tensor, with 7
+    # bytes there and a checksum recomputed over all of it (a buggy or foreign writer)
+    shape, payload = struct.pack("<2I", 2, 3), bytes(7)
+    head = struct.pack("<4sBBBB16sQ", b"IPT\x00", 1, 1, 2, 0, bytes.fromhex(SPEC), 7)
+    checksum = hashlib.blake2b(head + bytes(8) + shape + payload, digest_size=8).digest()
+    blob = head + checksum + shape + payload
+    # when it is decoded / then it is a corrupt entry, not a numpy reshape error
+    with pytest.raises(CorruptEntry, match="header says 7"):
+        decode_tensor(blob, SPEC)
+
+
 def test_encode_refuses_other_dtypes_as_a_caller_error() -> None:
-    with pytest.raises(ValueError) as raised:
+    with pytest.raises(ValueError, match="only uint8") as raised:
         encode_tensor(np.zeros((3, 2, 2), dtype=np.float32), SPEC)
     assert not isinstance(raised.value, CorruptEntry)
 
@@ -168,6 +231,27 @@ def test_result_round_trip_is_exact() -> None:
     assert decode_result(encode_result(PREDICTIONS)) == PREDICTIONS
 
 
+def test_a_result_entry_is_the_same_bytes_in_every_build() -> None:
+    # compact JSON, UTF-8 as is: the bytes are the format other builds read
+    entry = encode_result([{"label": "café", "index": 0, "score": 1.0},
+                           {"label": "b", "index": 1, "score": 0.0}])
+    assert entry == (b"IPR\x00\x01\x00\x00\x00M\x00\x00\x00\xa1\xb1\xa0\x97/\xc8\x14j"
+                     b'[{"label":"caf\xc3\xa9","index":0,"score":1.0},'
+                     b'{"label":"b","index":1,"score":0.0}]')
+
+
+def test_the_bounds_of_a_prediction_are_valid() -> None:
+    # class 0, a score of exactly 1 and exactly 0, and two classes tied on a score
+    edges = [{"label": "a", "index": 0, "score": 1.0}, {"label": "b", "index": 1, "score": 0.0},
+             {"label": "c", "index": 2, "score": 0.0}]
+    assert decode_result(encode_result(edges)) == edges  # type: ignore[arg-type]
+
+
+def test_a_score_that_is_not_a_number_is_never_written() -> None:
+    with pytest.raises(ValueError):
+        encode_result([{"label": "a", "index": 0, "score": float("nan")}])
+
+
 def test_every_result_byte_is_protected() -> None:
     # given a valid result entry / when any bit of any byte flips / then it is refused
     blob = encode_result(PREDICTIONS)
@@ -184,8 +268,10 @@ def test_garbage_is_not_a_result(garbage: bytes) -> None:
 
 def test_truncated_result_is_detected() -> None:
     blob = encode_result(PREDICTIONS)
-    with pytest.raises(CorruptEntry):
+    with pytest.raises(CorruptEntry, match="header says"):
         decode_result(blob[:-1])
+    with pytest.raises(CorruptEntry, match="truncated"):
+        decode_result(blob[:15])
 
 
 def test_well_formed_json_that_is_not_predictions_is_refused() -> None:
@@ -229,6 +315,13 @@ RESULT_KEY = result_key("imgpipe", image_digest(b"img"), "m", "w", 2, spec_diges
                         labels_digest="")
 
 
+def test_a_signature_is_the_same_in_every_build() -> None:
+    # a fleet sharing a secret may run two builds at once during an upgrade
+    assert sign_entry(b"k", "imgpipe:cache:r:s:d", b"entry").hex() == (
+        "4950530001000000d43cdf207e4d2c2d81175d527d6e6178"
+        "b10cb90af06a677a9857982609b681c9" + b"entry".hex())
+
+
 def test_a_signed_entry_opens_with_its_secret_under_its_key() -> None:
     entry = encode_result(PREDICTIONS)
     assert open_entry(SECRET, RESULT_KEY, sign_entry(SECRET, RESULT_KEY, entry)) == entry
@@ -262,7 +355,7 @@ def test_every_byte_of_a_signed_entry_is_protected() -> None:
     for offset in range(len(signed)):
         with pytest.raises(CorruptEntry):
             decode_result(open_entry(SECRET, RESULT_KEY, flipped(signed, offset)))
-    with pytest.raises(CorruptEntry):
+    with pytest.raises(CorruptEntry, match="truncated"):
         open_entry(SECRET, RESULT_KEY, signed[:39])
 
 
@@ -275,13 +368,20 @@ def test_without_a_secret_entries_are_read_as_before() -> None:
 
 # --- verify -----------------------------------------------------------------
 
-def test_check_entry_matches_blob_to_key(blob: bytes) -> None:
+def test_check_entry_matches_blob_to_key(blob: bytes, tmp_path: Path) -> None:
     digest = image_digest(b"img")
     tkey = tensor_key("imgpipe", digest, SPEC)
     rkey = result_key("imgpipe", digest, "m", "w", 5, spec_digest=SPEC, labels_digest="")
+    fkey = file_key("imgpipe", str(tmp_path), os.stat(tmp_path))
     # valid pairs pass
     check_entry(tkey, blob)
     check_entry(rkey, encode_result(PREDICTIONS))
+    check_entry(fkey, encode_file_digest(fkey, digest))
+    # the reason reaches `cache verify`'s report
+    with pytest.raises(CorruptEntry, match="not an imgpipe cache key"):
+        check_entry("not-a-key", blob)
+    with pytest.raises(CorruptEntry, match="does not match its key"):
+        check_entry(tensor_key("imgpipe", digest, OTHER_SPEC), blob)
     # a tensor under another spec's key, a result under a tensor key, a foreign key fail
     for key, value in [(tensor_key("imgpipe", digest, OTHER_SPEC), blob),
                        (tkey, encode_result(PREDICTIONS)), (rkey, blob),

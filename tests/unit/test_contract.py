@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.errors import InputError
 from pipeline.sources.files import resolve_allowed
+from pipeline.sources.urls import Prefix
 from pipeline.transport import contract
 from pipeline.transport.contract import JobRules
 
@@ -79,6 +80,13 @@ def test_defaults_id_is_the_entry_id_and_results_go_to_the_default_stream(
     ({"data": "x" * 1001}, "data_too_large", "1,000"),
     ({"image": b"\xff\xfe"}, "invalid_field", "image"),
     ({"image": "cat.jpg", "deadline_ms": str(NOW_MS - 1)}, contract.EXPIRED, "deadline"),
+    # a valid value in too many characters: int() never sees an unbounded string
+    ({"image": "cat.jpg", "topk": "0" * 32 + "1"}, "invalid_field", "topk"),
+    ({"image": "cat.jpg", "tta": "sideways"}, "invalid_field", "tta"),
+    ({"image": "x" * 4097}, "invalid_field", "image"),
+    ({"image": "cat.jpg", "deadline_ms": str(2**63)}, "invalid_field", "deadline_ms"),
+    ({"image": "cat.jpg", "deadline_ms": "0"}, contract.EXPIRED, "deadline"),
+    ({"url": "https://elsewhere.example/cat.jpg"}, "url_not_allowed", "url"),
 ])
 def test_malformed_jobs_carry_an_error_naming_the_field(
         rules: JobRules, fields: dict[str, str | bytes], code: str, named: str) -> None:
@@ -86,6 +94,51 @@ def test_malformed_jobs_carry_an_error_naming_the_field(
     assert job.error is not None
     assert job.error.code == code
     assert named in job.error.message
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("id", "i" * 256),                             # the longest text
+    ("deadline_ms", str(NOW_MS)),                  # due this very millisecond
+    ("deadline_ms", str(2**63 - 1)),               # the largest a Redis integer holds
+    ("image", "./" * 150 + "cat.jpg"),             # a path longer than other text
+])
+def test_values_at_the_limits_are_accepted(rules: JobRules, name: str, value: str) -> None:
+    fields = {"image": "cat.jpg", name: value}
+    assert parse(rules, **fields).error is None
+
+
+def test_a_url_job_under_an_allowed_prefix_is_parsed(rules: JobRules) -> None:
+    allowed = dataclasses.replace(rules, url_prefixes=(Prefix.parse("https://img.example/"),))
+    job = parse(allowed, url="https://img.example/cat.jpg")
+    assert job.error is None and job.url == "https://img.example/cat.jpg"
+    # URLs run longer than other text fields
+    long_url = "https://img.example/" + "c" * 300 + ".jpg"
+    assert parse(allowed, url=long_url).url == long_url
+    assert (job.image, job.data) == (None, None)
+
+
+def test_a_dead_letters_address_is_read_alone_and_never_raises(rules: JobRules) -> None:
+    raw = {b"id": b"mine", b"reply_to": b"me:results", b"image": b"\xff"}
+    job = contract.parse_address("1-0", raw, rules)
+    assert (job.job_id, job.reply_to, job.image, job.error) == ("mine", "me:results", None,
+                                                                 None)
+    # a reply_to the daemon refuses leaves the default, and the id it could read
+    job = contract.parse_address("1-0", {b"id": b"mine", b"reply_to": b"p:jobs"}, rules)
+    assert (job.job_id, job.reply_to) == ("mine", "p:results")
+
+
+@pytest.mark.parametrize("topk", ["1", "20"])
+def test_topk_from_one_to_the_limit_is_accepted(rules: JobRules, topk: str) -> None:
+    job = parse(rules, image="cat.jpg", topk=topk)
+    assert job.error is None and job.topk == int(topk)
+
+
+def test_tta_may_ask_for_at_most_the_daemons_views(rules: JobRules) -> None:
+    five = dataclasses.replace(rules, max_views=5)
+    assert parse(five, image="cat.jpg", tta="five_crop").tta == "five_crop"
+    refused = parse(five, image="cat.jpg", tta="ten_crop").error
+    assert refused is not None and refused.code == "invalid_field"
+    assert "at most 5" in refused.message
 
 
 def test_a_non_utf8_field_name_is_an_error_not_a_crash(rules: JobRules) -> None:
@@ -105,14 +158,20 @@ def test_a_forbidden_reply_to_sends_the_error_to_the_default_stream(rules: JobRu
 
 
 def test_an_unforeseen_failure_while_parsing_is_an_internal_error(
-        rules: JobRules, monkeypatch: pytest.MonkeyPatch) -> None:
+        rules: JobRules, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     def explode(*args: object) -> None:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(contract, "_parse_image", explode)
-    job = parse(rules, id="mine", image="cat.jpg")
+    with caplog.at_level("ERROR", "imgpipe.serve"):
+        job = parse(rules, id="mine", image="cat.jpg")
     assert job.error is not None and job.error.code == "internal_error"
     assert job.job_id == "mine" and "RuntimeError" in job.error.message
+    # and the log says which entry, for the job's logs too
+    [logged] = caplog.records
+    assert logged.getMessage() == "job entry 1-0 could not be parsed"
+    assert logged.job_id == "mine"  # type: ignore[attr-defined]
 
 
 def test_a_link_that_cannot_be_read_is_refused_not_raised() -> None:
@@ -164,8 +223,27 @@ def test_job_fields_round_trip_through_the_parser(rules: JobRules, root: Path) -
     raw = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
     job = contract.parse_job("5-0", raw, rules, NOW_MS)
     assert job.error is None and (job.job_id, job.topk) == ("a", 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one"):
         contract.job_fields(image="a", data=b"b")
+
+
+def test_every_field_the_client_writes_is_one_the_daemon_reads(rules: JobRules) -> None:
+    # given a job with every optional field, its image inline
+    fields = contract.job_fields(data=b"\x00\xff", job_id="a", topk=2, reply_to="me:results",
+                                 deadline_ms=NOW_MS + 1, model="efficientnet_lite0",
+                                 tta="hflip")
+    # then each is under the contract's name, bytes kept as bytes, the rest as text
+    assert fields == {"v": "1", "data": b"\x00\xff", "id": "a", "topk": "2",
+                      "reply_to": "me:results", "deadline_ms": str(NOW_MS + 1),
+                      "model": "efficientnet_lite0", "tta": "hflip"}
+    # and the daemon's parser takes every one of them
+    raw = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()}
+    job = contract.parse_job("5-0", raw, rules, NOW_MS)
+    assert job.error is None
+    assert (job.data, job.job_id, job.topk, job.reply_to, job.deadline_ms, job.tta) == (
+        b"\x00\xff", "a", 2, "me:results", NOW_MS + 1, "hflip")
+    assert contract.job_fields(url="https://images.example/cat.jpg") == {
+        "v": "1", "url": "https://images.example/cat.jpg"}
 
 
 def test_results_encode_to_text_fields_and_decode_back(rules: JobRules) -> None:
@@ -180,6 +258,36 @@ def test_results_encode_to_text_fields_and_decode_back(rules: JobRules) -> None:
     assert decoded["timings_ms"] == {"queue_wait": 2.25, "preprocess": 1.5}
     assert (decoded["job_id"], decoded["entry_id"], decoded["cache"]) == ("j", "1-0",
                                                                           "tensor:local")
+
+
+def test_a_result_decodes_from_text_as_from_bytes_and_never_raises_on_bad_utf8() -> None:
+    # a client may connect with decode_responses=True (text), and a result's text
+    # fields echo what a job sent, which need not be UTF-8
+    text = {"job_id": "j", "predictions": "[]", "status": "ok"}
+    assert contract.decode_result(text) == {"job_id": "j", "predictions": [], "status": "ok"}
+    assert contract.decode_result({b"job_id": b"caf\xe9"}) == {"job_id": "caf\ufffd"}
+
+
+def test_result_fields_are_compact_and_complete(rules: JobRules) -> None:
+    # given an ok record with its views but no cache outcome, under another model
+    job = parse(rules, image="cat.jpg", id="j")
+    record = {"status": "ok", "model": "other", "views": 5, "timings_ms": {},
+              "predictions": [{"label": "cat", "index": 1, "score": 0.5}]}
+    # when it is encoded
+    fields = contract.result_fields(record, job, "m", queue_wait_ms=1.23456)
+    # then JSON is compact, the record's model and views stand, and a missing cache
+    # outcome is a miss
+    assert fields["predictions"] == '[{"label":"cat","index":1,"score":0.5}]'
+    assert fields["timings_ms"] == '{"queue_wait":1.235}'
+    assert (fields["model"], fields["views"], fields["cache"]) == ("other", "5", "miss")
+    assert (fields["v"], fields["status"]) == ("1", "ok")
+    error = {"status": "error", "error": {"code": "x", "message": "y"}}
+    assert contract.result_fields(error, job, "m", 0.0)["error"] == '{"code":"x","message":"y"}'
+
+
+def test_reply_text_takes_bytes_text_and_numbers() -> None:
+    assert [contract.reply_text(v) for v in (b"1-0", b"caf\xe9", "c", 7)] == [
+        "1-0", "caf\ufffd", "c", "7"]
 
 
 def test_an_expired_job_gets_status_expired(rules: JobRules) -> None:

@@ -92,6 +92,7 @@ def test_other_settings_are_refused_naming_what_differs(tmp_path, name, key, oth
     # then it is refused in one line naming the difference, and the file is untouched
     message = str(raised.value)
     assert shown in message and "--overwrite" in message and "\n" not in message
+    assert message.startswith(str(path))
     assert path.read_bytes() == before
 
 
@@ -104,10 +105,28 @@ def test_overwrite_starts_afresh_with_the_new_settings(tmp_path, name):
     assert recorded_settings(path)["topk"] == 3
 
 
-def test_settings_are_checked_only_when_given(tmp_path):
-    path = tmp_path / "results.jsonl"
+@pytest.mark.parametrize("name", FORMATS)
+def test_settings_are_checked_only_when_given(tmp_path, name):
+    path = tmp_path / name
     run(path, [ok("a.jpg")])
     assert run(path, [], settings=None) == {"a.jpg"}
+    # and the settings recorded are kept for the next run that gives some
+    assert recorded_settings(path) == SETTINGS
+
+
+def test_a_csv_started_afresh_without_settings_loses_its_stale_sidecar(tmp_path):
+    path = tmp_path / "results.csv"
+    run(path, [ok("a.jpg")])
+    run(path, [ok("b.jpg")], settings=None, overwrite=True)
+    assert not Path(f"{path}.settings.json").exists()
+
+
+def test_a_sidecar_that_holds_no_settings_is_refused(tmp_path):
+    path = tmp_path / "results.csv"
+    run(path, [ok("a.jpg")])
+    Path(f"{path}.settings.json").write_text("{}")
+    with pytest.raises(ConfigError, match="does not hold imgpipe settings"):
+        open_result_file(path, SETTINGS)
 
 
 # -- files an earlier imgpipe wrote (no settings recorded) ---------------------
@@ -172,11 +191,66 @@ def test_a_foreign_file_is_replaced_with_overwrite(tmp_path):
     assert path.read_text().startswith("path,status")
 
 
-def test_a_header_of_a_newer_format_is_refused(tmp_path):
-    path = tmp_path / "results.jsonl"
-    path.write_text('{"imgpipe_results": 2, "settings": {}}\n')
-    with pytest.raises(ConfigError, match="another imgpipe version"):
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_header_of_a_newer_format_is_refused_naming_its_file(tmp_path, name):
+    path = tmp_path / name
+    header = '{"imgpipe_results": 2, "settings": {}}\n'
+    if name.endswith(".csv"):
+        run(path, [ok("a.jpg")])
+        Path(f"{path}.settings.json").write_text(header)
+    else:
+        path.write_text(header)
+    with pytest.raises(ConfigError, match="another imgpipe version") as raised:
         open_result_file(path, SETTINGS)
+    assert str(raised.value).startswith(str(path))
+
+
+def test_an_empty_csv_file_is_started_as_csv(tmp_path):
+    # given a .csv file that exists but holds nothing (touched, or cut to nothing)
+    path = tmp_path / "results.csv"
+    path.touch()
+    # when a run writes to it / then it is a CSV with its header, not JSONL
+    assert run(path, [ok("a.jpg")]) == set()
+    assert path.read_text().splitlines()[0] == "path,status,label,index,score,predictions," \
+                                               "error_code,error_message"
+
+
+def test_a_blank_line_in_a_csv_file_is_no_record(tmp_path):
+    path = tmp_path / "results.csv"
+    run(path, [ok("a.jpg")])
+    with open(path, "a") as handle:
+        handle.write("\n")
+    assert run(path, []) == {"a.jpg"}
+
+
+@pytest.mark.parametrize(("name", "own"), [
+    ("results.jsonl", ["results.jsonl", "results.jsonl.embeddings.npy"]),
+    ("results.csv", ["results.csv", "results.csv.settings.json", "results.csv.embeddings.npy"])])
+def test_a_run_knows_the_files_it_writes(tmp_path, name, own):
+    # a run over the directory that holds its results must not score them
+    found = inspect_result_file(tmp_path / name)
+    assert found.own_files() == [tmp_path / file for file in own]
+
+
+def test_a_results_path_that_is_a_directory_is_a_config_error(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.mkdir()
+    with pytest.raises(ConfigError) as raised:
+        inspect_result_file(path)
+    assert str(raised.value) == f"cannot use results file {path}: Is a directory"
+
+
+def test_a_directory_removed_before_the_file_is_opened_is_a_config_error(tmp_path):
+    # given a results file checked in a directory that is gone when it is opened
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "out" / "results.jsonl"
+    found = inspect_result_file(path)
+    (tmp_path / "out").rmdir()
+    # when / then: a ConfigError naming the file, not an OSError
+    with pytest.raises(ConfigError) as raised:
+        found.open(SETTINGS)
+    assert str(raised.value) == (f"cannot use results file {path}: "
+                                 "No such file or directory")
 
 
 # -- devices and pipes ------------------------------------------------------

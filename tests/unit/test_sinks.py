@@ -149,9 +149,23 @@ def test_torn_line_longer_than_a_read_block_is_cut_off(tmp_path):
     assert [line["path"] for line in jsonl_lines(path)] == ["a.jpg"]
 
 
-def test_file_that_is_only_a_torn_line_is_emptied(tmp_path):
+def test_a_torn_line_one_byte_short_of_a_block_keeps_the_record_before_it(tmp_path):
+    # given a torn line that leaves the last complete record's newline as the
+    # first byte of the last 4 kB block scanned
     path = tmp_path / "results.jsonl"
-    path.write_bytes(b'{"path": "a.jp')
+    write_and_close(path, [ok("a.jpg"), ok("b.jpg")])
+    with open(path, "ab") as handle:
+        handle.write(b'{"path": "' + b"x" * (4096 - 1 - 10))
+    # when it is reopened / then both records are still there
+    sink, done = open_result_file(path)
+    sink.close()
+    assert done == {"a.jpg", "b.jpg"}
+
+
+@pytest.mark.parametrize("torn", [b'{"path": "a.jp', b"{"])
+def test_file_that_is_only_a_torn_line_is_emptied(tmp_path, torn):
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(torn)
     sink, done = open_result_file(path)
     sink.write([ok("b.jpg")])
     sink.close()
@@ -233,6 +247,13 @@ def test_a_csv_path_holding_a_carriage_return_is_done_on_resume(tmp_path):
     written = path.read_bytes()
     assert written.endswith(b"\n") and b"\r\n" not in written  # rows end in \n, quoted or not
     assert write_and_close(path, []) == {"photos/a\rb.jpg"}
+
+
+def test_terminal_table_shows_a_path_without_a_file_name_whole():
+    lines: list[str] = []
+    TerminalTable(lines.append).write([ok("https://images.example/")])
+    assert lines[0].startswith("https://images.example/ ")
+
 
 def test_a_line_that_is_not_a_record_is_skipped_on_resume(tmp_path):
     # given a results file with a damaged line in the middle
