@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import shutil
 import ssl
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -21,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
-import pytest
+from tests.redis_server import TlsFiles
 
 Respond = Callable[[http.server.BaseHTTPRequestHandler], None]
 
@@ -78,24 +76,9 @@ class Origin:
 
 def certificate_for(name: str, directory: Path) -> tuple[Path, Path, Path]:
     """A private CA, and a server certificate it signed for the DNS name `name`
-    only: (CA, certificate, key) PEM files, made with openssl (else the test is
-    skipped)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed (apt-get install openssl)")
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "san.cnf").write_text(f"subjectAltName=DNS:{name}\n")
-    for command in (
-            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-subj", "/CN=imgpipe test CA", "-keyout", "ca.key", "-out", "ca.pem"],
-            ["req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-             "-keyout", "server.key", "-out", "server.csr"],
-            ["x509", "-req", "-days", "2", "-in", "server.csr", "-CA", "ca.pem",
-             "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.cnf",
-             "-out", "server.pem"]):
-        subprocess.run([openssl, *command], cwd=directory, check=True,
-                       capture_output=True, timeout=60)
-    return directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    only: (CA, certificate, key) PEM files (the test is skipped without openssl)."""
+    tls = TlsFiles.make(directory, name)
+    return tls.ca, tls.cert, tls.key
 
 
 @contextlib.contextmanager

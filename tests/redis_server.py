@@ -9,6 +9,7 @@ the `redis_server` and `redis_server_factory` fixtures without importing them.
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import signal
 import socket
@@ -132,25 +133,27 @@ class RedisServer:
 @dataclass(frozen=True)
 class TlsFiles:
     """A private certificate authority and a server certificate it signed,
-    for 127.0.0.1 (PEM files)."""
+    for one host (PEM files)."""
 
     ca: Path
     cert: Path
     key: Path
 
     @classmethod
-    def make(cls, directory: Path) -> TlsFiles:
-        """Made with the openssl command (the test is skipped without it)."""
+    def make(cls, directory: Path, host: str = "127.0.0.1") -> TlsFiles:
+        """Made with the openssl command (the test is skipped without it), for
+        `host` only: an IP address or a DNS name."""
         openssl = shutil.which("openssl")
         if openssl is None:
             pytest.skip("openssl is not installed (apt-get install openssl)")
         directory.mkdir(parents=True, exist_ok=True)
         files = cls(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-        (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+        kind = "IP" if _is_address(host) else "DNS"
+        (directory / "san.cnf").write_text(f"subjectAltName={kind}:{host}\n")
         for command in (
                 ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                  "-subj", "/CN=imgpipe test CA", "-keyout", "ca.key", "-out", "ca.pem"],
-                ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                ["req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={host}",
                  "-keyout", "server.key", "-out", "server.csr"],
                 ["x509", "-req", "-days", "2", "-in", "server.csr", "-CA", "ca.pem",
                  "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "san.cnf",
@@ -158,6 +161,14 @@ class TlsFiles:
             subprocess.run([openssl, *command], cwd=directory, check=True,
                            capture_output=True, timeout=60)
         return files
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class TlsRedisServer(RedisServer):
