@@ -110,6 +110,8 @@ class Engine:
         self._setup_pending = False  # a backend built whose setup() has not run yet
         self._load_s = 0.0
         self.plan: Optional[Plan] = None  # the plan run, when optimize's profile had one
+        # optimize's recorded ONNX Runtime choice, read once at setup (prebuilt.recall_choice)
+        self._choice: Optional[prebuilt.Checked] = None
 
     def setup(self, lazy: bool = False) -> None:
         """Load the model and start the workers. With `lazy`, a model whose cache
@@ -117,9 +119,9 @@ class Engine:
         when an image first needs it: a run the cache answers in full, or an
         empty one, never loads it, nor imports torch."""
         if self.settings.model.backend == "auto" and self._surely_cpu():
-            choice = prebuilt.recall_choice(self.settings)  # read without torch
-            if choice is not None:
-                self._take_plan(chosen(self.settings.cache.directory(), choice.card))
+            self._choice = prebuilt.recall_choice(self.settings)  # read without torch
+            if self._choice is not None:
+                self._take_plan(chosen(self.settings.cache.directory(), self._choice.card))
         model_cfg = self.settings.model
         # Embeddings load the model at start: whether its head gives them is known then.
         known = self._remembered_scope() if lazy and model_cfg.output == "logits" else None
@@ -196,7 +198,7 @@ class Engine:
         if model_cfg.backend != "auto" or model_cfg.output != "logits" or not self._surely_cpu():
             return False
         store, key = self.settings.model.artifacts_directory(), self._prebuilt_key()
-        checked = prebuilt.recall_choice(self.settings) or prebuilt.recall(store, key)
+        checked = self._choice or prebuilt.recall(store, key)
         if not isinstance(checked, prebuilt.Checked) or (
                 not checked.chosen_by_optimize
                 and chosen(self.settings.cache.directory(), checked.card)):
