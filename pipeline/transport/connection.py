@@ -147,7 +147,9 @@ def passing(exc: BaseException) -> bool:
         return False
     if isinstance(exc, OUTAGE_ERRORS + REFUSAL_CLASSES):
         return True
-    return isinstance(exc, redis.ResponseError) and str(exc).startswith(REFUSAL_CODES)
+    # The reply's first word is its code: BUSY passes, BUSYGROUP does not.
+    return (isinstance(exc, redis.ResponseError)
+            and server_reason(exc).partition(" ")[0] in REFUSAL_CODES)
 
 
 class Outage:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +23,15 @@ import pytest
 import redis
 
 from pipeline.config import ServeSettings
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TransientError
 from pipeline.items import Job, Record
+from pipeline.logs import UNFOLDED
 from pipeline.metrics import Metrics
+from pipeline.sources.urls import Prefix
 from pipeline.transport import contract
 from pipeline.transport.connection import Outage
 from pipeline.transport.consumer import StreamSource
-from pipeline.transport.contract import JobRules, Keys
+from pipeline.transport.contract import EXPIRED, JobRules, Keys
 from pipeline.transport.publisher import (
     InFlight,
     ResultPublisher,
@@ -43,6 +46,7 @@ from tests.serve_daemon import wait_until
 GROUP = "imgpipe"
 CHUNK = 8
 NOT_YET = 3_600_000  # a claim timeout no test reaches
+ORIGIN = "http://images.example/"  # allowed for URL jobs; never fetched here
 
 
 @dataclass
@@ -122,7 +126,9 @@ def make_transport(redis_server: RedisServer, prefix: str, tmp_path: Path,
         outage, in_flight, metrics = Outage("test", 0.2), InFlight(), Metrics()
         publisher = ResultPublisher(conn, streams, "tiny", in_flight, outage, metrics)
         rules = JobRules("tiny", cfg.max_topk, cfg.max_inline_bytes, [str(tmp_path)],
-                         keys.results, keys.own_streams)
+                         keys.results, keys.own_streams,
+                         url_prefixes=(Prefix.parse(ORIGIN),),
+                         outputs=("logits", "embedding", "both"))
         source = StreamSource(conn, streams, consumer, cfg, rules, CHUNK, in_flight,
                               publisher, outage)
         return Transport(source, publisher, conn, keys, metrics)
@@ -136,6 +142,23 @@ def read_as(transport: Transport, consumer: str, count: int) -> list[str]:
     """Deliver `count` new entries to `consumer` (another daemon) directly."""
     reply = transport.conn.xreadgroup(GROUP, consumer, {transport.keys.jobs: ">"}, count=count)
     return [entry.decode() for _, entries in reply for entry, _ in entries]
+
+
+def watch(server: RedisServer) -> list[dict[str, Any]]:
+    """Every command `server` receives from now on, as MONITOR sees it."""
+    seen: list[dict[str, Any]] = []
+    watching = threading.Event()
+    threading.Thread(target=_monitor, args=(server, seen, watching), daemon=True).start()
+    assert watching.wait(10)
+    return seen
+
+
+def seen_so_far(transport: Transport, seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The commands seen up to now: a marker command sent last has come through."""
+    marker = f"marker-{time.monotonic_ns()}"
+    transport.conn.set(marker, 1)
+    wait_until(lambda: any(marker in c["command"] for c in list(seen)), 30, "the marker")
+    return list(seen)
 
 
 def idle_longer_than(transport: Transport, entry_ids: list[str], idle_ms: int) -> bool:
@@ -190,6 +213,64 @@ def test_another_applications_group_on_the_stream_is_not_taken_for_ours(
     assert [job.ref for job in transport.take(1)] == queued
 
 
+def test_setup_waits_for_an_unreachable_redis_until_stopped(
+        make_transport: Any, redis_server_factory: Any) -> None:
+    server = redis_server_factory()
+    transport = make_transport(server=server)
+    server.stop(kill=True)
+    gave_up: list[TransientError] = []
+
+    def set_up() -> None:
+        try:
+            transport.source.setup()
+        except TransientError as exc:
+            gave_up.append(exc)
+
+    waiting = threading.Thread(target=set_up, daemon=True)
+    waiting.start()
+    wait_until(lambda: transport.source.outage.down, 30, "setup to meet the outage")
+    transport.source.stop()
+    waiting.join(30)
+    assert not waiting.is_alive() and len(gave_up) == 1
+
+
+class GroupMadeMeanwhile(redis.Redis):
+    """Another daemon makes the group between this one's check and its XGROUP CREATE."""
+
+    def xinfo_groups(self, name: Any) -> Any:
+        try:
+            return super().xinfo_groups(name)
+        except redis.ResponseError:
+            super().xgroup_create(name, GROUP, id="0", mkstream=True)
+            raise
+
+
+def test_two_daemons_making_the_group_at_once_both_start(
+        make_transport: Any, redis_server: RedisServer) -> None:
+    transport = make_transport(conn=GroupMadeMeanwhile.from_url(redis_server.url))
+    transport.source.setup()
+    [group] = transport.conn.xinfo_groups(transport.keys.jobs)
+    assert group["name"].decode() == GROUP
+
+
+def test_setup_against_a_redis_out_of_memory_starts_when_the_group_exists(
+        make_transport: Any, redis_server_factory: Any) -> None:
+    # given a server that refuses writes, XGROUP CREATE among them, and our group on it
+    server = redis_server_factory()
+    first = make_transport(server=server)
+    first.source.setup()
+    first.conn.config_set("maxmemory", 1)
+    # when a daemon sets up
+    second = make_transport(server=server)
+    starting = threading.Thread(target=second.source.setup, daemon=True)
+    starting.start()
+    starting.join(30)
+    # then it starts at once rather than waiting for memory
+    second.source.stop()
+    first.conn.config_set("maxmemory", 0)
+    assert not starting.is_alive()
+
+
 def test_a_stream_deleted_under_the_source_is_made_again_and_served(
         make_transport: Any, caplog: pytest.LogCaptureFixture) -> None:
     # given a source that has served, and then its stream deleted
@@ -230,6 +311,29 @@ def test_a_job_read_carries_what_the_engine_needs_and_is_in_flight(
     assert job.path.endswith("red.png")
     assert entry in transport.source.in_flight
     assert transport.source.in_flight.get(entry).request.job_id == "job-0"
+
+
+def test_a_url_job_and_the_output_it_asks_for_reach_the_engine(make_transport: Any) -> None:
+    transport = make_transport()
+    transport.source.setup()
+    transport.conn.xadd(transport.keys.jobs, {"url": ORIGIN + "cat.jpg", "output": "both"})
+    [job] = transport.take(1)
+    assert (job.error, job.url, job.output) == (None, ORIGIN + "cat.jpg", "both")
+
+
+def test_a_job_past_its_deadline_is_expired_and_one_before_it_is_not(
+        make_transport: Any) -> None:
+    transport = make_transport()
+    transport.source.setup()
+    now_ms = int(time.time() * 1000)
+    transport.add(1, id="in-time", deadline_ms=str(now_ms + 600_000))
+    transport.add(1, id="late", deadline_ms=str(now_ms - 1_000))
+    jobs = transport.take(2)
+    errors = {transport.source.in_flight.get(str(job.ref)).request.job_id: job.error
+              for job in jobs}
+    assert errors["in-time"] is None
+    late = errors["late"]
+    assert late is not None and late.code == EXPIRED
 
 
 def test_an_inline_job_is_named_by_its_stream_entry(make_transport: Any) -> None:
@@ -275,6 +379,24 @@ def test_a_read_waits_for_jobs_up_to_the_time_it_is_given(
     reader.join(30)
     # then that same read returns it
     assert [[job.ref for job in chunk or []] for chunk in got] == [[entry]]
+
+
+def test_a_read_blocks_as_long_as_asked_within_read_block_ms_and_not_when_told_not_to(
+        make_transport: Any, settings: dict[str, Any], redis_server_factory: Any) -> None:
+    # Redis ends a blocked read on its timer tick: a read told not to wait must not block.
+    settings.update(read_block_ms=300)
+    server = redis_server_factory()
+    seen = watch(server)
+    transport = make_transport(server=server)
+    transport.source.setup()
+    transport.source.next_chunk(0)  # its own pending entries first: none
+    transport.source.next_reclaim = float("inf")
+    for wait_s in (0, 0.0001, 0.2, 30):
+        assert transport.source.next_chunk(wait_s) == []
+    commands = [c["command"] for c in seen_so_far(transport, seen)]
+    reads = [c for c in commands if c.startswith("XREADGROUP")][-4:]
+    blocks = [re.search(r" BLOCK (\d+) ", c) for c in reads]
+    assert [block and block.group(1) for block in blocks] == [None, "1", "200", "300"]
 
 
 def _blocked(transport: Transport) -> bool:
@@ -339,6 +461,26 @@ def test_a_restart_counts_as_a_delivery_toward_the_dead_letter_limit(
     assert third.pending() == [] and third.conn.xlen(third.keys.jobs) == 0
 
 
+def test_delivery_counts_are_those_of_our_own_entries_among_another_consumers(
+        make_transport: Any, settings: dict[str, Any]) -> None:
+    # given our two jobs delivered three times, with another consumer's between them
+    settings["max_deliveries"] = 2
+    transport = make_transport()
+    transport.source.setup()
+    first, _, last = transport.add(3)
+    read_as(transport, "taker", 1)
+    read_as(transport, "other", 1)
+    read_as(transport, "taker", 1)
+    for _ in range(2):
+        transport.conn.xclaim(transport.keys.jobs, GROUP, "taker", 0, [first, last])
+    # when we restart and re-read our pending entries
+    assert make_transport().source.next_chunk(0) == []
+    # then both are dead letters: neither ran again
+    letters = [fields[b"entry_id"].decode() for _, fields in transport.conn.xrange(
+        transport.keys.dead)]
+    assert letters == [first, last]
+
+
 # -- a read whose reply was lost ---------------------------------------------------
 
 class LosingReplies(redis.Redis):
@@ -358,11 +500,13 @@ class LosingReplies(redis.Redis):
 def test_jobs_delivered_in_a_lost_reply_run_without_waiting_for_the_claim_timeout(
         make_transport: Any, redis_server: RedisServer,
         caplog: pytest.LogCaptureFixture) -> None:
-    # given a source with one job in flight, whose next read delivers CHUNK more
-    # jobs in a reply that never arrives
+    # given jobs another daemon holds, a source with one job in flight, and its
+    # next read delivering CHUNK more jobs in a reply that never arrives
     conn = LosingReplies.from_url(redis_server.url)
     transport = make_transport(conn=conn)
     transport.source.setup()
+    transport.add(2)
+    theirs = read_as(transport, "other", 2)
     transport.source.next_chunk(0)  # its own pending entries: none
     transport.source.next_reclaim = float("inf")
     [in_flight] = transport.add(1)
@@ -373,11 +517,20 @@ def test_jobs_delivered_in_a_lost_reply_run_without_waiting_for_the_claim_timeou
     assert set(transport.pending("taker")) == {in_flight, *lost}
     # when it reads again once Redis answers (the claim timeout is an hour)
     found = transport.take(CHUNK)
-    # then the lost jobs run, each once, and the one in flight is not taken again
+    # then the lost jobs run, each once; the one in flight and the other daemon's
+    # are not taken
     assert [job.ref for job in found] == lost
     assert transport.source.next_chunk(0) == []
     assert "found 8 jobs delivered to this consumer in a reply lost" in caplog.text
-    assert transport.conn.xpending(transport.keys.jobs, GROUP)["pending"] == CHUNK + 1
+    assert transport.conn.xpending(transport.keys.jobs, GROUP)["pending"] == CHUNK + 3
+    assert transport.pending("other") == theirs
+    # and a second lost reply is found and counted by itself
+    again = transport.add(3)
+    conn.lose_next = True
+    transport.source.next_chunk(0)
+    assert [job.ref for job in transport.take(3)] == again
+    assert transport.source.next_chunk(0) == []
+    assert "found 3 jobs delivered to this consumer in a reply lost" in caplog.text
 
 
 def test_a_lost_reply_behind_a_chunk_of_jobs_in_flight_is_found_page_by_page(
@@ -422,7 +575,7 @@ def test_an_unreachable_redis_is_an_empty_read_and_serving_goes_on_after(
     transport.source.setup()
     server.stop(kill=True)
     assert transport.source.next_chunk(0.05) == []
-    assert transport.source.outage.down and "unavailable" in caplog.text
+    assert transport.source.outage.down and "unavailable (ConnectionError" in caplog.text
     server.start()
     queued = transport.add(1)
     assert [job.ref for job in transport.take(1)] == queued
@@ -483,8 +636,9 @@ def test_a_reclaim_pass_leaves_jobs_that_are_ours_and_in_flight(
     assert transport.source.next_chunk(0) == []
 
 
-def test_a_reclaim_pass_pages_through_a_long_pending_list(
-        make_transport: Any, settings: dict[str, Any]) -> None:
+def test_a_reclaim_pass_pages_through_a_long_pending_list_and_counts_each_pass(
+        make_transport: Any, settings: dict[str, Any],
+        caplog: pytest.LogCaptureFixture) -> None:
     settings.update(claim_idle_ms=50, reclaim_interval_s=3600)
     transport = make_transport()
     transport.source.setup()
@@ -492,23 +646,59 @@ def test_a_reclaim_pass_pages_through_a_long_pending_list(
     held = read_as(transport, "ghost", CHUNK + 2)
     wait_until(lambda: idle_longer_than(transport, held, 50), 30, "the claim timeout")
     transport.source.next_chunk(0)
-    pages = [[job.ref for job in transport.source.next_chunk(0) or []] for _ in range(3)]
-    assert pages == [held[:CHUNK], held[CHUNK:], []]
+    pages = [transport.source.next_chunk(0) or [] for _ in range(3)]
+    assert [[job.ref for job in page] for page in pages] == [held[:CHUNK], held[CHUNK:], []]
+    transport.answer(pages[0] + pages[1])
+    # a later pass counts its own
+    later = transport.add(1)
+    read_as(transport, "ghost", 1)
+    wait_until(lambda: idle_longer_than(transport, later, 50), 30, "the claim timeout")
+    transport.source.next_reclaim = 0.0
+    assert [job.ref for job in transport.source.next_chunk(0) or []] == later
+    assert [r.getMessage() for r in caplog.records if "took over" in r.getMessage()] == [
+        f"took over {CHUNK + 2} jobs pending longer than 50 ms",
+        "took over 1 jobs pending longer than 50 ms"]
+
+
+def test_a_reclaim_pass_moves_on_past_a_page_of_its_own_jobs_in_flight(
+        make_transport: Any, settings: dict[str, Any]) -> None:
+    # given a chunk of our own jobs in flight, idle past the claim timeout (a slow
+    # batch), then jobs of a dead consumer
+    settings.update(claim_idle_ms=50)
+    transport = make_transport()
+    transport.source.setup()
+    transport.source.next_chunk(0)
+    transport.source.next_reclaim = float("inf")
+    transport.add(CHUNK)
+    mine = [job.ref for job in transport.take(CHUNK)]
+    transport.add(2)
+    held = read_as(transport, "ghost", 2)
+    wait_until(lambda: idle_longer_than(transport, mine + held, 50), 30, "the claim timeout")
+    # when a reclaim pass reads its first page (ours: not run twice), and ours
+    # grow idle past the timeout again before the next
+    transport.source.next_reclaim = 0.0
+    first = transport.source.next_chunk(0)
+    wait_until(lambda: idle_longer_than(transport, mine, 50), 30, "the claim timeout")
+    second = transport.source.next_chunk(0)
+    # then the next page is the dead consumer's jobs, not ours again
+    assert first == [] and [job.ref for job in second or []] == held
 
 
 def test_the_end_of_a_reclaim_pass_forgets_consumers_long_gone_with_nothing_pending(
         make_transport: Any, settings: dict[str, Any]) -> None:
-    # given a consumer idle ten claim timeouts with nothing pending
+    # given a consumer idle ten claim timeouts with nothing pending, and one idle
+    # a claim timeout only
     settings.update(claim_idle_ms=300)
     transport = make_transport()
     transport.source.setup()
     transport.conn.xgroup_createconsumer(transport.keys.jobs, GROUP, "gone")
     wait_until(lambda: transport.consumers()["gone"]["idle"] > 3000, 30, "ten claim timeouts")
     transport.conn.xgroup_createconsumer(transport.keys.jobs, GROUP, "recent")
+    wait_until(lambda: transport.consumers()["recent"]["idle"] > 300, 30, "a claim timeout")
     # when the source makes a reclaim pass
     transport.source.next_chunk(0)  # its own pending entries: none
     transport.source.next_chunk(0)
-    # then the idle one is forgotten; the source and a consumer seen lately stay
+    # then the long idle one is forgotten; the source and the other stay
     assert set(transport.consumers()) == {"taker", "recent"}
 
 
@@ -573,14 +763,28 @@ def test_a_batch_is_answered_acknowledged_and_deleted(make_transport: Any) -> No
     assert len(transport.publisher.in_flight) == 0 and transport.publisher.published == 3
 
 
-def test_answering_is_measured(make_transport: Any) -> None:
+def test_answering_is_counted_and_measured(make_transport: Any) -> None:
     transport = make_transport()
     transport.source.setup()
-    transport.add(2)
-    transport.answer(transport.take(2))
+    transport.add(12)
+    jobs = transport.take(12)
+    transport.answer(jobs[:2])
+    started = time.perf_counter()
+    transport.answer(jobs[2:])
+    elapsed_s = time.perf_counter() - started
+    assert transport.publisher.published == 12
+    # each job is observed once, with its share of its batch's write
     registry = transport.metrics.registry
-    publish = registry.get_sample_value("imgpipe_stage_seconds_count", {"stage": "publish"})
-    assert publish == 2
+    publish = {"stage": "publish"}
+    assert registry.get_sample_value("imgpipe_stage_seconds_count", publish) == 12
+    before = registry.get_sample_value("imgpipe_stage_seconds_sum", publish)
+    transport.add(10)
+    jobs = transport.take(10)
+    started = time.perf_counter()
+    transport.answer(jobs)
+    elapsed_s = time.perf_counter() - started
+    shares_s = registry.get_sample_value("imgpipe_stage_seconds_sum", publish) - before
+    assert 0 < shares_s <= elapsed_s
     assert registry.get_sample_value("imgpipe_in_flight_jobs") == 0
 
 
@@ -588,20 +792,16 @@ def test_each_answer_goes_with_its_acknowledgement_in_one_transaction(
         make_transport: Any, redis_server_factory: Any) -> None:
     # given every command Redis receives
     server = redis_server_factory()
-    seen: list[dict[str, Any]] = []
-    watching = threading.Event()
-    threading.Thread(target=_monitor, args=(server, seen, watching), daemon=True).start()
-    watching.wait(10)
+    seen = watch(server)
     transport = make_transport(server=server)
     transport.source.setup()
     transport.add(3)
     jobs = transport.take(3)
-    # when a batch is answered, followed by a marker
+    # when a batch is answered
     transport.answer(jobs)
-    transport.conn.set("marker", 1)
-    wait_until(lambda: any("marker" in c["command"] for c in list(seen)), 30, "the marker")
     # then one MULTI holds each job's result, XACK and XDEL
-    [answer] = [t for t in _transactions(list(seen)) if any("XACK" in c for c in t)]
+    transactions = _transactions(seen_so_far(transport, seen))
+    [answer] = [t for t in transactions if any("XACK" in c for c in t)]
     for job in jobs:
         assert any(c.startswith("XACK") and c.endswith(str(job.ref)) for c in answer)
         assert any(c.startswith("XDEL") and c.endswith(str(job.ref)) for c in answer)
@@ -647,9 +847,9 @@ def test_a_reply_stream_that_refuses_the_answer_sends_it_to_the_default_stream(
     transport = make_transport()
     transport.source.setup()
     transport.conn.set("otherapp:a-string", "x")
-    transport.add(1, reply_to="otherapp:a-string", id="refused")
     transport.add(1, id="plain")
-    # when it is answered in a batch with another
+    transport.add(1, reply_to="otherapp:a-string", id="refused")
+    # when it is answered in a batch, after another
     transport.answer(transport.take(2))
     # then its result lands on the default stream as an error naming the stream,
     # the other's as it was, and both jobs are acknowledged
@@ -660,6 +860,22 @@ def test_a_reply_stream_that_refuses_the_answer_sends_it_to_the_default_stream(
     assert refused["reply_to"] == "otherapp:a-string"
     assert by_id["plain"]["status"] == "ok"
     assert transport.pending() == [] and "cannot write the result of job refused" in caplog.text
+    [line] = [r for r in caplog.records if "cannot write the result" in r.getMessage()]
+    assert getattr(line, "job_id", None) == "refused"
+
+
+def test_results_sent_to_the_default_stream_instead_are_trimmed_with_it(
+        make_transport: Any, settings: dict[str, Any]) -> None:
+    settings.update(results_maxlen=10)
+    transport = make_transport()
+    node = int(transport.conn.config_get("stream-node-max-entries")["stream-node-max-entries"])
+    transport.source.setup()
+    transport.conn.set("otherapp:a-string", "x")
+    transport.add(150, reply_to="otherapp:a-string")
+    jobs = transport.take(150)
+    for start in range(0, 150, 50):
+        transport.answer(jobs[start:start + 50])
+    assert 10 <= transport.conn.xlen(transport.keys.results) <= 10 + node < 150
 
 
 def test_answers_wait_for_redis_and_are_written_when_it_is_back(
@@ -703,23 +919,23 @@ def dead_letter_once(transport: Transport, deliveries: int, **fields: str) -> st
 
 
 def test_a_dead_letter_is_filed_answered_and_acknowledged_together(
-        make_transport: Any, redis_server_factory: Any) -> None:
+        make_transport: Any, redis_server_factory: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
     server = redis_server_factory()
-    seen: list[dict[str, Any]] = []
-    watching = threading.Event()
-    threading.Thread(target=_monitor, args=(server, seen, watching), daemon=True).start()
-    watching.wait(10)
+    seen = watch(server)
     transport = make_transport(server=server)
     transport.source.setup()
     entry = dead_letter_once(transport, 4, reply_to=f"{transport.keys.results}:mine")
-    transport.conn.set("marker", 1)
-    wait_until(lambda: any("marker" in c["command"] for c in list(seen)), 30, "the marker")
-    [letter] = [t for t in _transactions(list(seen)) if any("XACK" in c for c in t)]
+    transactions = _transactions(seen_so_far(transport, seen))
+    [letter] = [t for t in transactions if any("XACK" in c for c in t)]
     assert [c.split()[0] for c in letter] == ["XADD", "XADD", "XACK", "XDEL", "EXPIRE"]
     assert letter[0].startswith(f"XADD {transport.keys.dead}")
     assert letter[1].startswith(f"XADD {transport.keys.results}:mine")
     assert letter[2].endswith(entry) and letter[3].endswith(entry)
     assert transport.metrics.registry.get_sample_value("imgpipe_dead_letters_total") == 1
+    [line] = [r for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert getattr(line, "job_id", None) == "job-0"
+    assert all(getattr(line, key) == value for key, value in UNFOLDED.items())
     result = transport.results(f"{transport.keys.results}:mine")[0]
     assert result["timings_ms"] == {"queue_wait": 0.0}
 
