@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -62,6 +63,13 @@ def _split_urls(value: Any) -> Any:
     return value
 
 
+def _split_indices(value: Any) -> Any:
+    # From the environment a list of shard indices comes as one string: "0 2" or "0,2".
+    if isinstance(value, str):
+        return value.replace(",", " ").split()
+    return value
+
+
 def _crop_value(value: Any) -> Any:
     """A crop as a setting: "auto", N (square), or "HxW" (also [H, W]; from the
     environment "N" or "HxW"), canonical: an int when square, else "HxW"."""
@@ -99,6 +107,7 @@ SizeSetting = Union[Literal["auto"], Annotated[int, Field(ge=1, le=8192)]]
 UnsetIfBlank = Annotated[Optional[T], BeforeValidator(_blank_is_none)]
 PathList = Annotated[list[Path], BeforeValidator(_split_paths)]
 UrlList = Annotated[list[str], BeforeValidator(_split_urls)]
+IndexList = Annotated[list[Annotated[int, Field(ge=0)]], BeforeValidator(_split_indices)]
 REDIS_URL = r"^(redis|rediss|unix)://"
 KEY_PART = r"^[A-Za-z0-9_.:{}-]+$"
 
@@ -290,6 +299,41 @@ class RedisSettings(Section):
     prefix: str = Field("imgpipe", min_length=1, pattern=KEY_PART)
     timeout_s: float = Field(5.0, gt=0, le=600)
     max_backoff_s: float = Field(5.0, gt=0, le=600)
+    # Sharded queues (pipeline/transport/shards.py): `shards` hash-tagged prefixes
+    # <prefix>:{0}, <prefix>:{1}, ...; with `shard_urls`, shard i lives at its i-th URL.
+    shards: int = Field(1, ge=1, le=1024)
+    shard_urls: UrlList = []
+
+    @field_validator("shard_urls")
+    @classmethod
+    def _valid_shard_urls(cls, urls: list[str]) -> list[str]:
+        for index, url in enumerate(urls):
+            if not re.match(REDIS_URL, url):
+                # Never the URL itself: it may hold a password.
+                raise ValueError(f"shard URL {index} must start with redis://, rediss:// "
+                                 "or unix://")
+        return urls
+
+    @model_validator(mode="after")
+    def _shards_agree(self) -> RedisSettings:
+        if self.shard_urls and len(self.shard_urls) != self.shards:
+            raise ValueError(f"redis.shard_urls names {len(self.shard_urls)} servers but "
+                             f"redis.shards is {self.shards}: give one URL per shard, and "
+                             f"set redis.shards to {len(self.shard_urls)}")
+        if self.shards > 1 and re.search(r"[{}]", self.prefix):
+            raise ValueError(f"redis.prefix {self.prefix!r} holds {{ or }}: with redis.shards "
+                             "above 1 each shard's keys take the hash tag {N}, which an "
+                             "earlier one in the prefix would override; drop the braces")
+        return self
+
+    def shard_url(self, index: int) -> str:
+        """Where shard `index` lives: its own URL, else `url`."""
+        return self.shard_urls[index] if self.shard_urls else self.url
+
+    def for_shard(self, index: int) -> RedisSettings:
+        """These settings with `url` naming shard `index`'s server (credentials and
+        TLS are shared by every shard)."""
+        return self.model_copy(update={"url": self.shard_url(index)})
 
 
 class ServeSettings(Section):
@@ -318,6 +362,8 @@ class ServeSettings(Section):
     read_block_ms: int = Field(500, ge=1, le=60_000)
     drain_grace_s: float = Field(30.0, gt=0)
     stall_timeout_s: float = Field(30.0, gt=0)
+    # Which of the redis.shards this daemon serves, by index; empty: all of them.
+    shards: IndexList = []
 
     @field_validator("allowed_url_prefixes")
     @classmethod
@@ -356,7 +402,23 @@ class Settings(Section):
         # A copy: the default PreprocessSettings instance is shared between Settings.
         object.__setattr__(self, "preprocess", self.preprocess.with_model_recipe(recipe))
         _check_recipe(self)
+        _check_served_shards(self)
         return self
+
+    def served_shards(self) -> list[int]:
+        """The shard indices this daemon serves, in order, each once."""
+        return sorted(set(self.serve.shards)) or list(range(self.redis.shards))
+
+
+def _check_served_shards(settings: Settings) -> None:
+    unknown = sorted({index for index in settings.serve.shards
+                      if index >= settings.redis.shards})
+    if unknown:
+        raise ConfigError(
+            f"invalid configuration: serve.shards names shard(s) "
+            f"{', '.join(map(str, unknown))}, but redis.shards is {settings.redis.shards} "
+            f"(indices 0 to {settings.redis.shards - 1}); fix serve.shards or raise "
+            "redis.shards")
 
 
 def _check_recipe(settings: Settings) -> None:
@@ -531,7 +593,8 @@ def _describe(exc: ValidationError) -> str:
         key = ".".join(str(part) for part in error["loc"])
         env = ENV_PREFIX + "__".join(str(p) for p in error["loc"]).upper()
         # URLs may carry credentials: never echo them.
-        secret = key.endswith(("url", "password"))
+        # and the whole [redis] section, which a check across its keys is given
+        secret = key.endswith(("url", "password")) or ".shard_urls" in key or key == "redis"
         value = "<redacted>" if secret else repr(error.get("input"))
         problems.append(f"{key} = {value}: {error['msg']} "
                         f"(set it in the config file, {env}, or a flag)")

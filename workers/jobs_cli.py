@@ -82,13 +82,18 @@ def _submit(args: argparse.Namespace, stderr: Console) -> int:
             submitted = len(client.submit_many(jobs))
             for line in unreadable:
                 stderr.print(f"imgpipe: not sent: {line}", markup=False)
-            stderr.print(f"submitted {submitted} jobs to {client.keys.jobs}", markup=False)
+            stderr.print(f"submitted {submitted} jobs to {_jobs_streams(client)}", markup=False)
             if reply_to is None:
                 return 0
             return _print_results(client, reply_to, submitted, args, stdout, stderr)
         finally:
             if reply_to is not None:
                 client.delete_stream(reply_to)
+
+
+def _jobs_streams(client: Client) -> str:
+    shards = len(client.shards)
+    return client.keys.jobs if shards == 1 else f"{client.keys.jobs} ({shards} shards)"
 
 
 def _check_submit_flags(args: argparse.Namespace) -> None:
@@ -185,7 +190,7 @@ def _is_text(path: str) -> bool:
 
 def _print_results(client: Client, stream: str, expected: int, args: argparse.Namespace,
                    stdout: Console, stderr: Console) -> int:
-    received, after = 0, "0-0"
+    received, follower = 0, client.follow(stream)
     deadline = time.monotonic() + args.timeout
     while received < expected:
         client.keep_stream(stream, _reply_ttl_s(args))
@@ -194,11 +199,10 @@ def _print_results(client: Client, stream: str, expected: int, args: argparse.Na
             stderr.print(f"imgpipe: {expected - received} of {expected} results still "
                          f"missing after {args.timeout:g} s", markup=False)
             return EXIT_MISSING_RESULTS
-        entries = client.read(stream, after, block_ms=min(remaining_ms, 1000))
+        entries = follower.read(block_ms=min(remaining_ms, 1000))
         for _, result in entries:
             stdout.print(json.dumps(result) if args.json else _one_line(result), markup=False)
-        if entries:
-            received, after = received + len(entries), entries[-1][0]
+        received += len(entries)
     return 0
 
 
@@ -214,18 +218,26 @@ def _status(args: argparse.Namespace, stderr: Console) -> int:
     stdout = Console(highlight=False, soft_wrap=True)
     with _client(args) as client:
         status = client.status()
-        location = client.location
+        locations = [shard.location for shard in client.shards]
     group = status.group if status.group_exists else f"{status.group} (not created yet)"
-    lines = [f"{client.keys.jobs} at {location}, group {group}",
-             f"  waiting {status.lag}, in progress {status.pending}, "
-             f"dead letters {status.dead}, results {status.results}"]
+    lines = [f"{_jobs_streams(client)} at {client.location}, group {group}",
+             _figures(status)]
     if status.consumers:
         lines.append("  consumers:")
         lines += [f"    {c.name}: {c.pending} in progress, idle {c.idle_ms / 1000:.1f} s"
                   for c in status.consumers]
+    if status.shards:
+        lines.append("  shards:")
+        lines += [f"    {shard.jobs_stream} at {location}:{_figures(shard)}"
+                  for shard, location in zip(status.shards, locations, strict=True)]
     for line in lines:
         stdout.print(line, markup=False)
     return 0
+
+
+def _figures(status: Any) -> str:
+    return (f"  waiting {status.lag}, in progress {status.pending}, "
+            f"dead letters {status.dead}, results {status.results}")
 
 
 def _dead(args: argparse.Namespace, stderr: Console) -> int:
@@ -236,7 +248,10 @@ def _dead(args: argparse.Namespace, stderr: Console) -> int:
             for entry_id, letter in client.dead_list(args.count):
                 stdout.print(_dead_line(entry_id, letter), markup=False)
         elif args.action == "retry":
-            moved = client.dead_retry(args.ids or None)
+            try:
+                moved = client.dead_retry(args.ids or None)
+            except ValueError as exc:  # an id without its shard, or naming none
+                raise ConfigError(str(exc)) from None
             stdout.print(f"queued {moved} dead letters as jobs again", markup=False)
         else:
             stdout.print(f"removed {client.dead_purge()} dead letters", markup=False)
@@ -248,12 +263,13 @@ def _check_dead_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--count must be at least 1, not {args.count}")
     if args.ids and args.action != "retry":
         raise ConfigError(f"dead {args.action} takes no ids (only dead retry does)")
-    from pipeline.transport.client import ENTRY_ID
+    from pipeline.transport.client import DEAD_ID
 
-    malformed = [entry_id for entry_id in args.ids if not ENTRY_ID.match(entry_id)]
+    malformed = [entry_id for entry_id in args.ids if not DEAD_ID.match(entry_id)]
     if malformed:
         raise ConfigError(f"not dead letter ids: {', '.join(malformed[:5])} (ids look like "
-                          "1716200000000-0; imgpipe dead list shows them)")
+                          "1716200000000-0, or 1/1716200000000-0 with shards; imgpipe dead "
+                          "list shows them)")
 
 
 def _dead_line(entry_id: str, letter: dict[str, Any]) -> str:

@@ -2,10 +2,11 @@
 
 Keys share one prefix: `<prefix>:jobs` (jobs, a stream read by one consumer
 group), `<prefix>:results` (the default result stream) and `<prefix>:dead`
-(dead letters). Every value is bytes on the wire: scalars are UTF-8 text,
-structured values (predictions, error, timings) JSON. Both sides of the
-contract live here: the daemon parses jobs and encodes results, the client
-encodes jobs and decodes results. An embedding travels as base64 text of its
+(dead letters); with shards, each shard's under `<prefix>:{N}` (`shards`).
+Every value is bytes on the wire: scalars are UTF-8 text, structured values
+(predictions, error, timings) JSON. Both sides of the contract live here: the
+daemon parses jobs and encodes results, the client encodes jobs and decodes
+results. An embedding travels as base64 text of its
 little-endian float16 bytes, with `dim` and `dtype` beside it: a tenth of the
 bytes of JSON numbers, and decodable in any language.
 
@@ -35,6 +36,7 @@ from pipeline.errors import InputError, internal_error
 from pipeline.sources.files import resolve_allowed
 from pipeline.sources.urls import MAX_URL_CHARS, Prefix, check_url
 from pipeline.spec import TTA_VIEWS
+from pipeline.transport.shards import hash_tag, shard_prefix
 
 if TYPE_CHECKING:
     from pipeline.predictions import Record  # torch: not for clients
@@ -69,6 +71,17 @@ class Keys:
     def dead(self) -> str:
         return f"{self.prefix}:dead"
 
+    @classmethod
+    def of_shard(cls, prefix: str, index: int, count: int) -> Keys:
+        """Shard `index` of `count`'s keys: under `<prefix>:{index}`, or under
+        `prefix` itself when there is one shard."""
+        return cls(shard_prefix(prefix, index, count))
+
+    @classmethod
+    def of_shards(cls, prefix: str, count: int) -> list[Keys]:
+        """Every shard's keys, by index."""
+        return [cls.of_shard(prefix, index, count) for index in range(count)]
+
     @property
     def own_streams(self) -> frozenset[str]:
         """The streams a result must never be written into."""
@@ -91,6 +104,9 @@ class JobRules:
     # The output kinds a job may ask for: embeddings only where the daemon's model
     # gives them (model.output other than "logits").
     outputs: tuple[str, ...] = ("logits",)
+    # With shards, the hash tag a reply stream must carry: the jobs stream's,
+    # so that the result and the acknowledgement share a Redis Cluster slot.
+    reply_tag: Optional[str] = None
 
 
 @dataclass
@@ -176,6 +192,10 @@ def _reply_stream(name: str, rules: JobRules) -> str:
         raise InputError("invalid_field", f"field reply_to: {name!r} is a key of imgpipe's "
                          f"own (the jobs or dead-letter stream, or the cache); results "
                          f"cannot be written there")
+    if rules.reply_tag is not None and hash_tag(name) != rules.reply_tag:
+        raise InputError("invalid_field", f"field reply_to: {name!r} is outside this job's "
+                         f"shard: a reply stream must carry the shard's hash tag "
+                         f"{{{rules.reply_tag}}}, as Client.reply_stream's names do")
     return name
 
 
