@@ -23,8 +23,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from types import FrameType
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from pipeline import notify, status_server
 from pipeline.cache import keys as cache_keys
@@ -32,12 +33,20 @@ from pipeline.config import Settings
 from pipeline.embeddings import answerable
 from pipeline.engine import Engine
 from pipeline.errors import ConfigError, TransientError
+from pipeline.items import Record
 from pipeline.metrics import Metrics
 from pipeline.sources.urls import Prefix
 from pipeline.transport.connection import Outage, connect, describe_url
 from pipeline.transport.consumer import StreamSource
 from pipeline.transport.contract import JobRules, Keys
 from pipeline.transport.publisher import InFlight, ResultPublisher, Streams
+from pipeline.transport.sharded import Lane, MergedSource, ShardedPublisher
+from pipeline.transport.shards import hash_tag
+
+if TYPE_CHECKING:
+    import redis
+
+    from pipeline.sources import ChunkSource
 
 log = logging.getLogger("imgpipe.serve")
 
@@ -82,13 +91,22 @@ class Shutdown:
         os._exit(EXIT_DRAIN_TIMEOUT)
 
 
+@dataclass
+class ShardLink:
+    """A served shard's keys and its own connection and outage record."""
+
+    index: int
+    keys: Keys
+    client: redis.Redis
+    outage: Outage
+
+
 def serve(settings: Settings) -> int:
     """Run the daemon until a signal stops it; the process's exit status."""
     cfg = settings.serve
     # Settings errors first, before anything starts (connect() does no I/O yet).
     roots = _allowed_roots(settings)
-    client = connect(settings.redis, extra_timeout_s=cfg.read_block_ms / 1000)
-    outage = Outage(describe_url(settings.redis.url), settings.redis.max_backoff_s)
+    links = [_link(settings, index) for index in settings.served_shards()]
     metrics = Metrics()
     engine = Engine(settings, max_topk=cfg.max_topk, metrics=metrics,
                     allowed_roots=tuple(roots))
@@ -104,63 +122,133 @@ def serve(settings: Settings) -> int:
     shutdown.on_stop(health.draining)
     shutdown.on_stop(notify.stopping)
     shutdown.install()  # before the slow set-up: a stop during it is honoured
-    keys = Keys(settings.redis.prefix)
-    streams = Streams(keys, cfg.group, cfg.results_maxlen, cfg.dead_maxlen,
-                      cfg.reply_stream_ttl_s)
     consumer = cfg.consumer or f"{socket.gethostname()}-{os.getpid()}"
     watchdog: Optional[notify.Watchdog] = None
+    lanes: list[Lane] = []
     try:
         engine.setup()
-        in_flight = InFlight()
-        publisher = ResultPublisher(client, streams, engine.model.name, in_flight, outage,
-                                    metrics)
-        rules = JobRules(engine.model.name, cfg.max_topk, cfg.max_inline_bytes, roots,
-                         keys.results, keys.own_streams,
-                         (cache_keys.namespace(settings.cache.prefix) + ":",),
-                         tuple(Prefix.parse(prefix) for prefix in cfg.allowed_url_prefixes),
-                         # all of a job's views go through the model in one batch
-                         max_views=min(cfg.max_views, engine.settings.batching.max_batch_size),
-                         outputs=answerable(settings.model.output))
-        source = StreamSource(client, streams, consumer, cfg, rules,
-                              settings.preprocess.chunk_size, in_flight, publisher, outage)
-        shutdown.on_stop(source.stop)
-        try:
-            source.setup()
-        except TransientError:
-            return 0  # stopped while waiting for Redis: nothing was read
+        rules = _rules(settings, engine, roots)
+        lanes = [_lane(settings, link, consumer, rules, engine.model.name, metrics)
+                 for link in links]
+        source: Optional[ChunkSource]
+        if len(lanes) == 1:
+            # One shard: read and written on the engine's own threads, as ever.
+            source, sink, published = _single(lanes[0], shutdown)
+            if source is None:
+                return 0  # stopped while waiting for Redis: nothing was read
+        else:
+            source, sink, published = _several(lanes, shutdown)
         health.ready()
         notify.ready(f"serving {engine.model.name} on {engine.device}")
         engine.progress.tick()  # the set-up was progress too
         serving.set()
-        watchdog = notify.Watchdog(progressing, _describer(publisher, in_flight))
+        watchdog = notify.Watchdog(progressing, _describer(
+            published, lambda: sum(len(lane.in_flight) for lane in lanes)))
         watchdog.start()
-        log.info("serving %s on %s: consumer %s of group %s reading %s at %s",
-                 engine.model.name, engine.device, consumer, cfg.group, keys.jobs,
-                 outage.location)
+        log.info("serving %s on %s: consumer %s of group %s reading %s", engine.model.name,
+                 engine.device, consumer, cfg.group,
+                 ", ".join(f"{link.keys.jobs} at {link.outage.location}" for link in links))
         log.info("preprocessing %s: %s", engine.preprocess_backend,
                  settings.preprocess.describe())
-        engine.run(source, publisher.write)
-        source.leave()
+        engine.run(source, sink.write)
+        sink.close()
+        for lane in lanes:
+            lane.source.leave()
     finally:
         if watchdog is not None:
             watchdog.stop()
         engine.close()
-        client.close()
+        for link in links:
+            link.client.close()
         if endpoint is not None:
             endpoint.stop()
-    log.info("stopped after answering %d jobs", publisher.published)
+    log.info("stopped after answering %d jobs", published())
     return 0
 
 
-def _describer(publisher: ResultPublisher, in_flight: InFlight) -> Callable[[], str]:
+class _Sink(Protocol):
+    def write(self, records: list[Record]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Direct:
+    """One shard's publisher as the engine's sink, written on the engine's thread."""
+
+    def __init__(self, publisher: ResultPublisher) -> None:
+        self.write = publisher.write
+
+    def close(self) -> None:
+        pass
+
+
+def _single(lane: Lane, shutdown: Shutdown
+            ) -> tuple[Optional[StreamSource], _Sink, Callable[[], int]]:
+    """The one shard's source, set up (None when stopped while waiting for Redis)."""
+    shutdown.on_stop(lane.source.stop)
+    try:
+        lane.source.setup()
+    except TransientError:
+        return None, _Direct(lane.publisher), lambda: 0
+    return lane.source, _Direct(lane.publisher), lambda: lane.publisher.published
+
+
+def _several(lanes: list[Lane], shutdown: Shutdown
+             ) -> tuple[MergedSource, _Sink, Callable[[], int]]:
+    """Several shards merged: each read and written on threads of its own, so
+    one shard's Redis being down never holds up the others (nor the start)."""
+    source, sink = MergedSource(lanes), ShardedPublisher(lanes)
+    shutdown.on_stop(source.stop)
+    sink.start()
+    source.start()
+    return source, sink, lambda: sink.published
+
+
+def _link(settings: Settings, index: int) -> ShardLink:
+    cfg = settings.redis.for_shard(index)
+    return ShardLink(index, Keys.of_shard(cfg.prefix, index, cfg.shards),
+                     connect(cfg, extra_timeout_s=settings.serve.read_block_ms / 1000),
+                     Outage(describe_url(cfg.url), cfg.max_backoff_s))
+
+
+def _rules(settings: Settings, engine: Engine, roots: list[str]) -> JobRules:
+    """What jobs may ask for, before the shard's own streams are filled in."""
+    cfg = settings.serve
+    return JobRules(engine.model.name, cfg.max_topk, cfg.max_inline_bytes, roots, "",
+                    frozenset(), (cache_keys.namespace(settings.cache.prefix) + ":",),
+                    tuple(Prefix.parse(prefix) for prefix in cfg.allowed_url_prefixes),
+                    # all of a job's views go through the model in one batch
+                    max_views=min(cfg.max_views, engine.settings.batching.max_batch_size),
+                    outputs=answerable(settings.model.output))
+
+
+def _lane(settings: Settings, link: ShardLink, consumer: str, rules: JobRules, model: str,
+          metrics: Metrics) -> Lane:
+    cfg = settings.serve
+    keys = link.keys
+    streams = Streams(keys, cfg.group, cfg.results_maxlen, cfg.dead_maxlen,
+                      cfg.reply_stream_ttl_s)
+    # With shards, a reply stream must share the jobs stream's Redis Cluster slot.
+    tag = hash_tag(keys.prefix) if settings.redis.shards > 1 else None
+    rules = replace(rules, default_reply_to=keys.results, forbidden_reply_to=keys.own_streams,
+                    reply_tag=tag)
+    in_flight = InFlight()
+    publisher = ResultPublisher(link.client, streams, model, in_flight, link.outage, metrics)
+    source = StreamSource(link.client, streams, consumer, cfg, rules,
+                          settings.preprocess.chunk_size, in_flight, publisher, link.outage)
+    return Lane(link.index, source, publisher, in_flight)
+
+
+def _describer(published: Callable[[], int], in_flight: Callable[[], int]
+               ) -> Callable[[], str]:
     """systemd's STATUS= line: throughput since the previous call, and work in flight."""
-    last = [time.monotonic(), publisher.published]
+    last = [time.monotonic(), published()]
 
     def describe() -> str:
-        now, answered = time.monotonic(), publisher.published
+        now, answered = time.monotonic(), published()
         rate = (answered - last[1]) / max(now - last[0], 1e-9)
         last[:] = [now, answered]
-        return f"{rate:.1f} jobs/s, {len(in_flight)} in flight, {answered} answered"
+        return f"{rate:.1f} jobs/s, {in_flight()} in flight, {answered} answered"
 
     return describe
 
