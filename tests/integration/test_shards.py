@@ -154,40 +154,49 @@ def test_two_shards_on_two_servers_answer_every_job_and_ride_out_one_shards_outa
 def test_hash_tagged_shards_on_one_server_with_one_daemon(
         daemon_factory: DaemonFactory, redis_server: RedisServer, raw: redis.Redis,
         prefix: str, images: Path, tiny_model: Path, run: Any) -> None:  # noqa: F811
-    # given two shards as hash-tagged prefixes on one server, and 30 queued jobs
+    # given two shards as hash-tagged prefixes on one server; first in each shard
+    # 10 jobs under the same entry ids as the other shard's, then 30 queued jobs
     keys = Keys.of_shards(prefix, SHARDS)
+    twins = [[f"twin-{index}-{n}" for n in range(10)] for index in range(SHARDS)]
+    for key, ids in zip(keys, twins, strict=True):
+        for n, job_id in enumerate(ids):
+            raw.xadd(key.jobs, {"id": job_id, "image": "0.jpg"}, id=f"1-{n + 1}")
     cfg = RedisSettings(url=redis_server.url, prefix=prefix, shards=SHARDS)
     with Client(cfg) as client:
         jobs = list(path_jobs(images, 30, "tagged"))
         client.submit_many(jobs)
         # then each shard got its jobs, under its own tag, in one cluster slot per shard
         for index, ids in enumerate(by_shard([job["job_id"] for job in jobs])):
-            assert ids and sorted(queued_ids(raw, keys[index])) == sorted(ids)
+            assert ids and sorted(queued_ids(raw, keys[index])) == sorted(ids + twins[index])
             assert keys[index].jobs == f"{prefix}:{{{index}}}:jobs"
             assert {key_slot(name.encode()) for name in
                     (keys[index].jobs, keys[index].results, keys[index].dead)} == \
                 {key_slot(keys[index].jobs.encode())}
         assert key_slot(keys[0].jobs.encode()) != key_slot(keys[1].jobs.encode())
         # when one daemon serves both, and `imgpipe submit --wait` sends 4 more
-        env = shard_env([redis_server.url] * SHARDS, prefix, images, tiny_model)
+        # (taking over idle jobs, a safety net that would hide a mix-up, is put off)
+        env = shard_env([redis_server.url] * SHARDS, prefix, images, tiny_model,
+                        SERVE__CLAIM_IDLE_MS="600000")
         daemons = start_all(daemon_factory, env, 1)
-        waited = run("submit", "--wait", "--json", "--paths", str(images),
+        waited = run("submit", "--wait", "--json", "--timeout", "120", "--paths", str(images),
                      env={key: env[key] for key in env if "REDIS" in key})
         # then the command's four results came back through the shards' reply streams
         assert waited.returncode == 0, waited.stderr
         assert "(2 shards)" in waited.stderr
         assert sorted(json.loads(line)["status"] for line in waited.stdout.splitlines()) \
             == ["ok"] * 4
-        # and the queued jobs' results are in their shards' result streams
+        # and the queued jobs' results are in their shards' result streams, each
+        # once, the twins' too (equal entry ids in two shards are two jobs)
         for index, ids in enumerate(by_shard([job["job_id"] for job in jobs])):
             tally = Tally(raw, keys[index].results)
-            tally.wait_for(ids, WAIT_S, daemons)
-            assert tally.duplicates == 0
+            tally.wait_for(ids + twins[index], WAIT_S, daemons)
+            assert set(tally.counts) == set(ids + twins[index]) and tally.duplicates == 0
+            assert all(tally.results[twin]["status"] == "ok" for twin in twins[index])
         # and status adds both shards up, and shows each
         status = client.status()
         assert [shard.results for shard in status.shards] == \
-            [len(ids) for ids in by_shard([job["job_id"] for job in jobs])]
-        assert status.results == 30 and status.jobs == 0 and status.group_exists
+            [len(ids) + 10 for ids in by_shard([job["job_id"] for job in jobs])]
+        assert status.results == 50 and status.jobs == 0 and status.group_exists
         shown = run("status", env={key: env[key] for key in env if "REDIS" in key})
         assert f"{keys[1].jobs} at 127.0.0.1:{redis_server.port}:" in shown.stdout
 
