@@ -497,7 +497,7 @@ def _secrets(settings: Settings) -> list[str]:
     if cfg.password_file is not None:
         with contextlib.suppress(OSError):
             found.append(cfg.password_file.read_text().strip())
-    for url in (cfg.url, settings.cache.redis_url):
+    for url in (cfg.url, *cfg.shard_urls, settings.cache.redis_url):
         try:
             password = urlsplit(url or "").password
         except ValueError:

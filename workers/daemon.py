@@ -128,8 +128,9 @@ def serve(settings: Settings) -> int:
     try:
         engine.setup()
         rules = _rules(settings, engine, roots)
-        lanes = [_lane(settings, link, consumer, rules, engine.model.name, metrics)
-                 for link in links]
+        lanes.extend(_lane(settings, link, consumer, rules, engine.model.name, metrics,
+                           lambda: sum(len(lane.in_flight) for lane in lanes))
+                     for link in links)
         source: Optional[ChunkSource]
         if len(lanes) == 1:
             # One shard: read and written on the engine's own threads, as ever.
@@ -143,7 +144,7 @@ def serve(settings: Settings) -> int:
         engine.progress.tick()  # the set-up was progress too
         serving.set()
         watchdog = notify.Watchdog(progressing, _describer(
-            published, lambda: sum(len(lane.in_flight) for lane in lanes)))
+            published, lanes[0].publisher.in_flight_total))
         watchdog.start()
         log.info("serving %s on %s: consumer %s of group %s reading %s", engine.model.name,
                  engine.device, consumer, cfg.group,
@@ -223,7 +224,7 @@ def _rules(settings: Settings, engine: Engine, roots: list[str]) -> JobRules:
 
 
 def _lane(settings: Settings, link: ShardLink, consumer: str, rules: JobRules, model: str,
-          metrics: Metrics) -> Lane:
+          metrics: Metrics, in_flight_total: Callable[[], int]) -> Lane:
     cfg = settings.serve
     keys = link.keys
     streams = Streams(keys, cfg.group, cfg.results_maxlen, cfg.dead_maxlen,
@@ -233,7 +234,8 @@ def _lane(settings: Settings, link: ShardLink, consumer: str, rules: JobRules, m
     rules = replace(rules, default_reply_to=keys.results, forbidden_reply_to=keys.own_streams,
                     reply_tag=tag)
     in_flight = InFlight()
-    publisher = ResultPublisher(link.client, streams, model, in_flight, link.outage, metrics)
+    publisher = ResultPublisher(link.client, streams, model, in_flight, link.outage, metrics,
+                                in_flight_total)
     source = StreamSource(link.client, streams, consumer, cfg, rules,
                           settings.preprocess.chunk_size, in_flight, publisher, link.outage)
     return Lane(link.index, source, publisher, in_flight)

@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -87,13 +87,16 @@ class ResultPublisher:
     """Writes results, acknowledges jobs, and files dead letters."""
 
     def __init__(self, client: redis.Redis, streams: Streams, model: str,
-                 in_flight: InFlight, outage: Outage, metrics: Optional[Metrics] = None) -> None:
+                 in_flight: InFlight, outage: Outage, metrics: Optional[Metrics] = None,
+                 in_flight_total: Optional[Callable[[], int]] = None) -> None:
         self.client = client
         self.streams = streams
         self.model = model
         self.in_flight = in_flight
         self.outage = outage
         self.metrics = metrics
+        # The daemon's jobs in flight, for the metric: with shards, every shard's.
+        self.in_flight_total = in_flight_total or in_flight.__len__
         self.published = 0
 
     def write(self, records: list[Record]) -> None:
@@ -111,7 +114,7 @@ class ResultPublisher:
             share = (time.perf_counter() - started) / len(records)  # each job's, as for inference
             for _ in records:
                 self.metrics.observe_stage("publish", share)
-            self.metrics.set_in_flight(len(self.in_flight))
+            self.metrics.set_in_flight(self.in_flight_total())
 
     def dead_letter(self, request: JobRequest, fields: Mapping[bytes, bytes],
                     deliveries: int) -> None:
