@@ -199,6 +199,16 @@ def test_hash_tagged_shards_on_one_server_with_one_daemon(
         assert status.results == 50 and status.jobs == 0 and status.group_exists
         shown = run("status", env={key: env[key] for key in env if "REDIS" in key})
         assert f"{keys[1].jobs} at 127.0.0.1:{redis_server.port}:" in shown.stdout
+        # when 200 more jobs come and the daemon gets SIGTERM once it has answered some
+        more = [job["job_id"] for job in path_jobs(images, 200, "drained")]
+        client.submit_many(path_jobs(images, 200, "drained"))
+        wait_until(lambda: client.status().results > 55, WAIT_S, "a result", daemons)
+        # then it exits 0, every job it read from either shard answered (none left
+        # pending), and it leaves both shards' groups
+        assert daemons[0].stop() == 0, daemons[0].log()[-3000:]
+        drained = client.status()
+        assert [shard.pending for shard in drained.shards] == [0, 0]
+        assert drained.results + drained.jobs == 50 + len(more) and drained.consumers == []
 
 
 def test_dead_letters_are_listed_retried_and_purged_across_shards(
