@@ -198,7 +198,8 @@ def _several(lanes: list[Lane], shutdown: Shutdown
              ) -> tuple[MergedSource, _Sink, Callable[[], int]]:
     """Several shards merged: each read and written on threads of its own, so
     one shard's Redis being down never holds up the others (nor the start)."""
-    source, sink = MergedSource(lanes), ShardedPublisher(lanes)
+    source = MergedSource({lane.index: lane.source for lane in lanes})
+    sink = ShardedPublisher(lanes)
     shutdown.on_stop(source.stop)
     sink.start()
     source.start()

@@ -16,9 +16,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 from pipeline.errors import TransientError
 from pipeline.items import Job, Record
@@ -34,6 +34,16 @@ READ_WAIT_S = 1.0
 # window bounds what can be in flight for a shard anyway).
 WRITE_QUEUE_BATCHES = 64
 _END = None  # what tells a writer that no more batches come
+
+
+class ShardSource(Protocol):
+    """One shard's jobs (a StreamSource)."""
+
+    def setup(self) -> None: ...
+
+    def next_chunk(self, wait_s: float) -> Optional[list[Job]]: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -59,8 +69,8 @@ def split_ref(ref: str) -> tuple[int, str]:
 class MergedSource:
     """The engine's ChunkSource over several shards, taking their chunks in turn."""
 
-    def __init__(self, lanes: Sequence[Lane]) -> None:
-        self._lanes = list(lanes)
+    def __init__(self, sources: Mapping[int, ShardSource]) -> None:
+        self._lanes = list(sources.items())  # (shard index, its source)
         self._chunks: list[Optional[list[Job]]] = [None] * len(self._lanes)
         self._ended = [False] * len(self._lanes)
         self._error: Optional[BaseException] = None
@@ -70,14 +80,19 @@ class MergedSource:
     def start(self) -> None:
         """Start one reader per shard; each creates its group first, waiting for its
         Redis meanwhile without holding up the others."""
-        for position, lane in enumerate(self._lanes):
-            threading.Thread(target=self._read, args=(position, lane), daemon=True,
-                             name=f"shard-{lane.index}-reader").start()
+        for position, (index, source) in enumerate(self._lanes):
+            threading.Thread(target=self._read, args=(position, index, source), daemon=True,
+                             name=f"shard-{index}-reader").start()
 
     def stop(self) -> None:
         """Stop reading every shard; what was read still comes out, then None."""
-        for lane in self._lanes:
-            lane.source.stop()
+        for _, source in self._lanes:
+            source.stop()
+
+    def ready(self) -> int:
+        """Chunks read and not taken yet (one per shard at most)."""
+        with self._changed:
+            return sum(chunk is not None for chunk in self._chunks)
 
     def next_chunk(self, wait_s: float) -> Optional[list[Job]]:
         deadline = time.monotonic() + wait_s
@@ -106,13 +121,13 @@ class MergedSource:
                 return chunk
         return None
 
-    def _read(self, position: int, lane: Lane) -> None:
+    def _read(self, position: int, index: int, source: ShardSource) -> None:
         try:
-            lane.source.setup()
-            while (chunk := lane.source.next_chunk(READ_WAIT_S)) is not None:
+            source.setup()
+            while (chunk := source.next_chunk(READ_WAIT_S)) is not None:
                 if chunk:
                     for job in chunk:
-                        job.ref = shard_ref(lane.index, job.ref or "")
+                        job.ref = shard_ref(index, job.ref or "")
                     self._hand_over(position, chunk)
         except TransientError:
             pass  # stopped while waiting for its Redis: nothing was read
