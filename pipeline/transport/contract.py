@@ -55,7 +55,7 @@ STREAM_NAME = re.compile(r"^[A-Za-z0-9_.:{}-]{1,256}$")
 
 @dataclass(frozen=True)
 class Keys:
-    """Every key of one deployment, under its prefix."""
+    """Every key of one shard (of the whole deployment when unsharded), under its prefix."""
 
     prefix: str
 

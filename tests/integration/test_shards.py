@@ -211,8 +211,28 @@ def test_hash_tagged_shards_on_one_server_with_one_daemon(
         assert drained.results + drained.jobs == 50 + len(more) and drained.consumers == []
 
 
+def test_a_daemon_serves_only_the_shards_it_is_given(
+        daemon_factory: DaemonFactory, redis_server: RedisServer, raw: redis.Redis,
+        prefix: str, images: Path, tiny_model: Path) -> None:  # noqa: F811
+    # given 20 jobs over two shards, and a daemon told to serve shard 1 only
+    keys = Keys.of_shards(prefix, SHARDS)
+    with Client(RedisSettings(url=redis_server.url, prefix=prefix, shards=SHARDS)) as client:
+        jobs = list(path_jobs(images, 20, "one"))
+        client.submit_many(jobs)
+    ids = by_shard([job["job_id"] for job in jobs])
+    env = shard_env([redis_server.url] * SHARDS, prefix, images, tiny_model, SERVE__SHARDS="1")
+    daemons = start_all(daemon_factory, env, 1)
+    # then shard 1's jobs are answered, in shard 1
+    Tally(raw, keys[1].results).wait_for(ids[1], WAIT_S, daemons)
+    wait_until(lambda: raw.xlen(keys[1].jobs) == 0, WAIT_S, "an empty shard 1", daemons)
+    # and shard 0's wait untouched: no group was even made there
+    assert sorted(queued_ids(raw, keys[0])) == sorted(ids[0])
+    assert raw.xlen(keys[0].results) == 0
+    assert raw.xinfo_groups(keys[0].jobs) == []
+
+
 def test_dead_letters_are_listed_retried_and_purged_across_shards(
-        redis_server: RedisServer, raw: redis.Redis, prefix: str) -> None:
+        redis_server: RedisServer, raw: redis.Redis, prefix: str, run: Any) -> None:
     # given a dead letter in each of two shards
     keys = Keys.of_shards(prefix, SHARDS)
     letters = [raw.xadd(key.dead, {"id": f"job-{index}", "image": "/x.png",
@@ -225,9 +245,17 @@ def test_dead_letters_are_listed_retried_and_purged_across_shards(
         assert sorted(dead_id for dead_id, _ in listed) == \
             sorted(f"{index}/{letter}" for index, letter in enumerate(letters))
         assert {letter["id"] for _, letter in listed} == {"job-0", "job-1"}
-        # and an id without its shard is refused, naming the form
+        # and an id without its shard is refused, naming the form, by the command too
         with pytest.raises(ValueError, match="1/1716200000000-0"):
             client.dead_retry([letters[1]])
+        env = {"IMGPIPE_REDIS_URL": redis_server.url, "IMGPIPE_REDIS__PREFIX": prefix,
+               "IMGPIPE_REDIS__SHARDS": str(SHARDS)}
+        shown = run("dead", "list", env=env)
+        assert shown.returncode == 0
+        assert sorted(line.split()[:3] for line in shown.stdout.splitlines()) == \
+            [[f"{index}/{letter}", "job", f"job-{index}"] for index, letter in enumerate(letters)]
+        refused = run("dead", "retry", letters[1], env=env)
+        assert refused.returncode == 2 and "1/1716200000000-0" in refused.stderr
         # when shard 1's letter is retried
         assert client.dead_retry([f"1/{letters[1]}"]) == 1
         # then it is a job again in shard 1 only
