@@ -263,7 +263,7 @@ def _check_dead_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--count must be at least 1, not {args.count}")
     if args.ids and args.action != "retry":
         raise ConfigError(f"dead {args.action} takes no ids (only dead retry does)")
-    from pipeline.transport.client import DEAD_ID
+    from pipeline.transport.dead_letters import DEAD_ID
 
     malformed = [entry_id for entry_id in args.ids if not DEAD_ID.match(entry_id)]
     if malformed:

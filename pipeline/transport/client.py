@@ -14,9 +14,7 @@ may hold a password), and the caller decides whether to try again.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import re
 import time
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Mapping
@@ -27,7 +25,7 @@ import redis
 
 from pipeline.config import RedisSettings, Settings
 from pipeline.errors import ConfigError, ImgpipeError, TransientError
-from pipeline.transport import contract
+from pipeline.transport import contract, dead_letters
 from pipeline.transport.connection import (
     DENIED,
     OUTAGE_ERRORS,
@@ -37,17 +35,10 @@ from pipeline.transport.connection import (
     server_reason,
 )
 from pipeline.transport.contract import Keys, reply_text
+from pipeline.transport.follow import Entry, Follower, Shard
 from pipeline.transport.shards import hash_tag, shard_of, stream_in_shard
 
 DEFAULT_GROUP = "imgpipe"
-DEAD_PAGE = 100  # dead letters read per XRANGE while retrying them all
-_DEAD_FIELDS = frozenset(contract.DEAD_FIELDS)
-# A dead letter's id: with shards, its shard's index first ("1/1716200000000-0").
-DEAD_ID = re.compile(r"^(?:([0-9]+)/)?([0-9]+(?:-[0-9]+)?)$")
-# How long one blocking read of a result stream in several shards waits on
-# each in turn: a result in another shard waits at most about this long.
-SHARD_BLOCK_MS = 100
-Entry = tuple[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -73,38 +64,6 @@ class Status:
     consumers: list[Consumer] = field(default_factory=list)
     jobs_stream: str = ""  # the jobs stream these figures are of (every shard's: its family)
     shards: list[Status] = field(default_factory=list)  # each shard's figures, with shards
-
-
-@dataclass
-class Shard:
-    """One shard as the client sees it: its keys and a connection to its server."""
-
-    index: int
-    keys: Keys
-    cfg: RedisSettings  # url: this shard's server
-    location: str
-    conn: redis.Redis
-    # Blocking reads get their own connection, its socket timeout covering the block.
-    reader: Optional[redis.Redis] = None
-    reader_block_ms: int = 0
-
-    def blocking(self, block_ms: int) -> redis.Redis:
-        """The connection for a read blocking `block_ms` (0: the plain one)."""
-        if block_ms == 0:
-            return self.conn
-        if self.reader is None or self.reader_block_ms < block_ms:
-            if self.reader is not None:
-                self.reader.close()
-            self.reader = connect(self.cfg, extra_timeout_s=block_ms / 1000)
-            self.reader_block_ms = block_ms
-        return self.reader
-
-    def close(self) -> None:
-        for conn in (self.conn, self.reader):
-            if conn is not None:
-                with contextlib.suppress(redis.RedisError):
-                    conn.close()
-        self.reader = None
 
 
 class Client:
@@ -266,7 +225,7 @@ class Client:
     def follow(self, stream: str, after: str = "0-0") -> Follower:
         """A reader of result stream `stream` from after `after`, in every shard
         that holds it, each with a cursor of its own."""
-        return Follower(self, self._placed(stream), after)
+        return Follower(self._read_one, self._placed(stream), after)
 
     def read(self, stream: str, after: str = "0-0", block_ms: int = 0,
              count: int = 100) -> list[Entry]:
@@ -363,94 +322,48 @@ class Client:
         letters = []
         for shard in self.shards:
             with self._translated(shard.location):
-                entries: Any = shard.conn.xrange(shard.keys.dead, count=count)
-            letters += [(_entry_order(reply_text(entry_id)), self._dead_id(shard, entry_id),
-                         _decode_dead(fields)) for entry_id, fields in entries]
+                letters += [(order, self._dead_id(shard, entry_id), letter) for
+                            order, entry_id, letter in dead_letters.oldest(
+                                shard.conn, shard.keys, count)]
         letters.sort(key=lambda letter: letter[0])
         return [(dead_id, letter) for _, dead_id, letter in letters[:count]]
 
-    def _dead_id(self, shard: Shard, entry_id: Any) -> str:
-        text = reply_text(entry_id)
-        return text if len(self.shards) == 1 else f"{shard.index}/{text}"
+    def _dead_id(self, shard: Shard, entry_id: str) -> str:
+        return entry_id if len(self.shards) == 1 else f"{shard.index}/{entry_id}"
 
     def dead_retry(self, entry_ids: Optional[Iterable[str]] = None) -> int:
         """Queue dead letters (all when None) as jobs again, each in its own
         shard; how many were moved."""
-        if entry_ids is None:
-            return sum(self._retry_one(shard, entry_id) for shard in self.shards
-                       for entry_id in self._all_dead_ids(shard))
-        letters = list(self._checked_ids(entry_ids))
-        return sum(self._retry_one(shard, entry_id) for shard, entry_id in letters)
+        moved = 0
+        for shard, ids in self._dead_ids_by_shard(entry_ids):
+            with self._translated(shard.location):
+                moved += sum(dead_letters.retry(shard.conn, shard.keys, entry_id)
+                             for entry_id in ids)
+        return moved
 
-    def _checked_ids(self, dead_ids: Iterable[str]) -> Iterator[tuple[Shard, str]]:
+    def _dead_ids_by_shard(self, dead_ids: Optional[Iterable[str]]
+                           ) -> Iterator[tuple[Shard, Iterable[str]]]:
+        if dead_ids is None:
+            yield from ((shard, dead_letters.all_ids(shard.conn, shard.keys))
+                        for shard in self.shards)
+            return
         # Checked up front: a typo must not fail half-way through the list.
         ids = list(dead_ids)
-        bad = [dead_id for dead_id in ids if self._shard_of_dead(dead_id) is None]
+        parsed = [dead_letters.parse_id(dead_id, len(self.shards)) for dead_id in ids]
+        bad = [dead_id for dead_id, place in zip(ids, parsed, strict=True) if place is None]
         if bad:
             example = "1716200000000-0" if len(self.shards) == 1 else "1/1716200000000-0"
             raise ValueError(f"not dead letter ids: {', '.join(map(repr, bad[:5]))} (ids look "
                              f"like {example}; dead_list shows them)")
-        for dead_id in ids:
-            shard = self._shard_of_dead(dead_id)
-            assert shard is not None
-            yield shard, dead_id.rpartition("/")[2]
-
-    def _shard_of_dead(self, dead_id: str) -> Optional[Shard]:
-        """The shard a dead letter id names; None when it is malformed or names none."""
-        match = DEAD_ID.match(dead_id)
-        if match is None or (match.group(1) is None) != (len(self.shards) == 1):
-            return None
-        index = int(match.group(1) or 0)
-        return self.shards[index] if index < len(self.shards) else None
-
-    def _all_dead_ids(self, shard: Shard) -> Iterator[str]:
-        """Every dead letter's id in `shard` up to the newest now, a page at a time.
-
-        Letters that die while we retry (a retried job failing again) wait for
-        the next call, so this ends.
-        """
-        with self._translated(shard.location):
-            newest: Any = shard.conn.xrevrange(shard.keys.dead, count=1)
-        if not newest:
-            return
-        start, end = "-", reply_text(newest[0][0])
-        while True:
-            with self._translated(shard.location):
-                page: Any = shard.conn.xrange(shard.keys.dead, start, end, count=DEAD_PAGE)
-            if not page:
-                return
-            yield from (reply_text(entry_id) for entry_id, _ in page)
-            start = "(" + reply_text(page[-1][0])
-
-    def _retry_one(self, shard: Shard, entry_id: str) -> bool:
-        """Move one dead letter back to its shard's jobs, exactly once even with
-        rival retriers."""
-        keys = shard.keys
-        with self._translated(shard.location), shard.conn.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    # WATCH: if another client moves it first, EXEC fails and we look again.
-                    pipe.watch(keys.dead)
-                    found: Any = pipe.xrange(keys.dead, entry_id, entry_id, count=1)
-                    if not found:
-                        return False
-                    job = {k: v for k, v in found[0][1].items()
-                           if reply_text(k) not in _DEAD_FIELDS}
-                    pipe.multi()
-                    pipe.xadd(keys.jobs, job)
-                    pipe.xdel(keys.dead, entry_id)
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+        for shard in self.shards:
+            yield shard, [place[1] for place in parsed if place and place[0] == shard.index]
 
     def dead_purge(self) -> int:
         """Delete every dead letter in every shard; how many there were."""
         removed = 0
         for shard in self.shards:
             with self._translated(shard.location):
-                # XTRIM, not DEL: a key of another type under the prefix is refused, not lost.
-                removed += int(shard.conn.xtrim(shard.keys.dead, maxlen=0, approximate=False))
+                removed += dead_letters.purge(shard.conn, shard.keys)
         return removed
 
     # -- plumbing -----------------------------------------------------------
@@ -485,75 +398,9 @@ class Client:
         return TransientError(f"Redis at {location} refused the command: {reason}")
 
 
-class Follower:
-    """Reads one result stream, held by one shard or by each, from a cursor per
-    shard: entry ids of different streams are not comparable."""
-
-    def __init__(self, client: Client, placed: list[tuple[Shard, str]], after: str) -> None:
-        self._client = client
-        self._placed = placed
-        self._cursors = [after] * len(placed)
-        self._turn = 0  # the shard a blocking read waits on next: turns go round
-
-    def read(self, block_ms: int = 0, count: int = 100) -> list[Entry]:
-        """Entries after the cursors (up to `count` per shard); with `block_ms`,
-        waiting up to that long for one when there are none."""
-        entries = [entry for index in range(len(self._placed))
-                   for entry in self._read_at(index, 0, count)]
-        if entries or block_ms == 0:
-            return entries
-        if len(self._placed) == 1:
-            return self._read_at(0, block_ms, count)
-        # One blocking read per server at a time: wait on each shard in turn.
-        deadline = time.monotonic() + block_ms / 1000
-        while (remaining_ms := int((deadline - time.monotonic()) * 1000)) > 0:
-            index, self._turn = self._turn, (self._turn + 1) % len(self._placed)
-            entries = self._read_at(index, min(remaining_ms, SHARD_BLOCK_MS), count)
-            if entries:
-                return entries
-        return []
-
-    def _read_at(self, index: int, block_ms: int, count: int) -> list[Entry]:
-        shard, stream = self._placed[index]
-        entries = self._client._read_one(shard, stream, self._cursors[index], block_ms, count)
-        if entries:
-            self._cursors[index] = entries[-1][0]
-        return entries
-
-
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
 def _whole_seconds(seconds: float) -> int:
     return max(1, math.ceil(seconds))
-
-
-def _entry_order(entry_id: str) -> tuple[int, int]:
-    """An entry id as a sortable pair: (milliseconds, sequence)."""
-    ms, _, seq = entry_id.partition("-")
-    return (int(ms) if ms.isdigit() else 0, int(seq) if seq.isdigit() else 0)
-
-
-def _decode_dead(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
-    """A dead letter for people: text as str, `data` as its size, error and count parsed."""
-    decoded: dict[str, Any] = {}
-    for raw_name, value in fields.items():
-        name = reply_text(raw_name)
-        if name == "data":
-            decoded[name] = f"<{len(value)} bytes>"
-        elif name == "error":
-            decoded[name] = _json_orreply_text(value)
-        elif name == "deliveries" and value.isdigit():
-            decoded[name] = int(value)
-        else:
-            decoded[name] = reply_text(value)
-    return decoded
-
-
-def _json_orreply_text(value: bytes) -> Any:
-    # A dead letter is shown even if its error is not the JSON the contract promises.
-    try:
-        return json.loads(value)
-    except ValueError:
-        return reply_text(value)

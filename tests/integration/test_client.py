@@ -22,8 +22,7 @@ import redis
 
 from pipeline.config import RedisSettings
 from pipeline.errors import ConfigError, TransientError
-from pipeline.transport import client as client_module
-from pipeline.transport import contract
+from pipeline.transport import contract, dead_letters
 from pipeline.transport.client import Client, Consumer
 from tests.redis_server import RedisServer
 from tests.serve_daemon import wait_until
@@ -332,7 +331,7 @@ def test_dead_retry_moves_letters_back_once(client: Client, raw: redis.Redis,
                                            keys: contract.Keys,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # given 10 dead letters, read back 3 per page
-    monkeypatch.setattr(client_module, "DEAD_PAGE", 3)
+    monkeypatch.setattr(dead_letters, "DEAD_PAGE", 3)
     jobs: list[dict[str, Any]] = [{"data": ALL_BYTES + bytes([n]), "job_id": f"j{n}", "topk": 2}
                                   for n in range(10)]
     ids = [dead_letter(raw, keys, job, n) for n, job in enumerate(jobs)]
