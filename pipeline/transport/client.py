@@ -76,7 +76,6 @@ class Client:
         self._cfg = cfg
         self.shards = [self._shard(cfg, index) for index in range(cfg.shards)]
         self.location = ", ".join(dict.fromkeys(shard.location for shard in self.shards))
-        self._redis = self.shards[0].conn
 
     @staticmethod
     def _shard(cfg: RedisSettings, index: int) -> Shard:
@@ -133,7 +132,9 @@ class Client:
             shard = self.shard_for(job_id)
             fields: dict[Any, Any] = contract.job_fields(**{
                 **job, "job_id": job_id, "reply_to": self._reply_in(shard, job.get("reply_to"))})
-            pipe = pipes.setdefault(shard.index, shard.conn.pipeline(transaction=False))
+            if shard.index not in pipes:
+                pipes[shard.index] = shard.conn.pipeline(transaction=False)
+            pipe = pipes[shard.index]
             pipe.xadd(shard.keys.jobs, fields)
             ids.append(job_id)
             if len(pipe) >= chunk:
