@@ -391,6 +391,15 @@ def _cache_redis(cfg: CacheSettings) -> Check:
 
 def _redis(settings: Settings, serve: bool) -> list[Check]:
     cfg = settings.redis
+    if not cfg.shard_urls:
+        return _redis_server(cfg, serve)
+    # Shards on servers of their own: each is needed, each is checked.
+    return [replace(check, name=f"{check.name} (shard {index})")
+            for index in range(cfg.shards)
+            for check in _redis_server(cfg.for_shard(index), serve)]
+
+
+def _redis_server(cfg: RedisSettings, serve: bool) -> list[Check]:
     where = _where(cfg.url)
     try:
         info = _redis_info(cfg)

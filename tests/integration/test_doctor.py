@@ -111,6 +111,24 @@ def test_a_stopped_redis_warns_and_fails_for_serve(redis_server_factory: Factory
     assert by_name(checks)["cache redis"].status == "warn"
 
 
+def test_every_shard_server_is_checked(redis_server: RedisServer,
+                                       redis_server_factory: Factory, tmp_path: Path) -> None:
+    # given two shards on servers of their own, the second one down
+    down = redis_server_factory()
+    down.stop()
+    settings = settings_for(redis_server.url, tmp_path, redis={
+        "url": redis_server.url, "shards": 2, "shard_urls": [redis_server.url, down.url]})
+    # when checked for serving
+    checks = doctor.run(settings, serve=True)
+    found = by_name(checks)
+    # then each shard's server is reported by name, and the one down fails the set-up
+    assert found["redis (shard 0)"].status == "ok"
+    assert found["redis persistence (shard 0)"].status == "ok"
+    assert found["redis (shard 1)"].status == "fail"
+    assert f"127.0.0.1:{down.port}: unreachable" in found["redis (shard 1)"].detail
+    assert doctor.exit_code(checks) == 1
+
+
 @pytest.mark.parametrize("how", ["wrong password in the URL", "password setting",
                                  "no password"])
 def test_rejected_credentials_fail_and_never_show_the_password(
