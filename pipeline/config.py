@@ -99,7 +99,7 @@ SizeSetting = Union[Literal["auto"], Annotated[int, Field(ge=1, le=8192)]]
 UnsetIfBlank = Annotated[Optional[T], BeforeValidator(_blank_is_none)]
 PathList = Annotated[list[Path], BeforeValidator(_split_paths)]
 UrlList = Annotated[list[str], BeforeValidator(_split_urls)]
-REDIS_URL = r"^(redis|rediss|unix)://"
+REDIS_URL = r"^(redis|rediss|unix|redis\+sentinel|rediss\+sentinel)://"
 KEY_PART = r"^[A-Za-z0-9_.:{}-]+$"
 
 
@@ -290,6 +290,10 @@ class RedisSettings(Section):
     prefix: str = Field("imgpipe", min_length=1, pattern=KEY_PART)
     timeout_s: float = Field(5.0, gt=0, le=600)
     max_backoff_s: float = Field(5.0, gt=0, le=600)
+    # Replicas that must confirm a submit (WAIT) before it counts as queued; "auto":
+    # 1 when the primary has a replica connected, else 0 (no WAIT).
+    submit_wait_replicas: Union[Literal["auto"], Annotated[int, Field(ge=0, le=100)]] = "auto"
+    submit_wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
 
 
 class ServeSettings(Section):
