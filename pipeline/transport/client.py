@@ -4,6 +4,13 @@ The `imgpipe submit/status/dead` commands are thin wrappers over `Client`.
 Unlike the daemon, the client does not ride out outages: an unreachable
 server raises TransientError at once, naming host:port (never the URL, which
 may hold a password), and the caller decides whether to try again.
+
+Replication is asynchronous, so a job the primary took may be lost with it in
+a failover. With `redis.submit_wait_replicas` (by default 1 when the primary
+has a replica connected) a submit counts only once that many replicas hold
+it (WAIT); one short of them is sent again, the same job ids, and after
+SUBMIT_TRIES raises NotReplicated. The daemon may so answer a job twice (at
+least once).
 """
 
 from __future__ import annotations
@@ -35,9 +42,23 @@ from pipeline.transport.contract import reply_text
 
 DEFAULT_GROUP = "imgpipe"
 DEAD_PAGE = 100  # dead letters read per XRANGE while retrying them all
+SUBMIT_TRIES = 3  # sends of one batch, in all, while too few replicas confirm it
 _DEAD_FIELDS = frozenset(contract.DEAD_FIELDS)
 ENTRY_ID = re.compile(r"^[0-9]+(-[0-9]+)?$")
 Entry = tuple[str, dict[str, Any]]
+
+
+class NotReplicated(TransientError):
+    """The primary took a batch of jobs but too few replicas confirmed it in time:
+    the jobs are queued, but may be lost with the primary. Submitting the same
+    job ids again is safe (they may then be answered twice)."""
+
+    def __init__(self, message: str, job_ids: list[str], acknowledged: int,
+                 wanted: int) -> None:
+        super().__init__(message)
+        self.job_ids = job_ids
+        self.acknowledged = acknowledged
+        self.wanted = wanted
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,9 @@ class Client:
         self.group = group
         self._cfg = cfg
         self._redis = connect(cfg)
+        # Asked of the primary at the first submit ("auto"), then kept.
+        self._wait_replicas: Optional[int] = (
+            None if cfg.submit_wait_replicas == "auto" else cfg.submit_wait_replicas)
         # Blocking reads get their own connection, its socket timeout covering the block.
         self._reader: Optional[redis.Redis] = None
         self._reader_block_ms = 0
@@ -107,29 +131,72 @@ class Client:
         fields: dict[Any, Any] = contract.job_fields(
             image=image, data=data, job_id=job_id, topk=topk, reply_to=reply_to,
             deadline_ms=deadline_ms, model=model, url=url, tta=tta, output=output)
-        with self._translated():
-            self._redis.xadd(self.keys.jobs, fields)
+        self._queue([job_id], [fields])
         return job_id
 
     def submit_many(self, jobs: Iterable[Mapping[str, Any]], *, chunk: int = 500) -> list[str]:
         """Queue jobs (each the keyword arguments of `submit`), one round trip per chunk.
 
-        Not transactional: a failure part-way leaves the earlier chunks queued.
-        Only one chunk of jobs is held at a time, so `jobs` may be a generator.
+        Not transactional: a failure part-way leaves the earlier chunks queued
+        (NotReplicated names the chunk's job ids). Only one chunk of jobs is
+        held at a time, so `jobs` may be a generator.
         """
         if chunk < 1:
             raise ValueError("chunk must be at least 1")
         ids: list[str] = []
-        pipe = self._redis.pipeline(transaction=False)
+        batch_ids: list[str] = []
+        batch: list[dict[Any, Any]] = []
         for job in jobs:
             job_id = job.get("job_id") or new_job_id()
-            fields: dict[Any, Any] = contract.job_fields(**{**job, "job_id": job_id})
-            pipe.xadd(self.keys.jobs, fields)
-            ids.append(job_id)
-            if len(pipe) >= chunk:
-                self._execute(pipe)
-        self._execute(pipe)
-        return ids
+            batch.append(contract.job_fields(**{**job, "job_id": job_id}))
+            batch_ids.append(job_id)
+            if len(batch) >= chunk:
+                self._queue(batch_ids, batch)
+                ids += batch_ids
+                batch_ids, batch = [], []
+        if batch:
+            self._queue(batch_ids, batch)
+        return ids + batch_ids
+
+    def _queue(self, job_ids: list[str], batch: list[dict[Any, Any]]) -> None:
+        """XADD `batch` in one round trip; with replicas to wait for, WAIT for them
+        in the same round trip (on the same connection, as WAIT requires), and
+        send the batch again while too few confirm it."""
+        replicas = self.replicas_to_wait_for()
+        timeout_ms = self._cfg.submit_wait_timeout_ms
+        acknowledged = 0
+        for _ in range(SUBMIT_TRIES):
+            pipe = self._redis.pipeline(transaction=False)
+            for fields in batch:
+                pipe.xadd(self.keys.jobs, fields)
+            if replicas:
+                pipe.wait(replicas, timeout_ms)
+            replies = self._execute(pipe)
+            if not replicas:
+                return
+            acknowledged = int(replies[-1])
+            if acknowledged >= replicas:
+                return
+        raise NotReplicated(
+            f"Redis at {self.location}: {acknowledged} of {replicas} replicas acknowledged "
+            f"{len(batch)} jobs within {timeout_ms} ms, {SUBMIT_TRIES} tries; they are queued "
+            "on the primary but may be lost with it (check its replicas, or set "
+            "redis.submit_wait_replicas)", job_ids, acknowledged, replicas)
+
+    def replicas_to_wait_for(self) -> int:
+        """redis.submit_wait_replicas; for "auto", asked of the primary once: 1 when it
+        has a replica connected, else 0 (no WAIT)."""
+        if self._wait_replicas is None:
+            with self._translated():
+                self._wait_replicas = min(1, self._connected_replicas())
+        return self._wait_replicas
+
+    def _connected_replicas(self) -> int:
+        try:
+            info: Any = self._redis.info("replication")
+        except redis.exceptions.NoPermissionError:
+            return 0  # a user without INFO: no replica we know of, as before WAIT existed
+        return int(info.get("connected_slaves", 0))
 
     # -- results ------------------------------------------------------------
 
