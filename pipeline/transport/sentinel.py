@@ -18,7 +18,7 @@ from typing import Any, Optional
 from urllib.parse import unquote
 
 import redis
-from redis.sentinel import Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from pipeline.errors import ConfigError
 
@@ -79,8 +79,24 @@ def master_for(url: SentinelUrl, options: dict[str, Any]) -> redis.Redis:
     sentinel_options = {key: options[key] for key in SENTINEL_OPTIONS if key in options}
     if url.tls:
         sentinel_options["ssl"] = True
-    manager = Sentinel(list(url.sentinels), sentinel_kwargs=sentinel_options)
+    manager = Sentinels(list(url.sentinels), sentinel_kwargs=sentinel_options)
     return manager.master_for(url.service, redis_class=SentinelRedis, **options)
+
+
+class Sentinels(Sentinel):
+    """redis-py's Sentinel, with a short reason when none names a primary."""
+
+    def discover_master(self, service_name: str) -> tuple[str, int]:
+        try:
+            address: tuple[str, int] = super().discover_master(service_name)
+        except MasterNotFoundError as exc:
+            # redis-py's message holds each sentinel client's whole repr: long,
+            # and nothing in it that this does not say.
+            raise MasterNotFoundError(
+                f"no sentinel (of {len(self.sentinels)}) names a primary for service "
+                f"{service_name!r}: unreachable, not monitoring it, or seeing it down"
+            ) from exc
+        return address
 
 
 class SentinelRedis(redis.Redis):

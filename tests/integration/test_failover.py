@@ -9,6 +9,7 @@ on Redis state and log lines; their timeouts only bound a failure.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -56,6 +57,11 @@ def sentinel_env(url: str, prefix: str, root: Path, model: Path,
            "IMGPIPE_PREPROCESS__WORKERS": "1", "IMGPIPE_CACHE__ENABLED": "false"}
     env.update({f"IMGPIPE_{key.upper()}": value for key, value in settings.items()})
     return env
+
+
+def outages(daemon: ServeProcess) -> list[str]:
+    """The daemon's outage warnings in order: "unavailable" and "is back"."""
+    return re.findall(r"Redis at [^\"]* (unavailable|is back)", daemon.log())
 
 
 def chunks(jobs: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -132,9 +138,11 @@ def test_a_primary_killed_mid_run_loses_no_queued_job_and_the_daemon_serves_on(
     assert all(result["status"] == "ok" for result in tally.results.values())
     wait_until(lambda: tally.conn.xlen(f"{prefix}:jobs") == 0, 30.0, "an empty jobs stream",
                [daemon])
-    # and the daemon never exited: it said so once, is still there, and stops
+    # and the daemon never exited: it warned once per outage (sentinels catching up
+    # with each other may make two of one failover), is still there, and stops
     # cleanly when asked
-    assert daemon.log().count("unavailable") == 1, daemon.log()[-3000:]
+    assert outages(daemon) in (["unavailable", "is back"], ["unavailable", "is back"] * 2), \
+        daemon.log()[-3000:]
     assert daemon.process is not None and daemon.process.poll() is None
     assert daemon.stop() == 0, daemon.log()[-3000:]
     print(f"duplicates: {tally.duplicates}")
@@ -221,7 +229,7 @@ def test_a_daemon_whose_sentinels_name_no_primary_waits_says_so_once_then_serves
     daemon.start(wait_ready=False)
     # then it waits: says once that the service has no primary, and is not serving
     daemon.wait_for_log("unavailable", timeout_s=120.0)
-    assert f"No master found for '{service}'" in daemon.log()
+    assert f"no sentinel (of 3) names a primary for service '{service}'" in daemon.log()
     assert "serving " not in daemon.log()
     # when the sentinels start monitoring the primary under that name
     primary_port = sentinel_set.primary_port()

@@ -3,13 +3,18 @@ unusable ones refused with one line that never holds the password."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from redis.connection import SSLConnection
+from redis.sentinel import SentinelManagedSSLConnection
 
 from pipeline.config import RedisSettings, load_settings
 from pipeline.errors import ConfigError
 from pipeline.transport import sentinel
 from pipeline.transport.connection import connect, describe_url
 from pipeline.transport.sentinel import SentinelRedis, SentinelUrl
+from tests.redis_server import TlsFiles
 
 SECRET = "s3cr3t-pw"
 
@@ -80,6 +85,21 @@ def test_connect_gives_a_client_of_the_services_primary_with_the_urls_credential
                                                                  ("127.0.0.1", 26381)]
     assert all("password" not in k or k["password"] is None for k in sentinel_kwargs)
     assert all(k["socket_timeout"] == 1.5 for k in sentinel_kwargs)
+    client.close()
+
+
+def test_a_rediss_sentinel_url_uses_tls_to_the_sentinels_and_the_servers(
+        tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    TlsFiles.make(tmp_path)
+    client = connect(RedisSettings(url="rediss+sentinel://h:1/jobs", tls_ca_file=ca))
+    pool = client.connection_pool
+    assert issubclass(pool.connection_class, SentinelManagedSSLConnection)
+    assert pool.connection_kwargs["ssl_ca_certs"] == str(ca)
+    manager = pool.sentinel_manager  # type: ignore[attr-defined]
+    sentinel_pool = manager.sentinels[0].connection_pool
+    assert issubclass(sentinel_pool.connection_class, SSLConnection)
+    assert sentinel_pool.connection_kwargs["ssl_ca_certs"] == str(ca)
     client.close()
 
 
