@@ -116,8 +116,8 @@ def _tls_ca_file(cfg: RedisSettings) -> str:
     """The CA file, checked now: redis-py reads it only when it connects, and a
     failure there would pass for an outage and be retried forever."""
     if urlsplit(cfg.url).scheme not in TLS_SCHEMES:
-        raise ConfigError(f"redis.tls_ca_file {cfg.tls_ca_file} needs a rediss:// or "
-                          f"rediss+sentinel:// URL; "
+        raise ConfigError(f"redis.tls_ca_file {cfg.tls_ca_file} needs a rediss:// URL "
+                          f"(or rediss+sentinel://); "
                           f"redis.url ({describe_url(cfg.url)}) does not use TLS")
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cfg.tls_ca_file)

@@ -110,7 +110,7 @@ def test_a_password_setting_is_used_when_the_url_has_none() -> None:
 
 
 def test_a_ca_file_with_a_plain_sentinel_url_is_refused() -> None:
-    with pytest.raises(ConfigError, match="needs a rediss:// or rediss\\+sentinel:// URL"):
+    with pytest.raises(ConfigError, match=r"needs a rediss:// URL \(or rediss\+sentinel://\)"):
         connect(RedisSettings(url="redis+sentinel://h:1/jobs", tls_ca_file="/dev/null"))
 
 
