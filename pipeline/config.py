@@ -108,7 +108,7 @@ UnsetIfBlank = Annotated[Optional[T], BeforeValidator(_blank_is_none)]
 PathList = Annotated[list[Path], BeforeValidator(_split_paths)]
 UrlList = Annotated[list[str], BeforeValidator(_split_urls)]
 IndexList = Annotated[list[Annotated[int, Field(ge=0)]], BeforeValidator(_split_indices)]
-REDIS_URL = r"^(redis|rediss|unix)://"
+REDIS_URL = r"^(redis|rediss|unix|redis\+sentinel|rediss\+sentinel)://"
 KEY_PART = r"^[A-Za-z0-9_.:{}-]+$"
 
 
@@ -310,8 +310,8 @@ class RedisSettings(Section):
         for index, url in enumerate(urls):
             if not re.match(REDIS_URL, url):
                 # Never the URL itself: it may hold a password.
-                raise ValueError(f"shard URL {index} must start with redis://, rediss:// "
-                                 "or unix://")
+                raise ValueError(f"shard URL {index} must start with redis://, rediss://, "
+                                 "unix:// or redis+sentinel://")
         return urls
 
     @model_validator(mode="after")
@@ -334,6 +334,11 @@ class RedisSettings(Section):
         """These settings with `url` naming shard `index`'s server (credentials and
         TLS are shared by every shard)."""
         return self.model_copy(update={"url": self.shard_url(index)})
+
+    # Replicas that must confirm a submit (WAIT) before it counts as queued; "auto":
+    # 1 when the primary has a replica connected, else 0 (no WAIT).
+    submit_wait_replicas: Union[Literal["auto"], Annotated[int, Field(ge=0, le=100)]] = "auto"
+    submit_wait_timeout_ms: int = Field(1000, ge=1, le=60_000)
 
 
 class ServeSettings(Section):

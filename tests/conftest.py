@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 # Fixture modules, registered as plugins: every test may ask for their fixtures
-# (redis_server, redis_server_factory, daemon_factory) without importing them.
-pytest_plugins = ["tests.redis_server", "tests.serve_daemon"]
+# (redis_server, redis_server_factory, daemon_factory, sentinel_set) without
+# importing them.
+pytest_plugins = ["tests.redis_server", "tests.serve_daemon", "tests.redis_sentinel"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"

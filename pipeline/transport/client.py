@@ -9,6 +9,13 @@ every shard; `status` and the dead letters cover every shard too.
 Unlike the daemon, the client does not ride out outages: an unreachable
 server raises TransientError at once, naming host:port (never the URL, which
 may hold a password), and the caller decides whether to try again.
+
+Replication is asynchronous, so a job the primary took may be lost with it in
+a failover. With `redis.submit_wait_replicas` (by default 1 when the primary
+has a replica connected) a submit counts only once that many replicas hold
+it (WAIT); one short of them is sent again, the same job ids, and after
+SUBMIT_TRIES raises NotReplicated. The daemon may so answer a job twice (at
+least once).
 """
 
 from __future__ import annotations
@@ -39,6 +46,20 @@ from pipeline.transport.follow import Entry, Follower, Shard
 from pipeline.transport.shards import hash_tag, shard_of, stream_in_shard
 
 DEFAULT_GROUP = "imgpipe"
+SUBMIT_TRIES = 3  # sends of one batch, in all, while too few replicas confirm it
+
+
+class NotReplicated(TransientError):
+    """The primary took a batch of jobs but too few replicas confirmed it in time:
+    the jobs are queued, but may be lost with the primary. Submitting the same
+    job ids again is safe (they may then be answered twice)."""
+
+    def __init__(self, message: str, job_ids: list[str], acknowledged: int,
+                 wanted: int) -> None:
+        super().__init__(message)
+        self.job_ids = job_ids
+        self.acknowledged = acknowledged
+        self.wanted = wanted
 
 
 @dataclass(frozen=True)
@@ -76,6 +97,8 @@ class Client:
         self._cfg = cfg
         self.shards = [self._shard(cfg, index) for index in range(cfg.shards)]
         self.location = ", ".join(dict.fromkeys(shard.location for shard in self.shards))
+        # Per shard, asked of its primary at the first submit ("auto"), then kept.
+        self._wait_replicas: dict[int, int] = {}
 
     @staticmethod
     def _shard(cfg: RedisSettings, index: int) -> Shard:
@@ -113,35 +136,70 @@ class Client:
             image=image, data=data, job_id=job_id, topk=topk,
             reply_to=self._reply_in(shard, reply_to), deadline_ms=deadline_ms, model=model,
             url=url, tta=tta, output=output)
-        with self._translated(shard.location):
-            shard.conn.xadd(shard.keys.jobs, fields)
+        self._queue(shard, [job_id], [fields])
         return job_id
 
     def submit_many(self, jobs: Iterable[Mapping[str, Any]], *, chunk: int = 500) -> list[str]:
         """Queue jobs (each the keyword arguments of `submit`), one round trip per chunk.
 
-        Not transactional: a failure part-way leaves the earlier chunks queued.
-        Only one chunk of jobs per shard is held at a time, so `jobs` may be a generator.
+        Not transactional: a failure part-way leaves the earlier chunks queued
+        (NotReplicated names the chunk's job ids). Only one chunk of jobs per
+        shard is held at a time, so `jobs` may be a generator.
         """
         if chunk < 1:
             raise ValueError("chunk must be at least 1")
         ids: list[str] = []
-        pipes: dict[int, Any] = {}
+        batches: dict[int, tuple[list[str], list[dict[Any, Any]]]] = {}
         for job in jobs:
             job_id = job.get("job_id") or new_job_id()
             shard = self.shard_for(job_id)
-            fields: dict[Any, Any] = contract.job_fields(**{
-                **job, "job_id": job_id, "reply_to": self._reply_in(shard, job.get("reply_to"))})
-            if shard.index not in pipes:
-                pipes[shard.index] = shard.conn.pipeline(transaction=False)
-            pipe = pipes[shard.index]
-            pipe.xadd(shard.keys.jobs, fields)
+            batch_ids, batch = batches.setdefault(shard.index, ([], []))
+            batch.append(contract.job_fields(**{
+                **job, "job_id": job_id, "reply_to": self._reply_in(shard, job.get("reply_to"))}))
+            batch_ids.append(job_id)
             ids.append(job_id)
-            if len(pipe) >= chunk:
-                self._execute(pipe, shard.location)
-        for index, pipe in pipes.items():
-            self._execute(pipe, self.shards[index].location)
+            if len(batch) >= chunk:
+                self._queue(shard, batch_ids, batch)
+                del batches[shard.index]
+        for index, (batch_ids, batch) in batches.items():
+            self._queue(self.shards[index], batch_ids, batch)
         return ids
+
+    def _queue(self, shard: Shard, job_ids: list[str], batch: list[dict[Any, Any]]) -> None:
+        """XADD `batch` to `shard` in one round trip; with replicas to wait for, WAIT
+        for them in the same round trip (on the same connection, as WAIT requires),
+        and send the batch again while too few confirm it."""
+        replicas = self.replicas_to_wait_for(shard)
+        timeout_ms = self._cfg.submit_wait_timeout_ms
+        acknowledged = 0
+        for _ in range(SUBMIT_TRIES):
+            pipe = shard.conn.pipeline(transaction=False)
+            for fields in batch:
+                pipe.xadd(shard.keys.jobs, fields)
+            if replicas:
+                pipe.wait(replicas, timeout_ms)
+            replies = self._execute(pipe, shard.location)
+            if not replicas:
+                return
+            acknowledged = int(replies[-1])
+            if acknowledged >= replicas:
+                return
+        raise NotReplicated(
+            f"Redis at {shard.location}: {acknowledged} of {replicas} replicas acknowledged "
+            f"{len(batch)} jobs within {timeout_ms} ms, {SUBMIT_TRIES} tries; they are queued "
+            "on the primary but may be lost with it (check its replicas, or set "
+            "redis.submit_wait_replicas)", job_ids, acknowledged, replicas)
+
+    def replicas_to_wait_for(self, shard: Optional[Shard] = None) -> int:
+        """redis.submit_wait_replicas for `shard` (the first by default); for "auto",
+        asked of its primary once: 1 when it has a replica connected, else 0 (no WAIT)."""
+        shard = shard or self.shards[0]
+        if self._cfg.submit_wait_replicas != "auto":
+            return self._cfg.submit_wait_replicas
+        if shard.index not in self._wait_replicas:
+            with self._translated(shard.location):
+                self._wait_replicas[shard.index] = min(1, _connected_replicas(shard.conn))
+        return self._wait_replicas[shard.index]
 
     def shard_for(self, job_id: str) -> Shard:
         """The shard that job `job_id` goes to (always the same one for an id)."""
@@ -397,6 +455,14 @@ class Client:
                                f"{self.keys.prefix!r} is not a stream ({reason}); "
                                "use another redis.prefix")
         return TransientError(f"Redis at {location} refused the command: {reason}")
+
+
+def _connected_replicas(conn: redis.Redis) -> int:
+    try:
+        info: Any = conn.info("replication")
+    except redis.exceptions.NoPermissionError:
+        return 0  # a user without INFO: no replica we know of, as before WAIT existed
+    return int(info.get("connected_slaves", 0))
 
 
 def new_job_id() -> str:

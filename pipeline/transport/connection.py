@@ -26,10 +26,12 @@ from redis.retry import Retry
 from pipeline.config import RedisSettings
 from pipeline.errors import ConfigError, TransientError
 from pipeline.logs import UNFOLDED
+from pipeline.transport import sentinel
 
 log = logging.getLogger("imgpipe.redis")
 
-URL_SCHEMES = ("redis", "rediss", "unix")
+URL_SCHEMES = ("redis", "rediss", "unix", *sentinel.SCHEMES)
+TLS_SCHEMES = ("rediss", "rediss+sentinel")
 # Lost connections and timeouts mean "server gone": wait and retry.
 OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 # So do refusals that pass by themselves: out of memory, a demoted primary or a
@@ -50,11 +52,14 @@ T = TypeVar("T")
 
 
 def describe_url(url: str) -> str:
-    """host:port (or the socket path) of a Redis URL: safe to log, no password."""
+    """host:port (or the socket path, or the Sentinel service and sentinels) of a
+    Redis URL: safe to log, no password."""
+    if sentinel.is_sentinel_url(url):
+        return str(sentinel.parse(url))
     parts = urlsplit(url)
     if parts.scheme not in URL_SCHEMES:
-        raise ConfigError(f"a Redis URL must start with redis://, rediss:// or unix://, "
-                          f"got scheme {parts.scheme!r}")
+        raise ConfigError(f"a Redis URL must start with redis://, rediss://, unix:// or "
+                          f"redis+sentinel://, got scheme {parts.scheme!r}")
     if parts.scheme == "unix":
         return parts.path
     try:
@@ -68,6 +73,8 @@ def connect(cfg: RedisSettings, *, extra_timeout_s: float = 0.0,
             health_check_interval_s: int = 30) -> redis.Redis:
     """A client for cfg.url with credentials and TLS applied (lazy: no I/O yet).
 
+    A redis+sentinel:// URL gives a client of the service's current primary,
+    found again through the sentinels on every reconnection.
     `extra_timeout_s` lengthens the socket timeout for callers that block
     server-side (XREADGROUP BLOCK) on purpose.
     """
@@ -85,6 +92,8 @@ def connect(cfg: RedisSettings, *, extra_timeout_s: float = 0.0,
         options["password"] = password
     if cfg.tls_ca_file is not None:
         options["ssl_ca_certs"] = _tls_ca_file(cfg)
+    if sentinel.is_sentinel_url(cfg.url):
+        return sentinel.master_for(sentinel.parse(cfg.url), options)
     try:
         return redis.Redis.from_url(cfg.url, **options)
     except ValueError as exc:  # never echo the URL: it may hold a password
@@ -106,8 +115,9 @@ def _password(cfg: RedisSettings) -> Optional[str]:
 def _tls_ca_file(cfg: RedisSettings) -> str:
     """The CA file, checked now: redis-py reads it only when it connects, and a
     failure there would pass for an outage and be retried forever."""
-    if urlsplit(cfg.url).scheme != "rediss":
-        raise ConfigError(f"redis.tls_ca_file {cfg.tls_ca_file} needs a rediss:// URL; "
+    if urlsplit(cfg.url).scheme not in TLS_SCHEMES:
+        raise ConfigError(f"redis.tls_ca_file {cfg.tls_ca_file} needs a rediss:// URL "
+                          f"(or rediss+sentinel://); "
                           f"redis.url ({describe_url(cfg.url)}) does not use TLS")
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cfg.tls_ca_file)

@@ -102,8 +102,8 @@ class StreamSource:
             entries = self._read(wait_s)
         except (*OUTAGE_ERRORS, redis.ResponseError) as exc:
             if str(exc).startswith(GROUP_GONE):
-                log.warning("consumer group %s or stream %s is gone (deleted, or Redis "
-                            "restarted without its data); creating it again",
+                log.warning("consumer group %s or stream %s is gone (deleted, or lost with a Redis "
+                            "restart or failover); creating it again",
                             self.streams.group, self.streams.keys.jobs)
                 self.group_missing = True
                 return []
