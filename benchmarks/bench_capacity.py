@@ -9,8 +9,10 @@ by the client), read (XREADGROUP) and answer (the result's MULTI: XADD,
 XACK, XDEL): Redis CPU microseconds per job (INFO cpu), bytes in and out of
 Redis per job (INFO stats), and Redis memory per queued job (used_memory
 with the jobs queued, before any is read). Reading the results back is not
-counted. A URL job costs Redis what a path job of the same length does:
-its download happens in a preprocessing worker, outside Redis.
+counted. URL jobs name a 110 KB image on a loopback HTTP server of the
+benchmark's own, which each consumer downloads with imgpipe's URL fetcher
+(its threads fetching a chunk's images at once, as a preprocessing worker
+does) before answering: Redis carries only the URL.
 
     .venv/bin/python -m benchmarks.bench_capacity [--jobs N] [--processes K] [--quick]
 
@@ -26,22 +28,25 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import redis
 
 from benchmarks import harness
-from benchmarks.services import redis_server
+from benchmarks.services import http_origin, redis_server
 from pipeline.config import load_settings
 from pipeline.items import Prepared
 from pipeline.predictions import Prediction, ok_record
+from pipeline.sources.urls import Prefix, UrlFetcher, UrlPolicy
 from pipeline.transport.connection import Outage, connect, describe_url
 from pipeline.transport.consumer import StreamSource
 from pipeline.transport.contract import JobRules, Keys
 from pipeline.transport.publisher import InFlight, ResultPublisher, Streams
 
-KINDS = {"path": 0, "inline 16 KB": 16_000, "inline 110 KB": 110_000, "inline 1 MB": 1_000_000}
+KINDS = {"path": 0, "inline 16 KB": 16_000, "inline 110 KB": 110_000, "inline 1 MB": 1_000_000,
+         "URL of a 110 KB image": 110_000}
 PREFIX = "capacity"
 MODEL = "null"
 # What a real result carries: five predictions.
@@ -61,24 +66,39 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as scratch:
         image = Path(scratch) / "image.jpg"  # path jobs name it; nothing reads it
         image.write_bytes(b"\xff\xd8" + bytes(1000))
-        with redis_server(Path(scratch) / "redis") as url:
+        with redis_server(Path(scratch) / "redis") as url, \
+                http_origin(os.urandom(KINDS["URL of a 110 KB image"])) as origin:
             info["rows"] = []
             for kind, size in KINDS.items():
                 harness.log(f"{kind}: {jobs:,} jobs")
-                info["rows"].append(measure(url, kind, size, jobs, args.processes, image))
+                source = Source(image, size, origin if kind.startswith("URL") else None)
+                info["rows"].append(measure(url, kind, source, jobs, args.processes))
     return harness.finish("capacity", args, info, started, table, block="capacity")
 
 
-def measure(url: str, kind: str, size: int, jobs: int, processes: int,
-            image: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Source:
+    """Where a kind's jobs point: a file path, inline bytes of `size`, or a URL."""
+
+    image: Path  # path jobs name it; nothing reads it
+    size: int
+    origin: Optional[str] = None  # URL jobs: the loopback server's base URL
+
+    def job(self, index: int, payload: bytes) -> dict[str, Any]:
+        if self.origin is not None:
+            return {"url": f"{self.origin}image.jpg?n={index}"}
+        return {"data": payload} if self.size else {"image": str(self.image)}
+
+
+def measure(url: str, kind: str, source: Source, jobs: int, processes: int) -> dict[str, Any]:
     """One kind of job: submitted, then drained by `processes` null consumers."""
     conn = redis.Redis.from_url(url)
     conn.flushall()
     before = snapshot(conn)
-    submit(url, jobs, size, image)
+    submit(url, jobs, source)
     queued = snapshot(conn)
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=consume, args=(url, str(image.parent), n))
+    workers = [context.Process(target=consume, args=(url, source, n))
                for n in range(processes)]
     for worker in workers:
         worker.start()
@@ -111,18 +131,18 @@ def snapshot(conn: redis.Redis) -> dict[str, float]:
             "memory": float(memory["used_memory"])}
 
 
-def submit(url: str, jobs: int, size: int, image: Path) -> None:
+def submit(url: str, jobs: int, source: Source) -> None:
     from pipeline.transport.client import Client
 
     settings = load_settings(overrides={"redis.url": url, "redis.prefix": PREFIX})
-    payload = os.urandom(size) if size else b""
+    payload = os.urandom(source.size) if source.size and source.origin is None else b""
     with Client.from_settings(settings) as client:
-        client.submit_many(({"data": payload} if size else {"image": str(image)})
-                           for _ in range(jobs))
+        client.submit_many(source.job(index, payload) for index in range(jobs))
 
 
-def consume(url: str, root: str, number: int) -> None:
-    """The daemon's read-answer loop with a null model, until the stream runs dry."""
+def consume(url: str, source: Source, number: int) -> None:
+    """The daemon's read-answer loop with a null model, until the stream runs dry;
+    URL jobs' images are downloaded first, a chunk at a time."""
     settings = load_settings(overrides={"redis.url": url, "redis.prefix": PREFIX})
     cfg, keys = settings.serve, Keys(PREFIX)
     client = connect(settings.redis, extra_timeout_s=cfg.read_block_ms / 1000)
@@ -131,17 +151,25 @@ def consume(url: str, root: str, number: int) -> None:
                       cfg.reply_stream_ttl_s)
     in_flight = InFlight()
     publisher = ResultPublisher(client, streams, MODEL, in_flight, outage)
-    rules = JobRules(MODEL, cfg.max_topk, cfg.max_inline_bytes, [os.path.realpath(root)],
-                     keys.results, keys.own_streams)
-    source = StreamSource(client, streams, f"{socket.gethostname()}-{number}", cfg, rules,
-                          settings.preprocess.chunk_size, in_flight, publisher, outage)
-    source.setup()
+    prefixes = (source.origin,) if source.origin else ()
+    rules = JobRules(MODEL, cfg.max_topk, cfg.max_inline_bytes,
+                     [os.path.realpath(source.image.parent)], keys.results, keys.own_streams,
+                     url_prefixes=tuple(Prefix.parse(prefix) for prefix in prefixes))
+    fetcher = UrlFetcher(UrlPolicy(prefixes, allow_private=True,
+                                   threads=cfg.url_fetch_threads))
+    jobs = StreamSource(client, streams, f"{socket.gethostname()}-{number}", cfg, rules,
+                        settings.preprocess.chunk_size, in_flight, publisher, outage)
+    jobs.setup()
     idle_since = time.monotonic()
     while time.monotonic() - idle_since < IDLE_S:
-        chunk = source.next_chunk(0.2)
+        chunk = jobs.next_chunk(0.2)
         if chunk:
+            fetches = [fetcher.submit(job.url) for job in chunk if job.url]
+            if any(not fetch.result() for fetch in fetches):
+                raise RuntimeError("a URL job's image did not download")
             publisher.write([ok_record(Prepared(job), MODEL, PREDICTIONS) for job in chunk])
             idle_since = time.monotonic()
+    fetcher.close()
     client.close()
 
 
