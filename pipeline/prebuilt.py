@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from math import floor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,7 +71,8 @@ class Checked:
     def note(self) -> str:
         if self.chosen_by_optimize:
             return "chosen by imgpipe optimize"
-        features = (f", features at cosine >= {self.feature_cosine_min:.4f}"
+        # Rounded down: a minimum of 0.99996 is "at least 0.9999", never "1.0000".
+        features = (f", features' cosine at least {floor(self.feature_cosine_min * 1e4) / 1e4}"
                     if self.features and self.feature_cosine_min is not None else "")
         return (f"checked against eager PyTorch on {self.images} photographs: same top-1, "
                 f"probabilities within {self.max_score_drift:.1g}{features}")
