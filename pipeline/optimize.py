@@ -61,7 +61,7 @@ from pipeline.backends.validation import (
 from pipeline.config import Settings
 from pipeline.cores import usable_cores
 from pipeline.errors import ConfigError, ImgpipeError, ModelLoadError, first_line
-from pipeline.feature_guard import feature_agreement, features_of
+from pipeline.feature_guard import MIN_COSINE, feature_agreement, features_of
 from pipeline.feature_guard import refusal as feature_refusal
 from pipeline.items import Job
 from pipeline.models import LoadedModel
@@ -480,7 +480,7 @@ def _embeddings_lines(outcome: Outcome) -> list[str]:
     lines = [f"embeddings: {c.variant} refused ({c.embeddings_refused})"
              for c in outcome.candidates if c.accepted and c.embeddings_refused]
     lines.append(f"embeddings: {outcome.embeddings or 'eager fp32 (torch)'} (features' cosine "
-                 f"to eager fp32's at least 0.99, mean and minimum)")
+                 f"to eager fp32's at least {MIN_COSINE}, mean and minimum)")
     return lines
 
 
