@@ -233,6 +233,10 @@ class Engine:
         profile = chosen(self.settings.cache.directory(), model)
         calibration_images = cfg.calibration_images
         embeddings = cfg.embeddings_setting()
+        if embeddings is not None:  # a model with no head to tap stops here, in one line
+            from pipeline.models.features import FeatureTap
+
+            FeatureTap(model, embeddings).close()
         if cfg.backend != "auto":
             self.variant, self.variant_note = Variant(cfg.backend, cfg.precision), \
                 "set by model.backend"

@@ -149,6 +149,54 @@ def test_score_embeddings_run_on_the_checked_onnx_export_then_without_torch(
         assert vector.tolist() == by_default[path].tolist(), path
 
 
+def drift_the_features_output(artifact: Path) -> None:
+    """Rewire the export so its `features` output is the pooled features scaled channel
+    by channel at random, while the classifier still reads the true ones: the logits
+    (and so the scores' check) are untouched, the features turn."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(artifact))
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["true_features" if name == "features" else name
+                          for name in node.output]
+        node.input[:] = ["true_features" if name == "features" else name
+                         for name in node.input]
+    scale = np.random.default_rng(0).uniform(0, 2, LITE0_DIM).astype(np.float32)
+    graph.initializer.append(numpy_helper.from_array(scale, "drift_scale"))
+    graph.node.append(helper.make_node("Mul", ["true_features", "drift_scale"], ["features"]))
+    onnx.save(model, str(artifact))
+
+
+def test_an_export_whose_features_drift_is_refused_for_embeddings_and_eager_runs(
+        run: Any, samples_dir: Path, tmp_path: Path) -> None:
+    # given the CPU default's export with features, its features output then drifted
+    artifacts = tmp_path / "artifacts"
+    env = {"IMGPIPE_MODEL__ARTIFACTS_DIR": str(artifacts)}
+    photo = samples_dir / "coffee.jpg"
+    score(run, tmp_path / "first.jsonl", photo, output="embedding", env=env)
+    (artifact,) = artifacts.glob("*.onnx")
+    drift_the_features_output(artifact)
+    shutil.rmtree(artifacts / "checked")
+
+    # when embeddings are scored by default again
+    result = score(run, tmp_path / "again.jsonl", photo, output="embedding", env=env)
+
+    # then the check refuses the export for embeddings, with its numbers, and eager runs
+    warning = ("ONNX Runtime is not used for efficientnet_lite0: the ONNX export is refused "
+               "for embeddings: features' cosine to eager fp32's: mean ")
+    assert warning in result.stderr and "over 6 photographs, under 0.99" in result.stderr
+    assert "(torch: eager: the ONNX export was refused (the ONNX export is refused for " \
+           "embeddings: features' cosine" in result.stderr
+    again, first = (vectors_by_path(tmp_path / name)[str(photo)]
+                    for name in ("again.jsonl", "first.jsonl"))
+    assert cosine(again, first) > 0.999
+    # and scores alone still run on the default export, which they have their own of
+    logits = score(run, tmp_path / "logits.jsonl", photo, output="logits", env=env)
+    assert DEFAULT_NOTE in logits.stderr
+
+
 def test_embeddings_run_on_what_optimize_accepted_for_them(run: Any, samples_dir: Path,
                                                            tmp_path: Path) -> None:
     from pipeline.models import load_model
