@@ -55,11 +55,12 @@ def chosen(cache_dir: Path, model: Identified) -> Optional[Profile]:
         fields = json.loads(profile_path(cache_dir, model).read_text(encoding="utf-8"))
         variant = Variant(str(fields["backend"]), str(fields.get("precision", "fp32")))
         variant.validate()
+        embeddings = _embeddings(fields)
     except (OSError, ValueError, TypeError, KeyError, ImgpipeError):
         return None
     images = fields.get("calibration_images")
     return Profile(variant, Path(images) if isinstance(images, str) else None,
-                   Plan.from_json(fields.get("plan")), *_embeddings(fields))
+                   Plan.from_json(fields.get("plan")), *embeddings)
 
 
 def _embeddings(fields: dict[str, Any]) -> tuple[Optional[Variant], str]:

@@ -68,7 +68,7 @@ def export_onnx(model: LoadedModel, sample_shape: tuple[int, int, int], path: Pa
     the `features` output too. Returns the exporter used; ModelLoadError on failure."""
     exporter = exporter_for(model.module)
     if embeddings is not None:
-        refuse_torchscript_features(model, embeddings)
+        check_exportable_features(model, embeddings)
     device = module_device(model.module)
     inner = model.module if embeddings is None else WithFeatures(model, embeddings)
     wrapper = Normalised(inner, model.mean, model.std).to(device).eval()
@@ -90,7 +90,7 @@ def export_onnx(model: LoadedModel, sample_shape: tuple[int, int, int], path: Pa
     return exporter
 
 
-def refuse_torchscript_features(model: LoadedModel, embeddings: str) -> None:
+def check_exportable_features(model: LoadedModel, embeddings: str) -> None:
     """ModelLoadError, naming the model and the setting, when the ONNX export cannot
     carry `model`'s features: a TorchScript model's come from its own embed() method,
     which the TorchScript-based exporter cannot script a wrapper around; or the model
@@ -233,7 +233,7 @@ class OnnxBackend:
         self.calibration = calibration
         self.exporter = exporter_for(model.module)
         if embeddings is not None:  # here, not in setup(): a model that cannot fails at once
-            refuse_torchscript_features(model, embeddings)
+            check_exportable_features(model, embeddings)
         self.embeddings = embeddings
         self.warmup_s = 0.0
         self.export_s = 0.0  # time spent exporting in setup(); 0 when the artifact was reused

@@ -253,3 +253,35 @@ def test_two_zero_vectors_agree_and_shapes_must_match():
     assert feature_agreement(zeros, zeros).min_cosine == 1.0
     with pytest.raises(ValueError, match="shape"):
         feature_agreement(zeros, np.zeros((2, 5), np.float32))
+
+
+# --- optimize's choice for embeddings, as its profile keeps it --------------------
+
+
+def test_a_profile_keeps_the_variant_for_embeddings_and_why_the_choice_is_not_it(tmp_path):
+    import json
+
+    from pipeline.prebuilt import ModelCard
+    from pipeline.profiles import UNCHECKED, chosen, profile_path, write_profile
+
+    card = ModelCard("efficientnet_lite0", ["a"], "0" * 32)
+    why = "features' cosine to eager fp32's: mean 0.9938, minimum 0.9693 over 100 photographs"
+
+    # given optimize's choice, int8, refused for embeddings, and fp32 accepted for them
+    write_profile(tmp_path, card, Variant("onnxruntime", "int8"), tmp_path, {}, {},
+                  embeddings=Variant("onnxruntime"), embeddings_refused=why)
+    profile = chosen(tmp_path, card)
+    assert profile is not None and profile.variant == Variant("onnxruntime", "int8")
+    assert (profile.embeddings, profile.embeddings_refused) == (Variant("onnxruntime"), why)
+
+    # a profile written before features were judged names no variant for them, and says so
+    fields = json.loads(profile_path(tmp_path, card).read_text())
+    del fields["embeddings"], fields["embeddings_refused"]
+    profile_path(tmp_path, card).write_text(json.dumps(fields))
+    old = chosen(tmp_path, card)
+    assert old is not None and (old.embeddings, old.embeddings_refused) == (None, UNCHECKED)
+
+    # and one whose variant for embeddings is not a variant is no profile at all
+    profile_path(tmp_path, card).write_text(json.dumps(
+        {**fields, "embeddings": {"backend": "onnxruntime", "precision": "fp16"}}))
+    assert chosen(tmp_path, card) is None
