@@ -96,9 +96,9 @@ def check_exportable_features(model: LoadedModel, embeddings: str) -> None:
     which the TorchScript-based exporter cannot script a wrapper around; or the model
     has no head to take them from."""
     if exporter_for(model.module) == TORCHSCRIPT:
-        raise ModelLoadError(f"model {model.name} gives embeddings ({embeddings}) on eager "
-                             f"PyTorch only: its ONNX export carries no features; use "
-                             f"model.backend 'torch'")
+        raise ModelLoadError(f"model {model.name} cannot give embeddings ({embeddings}) "
+                             f"from ONNX Runtime: its ONNX export carries no features; use "
+                             f"model.backend 'torch' or 'torchscript'")
     FeatureTap(model, embeddings).close()  # the head's check, without keeping the hook
 
 

@@ -189,10 +189,39 @@ def test_a_logits_only_export_is_never_opened_for_features(lite0, photos, artifa
 def test_a_torchscript_model_is_refused_for_exported_features(tmp_path):
     scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2)))
     model = LoadedModel("scripted.pt", scripted, (0.5,) * 3, (0.5,) * 3, ["a", "b"], "0" * 32)
-    with pytest.raises(ModelLoadError, match=r"model scripted\.pt gives embeddings "
-                       r"\(model\.output = 'both'\) on eager PyTorch only"):
+    with pytest.raises(ModelLoadError, match=r"model scripted\.pt cannot give embeddings "
+                       r"\(model\.output = 'both'\) from ONNX Runtime: .* use "
+                       r"model\.backend 'torch' or 'torchscript'"):
         create_inference_backend(Variant("onnxruntime"), model, CPU, 2, (3, 1, 1), 1,
                                  tmp_path, embeddings=SETTING)
+
+
+class Declared(torch.nn.Module):
+    """A TorchScript classifier that declares its features: the mean colour."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.embed(x), torch.zeros(x.shape[0], 997)], dim=1)
+
+    @torch.jit.export
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+def test_a_torchscript_model_traced_keeps_the_features_it_declares(tmp_path):
+    # given a TorchScript file with an embed() method, traced by the torchscript backend
+    torch.jit.script(Declared()).save(str(tmp_path / "declared.pt"))
+    model = load_model(str(tmp_path / "declared.pt"))
+    eager = TorchBackend(model, CPU, 2, (3, 8, 8), embeddings=SETTING)
+    eager.setup()
+    traced = create_inference_backend(Variant("torchscript"), model, CPU, 2, (3, 8, 8), 1,
+                                      tmp_path / "artifacts", embeddings=SETTING)
+    traced.setup()
+    pixels = [np.random.default_rng(seed).integers(0, 256, (3, 8, 8), dtype=np.uint8)
+              for seed in (0, 1)]
+
+    # then the trace gives the features eager gets from that method
+    torch.testing.assert_close(traced.predict_features(pixels)[1],
+                               eager.predict_features(pixels)[1])
 
 
 # --- the accuracy guard ---------------------------------------------------------
