@@ -112,10 +112,6 @@ REDIS_URL = r"^(redis|rediss|unix|redis\+sentinel|rediss\+sentinel)://"
 KEY_PART = r"^[A-Za-z0-9_.:{}-]+$"
 
 
-# Embeddings come from eager PyTorch in fp32 (no exported variant gives features yet).
-EMBEDDING_VARIANTS = {("auto", "fp32"), ("torch", "fp32")}
-
-
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -149,10 +145,6 @@ class ModelSettings(Section):
 
     @model_validator(mode="after")
     def _variant_exists(self) -> ModelSettings:
-        if self.output != "logits" and (self.backend, self.precision) not in EMBEDDING_VARIANTS:
-            raise ValueError(f"model.output = {self.output!r} runs on eager PyTorch in fp32: "
-                             f"use model.backend 'auto' or 'torch' (fp32), not "
-                             f"{self.backend!r} ({self.precision})")
         if self.backend == "auto":
             if self.precision != "fp32":
                 raise ValueError("model.precision applies to a named backend; with backend "

@@ -192,14 +192,17 @@ class Engine:
     def _load_prebuilt(self) -> bool:
         """An ONNX export from an earlier run, opened without torch: the variant
         `optimize` chose while its profile stands, else the CPU default's checked
-        export when no profile does. False where neither applies (then the model
+        export when no profile does (for embeddings, the default's export with
+        features, checked for them). False where none applies (then the model
         loads with torch)."""
         model_cfg = self.settings.model
-        if model_cfg.backend != "auto" or model_cfg.output != "logits" or not self._surely_cpu():
+        if model_cfg.backend != "auto" or not self._surely_cpu():
             return False
         store, key = self.settings.model.artifacts_directory(), self._prebuilt_key()
-        checked = self._choice or prebuilt.recall(store, key)
-        if not isinstance(checked, prebuilt.Checked) or (
+        embeddings = model_cfg.output != "logits"
+        checked = prebuilt.recall(store, key) if embeddings else \
+            self._choice or prebuilt.recall(store, key)
+        if not isinstance(checked, prebuilt.Checked) or checked.features != embeddings or (
                 not checked.chosen_by_optimize
                 and chosen(self.settings.cache.directory(), checked.card)):
             return False
@@ -230,18 +233,21 @@ class Engine:
         profile = chosen(self.settings.cache.directory(), model)
         calibration_images = cfg.calibration_images
         embeddings = cfg.embeddings_setting()
-        if embeddings is not None:  # no exported or optimised variant gives features yet
-            self.variant = Variant("torch")
-            self.variant_note = f"eager, for embeddings ({embeddings})"
-        elif cfg.backend != "auto":
+        if embeddings is not None:  # a model with no head to tap stops here, in one line
+            from pipeline.models.features import FeatureTap
+
+            FeatureTap(model, embeddings).close()
+        if cfg.backend != "auto":
             self.variant, self.variant_note = Variant(cfg.backend, cfg.precision), \
                 "set by model.backend"
         elif profile is not None:
             if at_setup:
                 self._take_plan(profile)
-            self.variant, self.variant_note = profile.variant, self._chosen_note()
+            self.variant, self.variant_note = (
+                (profile.variant, self._chosen_note()) if embeddings is None
+                else self._chosen_for_embeddings(profile))
             calibration_images = profile.calibration_images
-        elif self.device.type == "cpu" and self._load_checked_default(model):
+        elif self.device.type == "cpu" and self._load_checked_default(model, embeddings):
             return
         else:
             self.variant = Variant("torch")
@@ -251,9 +257,20 @@ class Engine:
                                      calibration_images, embeddings=embeddings)
         self._setup_pending = True
 
-    def _load_checked_default(self, model: LoadedModel) -> bool:
-        """ONNX Runtime fp32, exported and checked against eager on first use; False
-        (eager, with the reason recorded and said once) when it fails either."""
+    def _chosen_for_embeddings(self, profile: Profile) -> tuple[Variant, str]:
+        """The variant optimize accepted for embeddings too (its features checked
+        against eager fp32's), and why; eager fp32 when it accepted none."""
+        if profile.embeddings == profile.variant:
+            return profile.variant, self._chosen_note()
+        refused = f"{profile.variant} is refused for embeddings: {profile.embeddings_refused}"
+        if profile.embeddings is not None:
+            return profile.embeddings, f"chosen by imgpipe optimize for embeddings ({refused})"
+        return Variant("torch"), f"eager fp32, for embeddings ({refused})"
+
+    def _load_checked_default(self, model: LoadedModel, embeddings: Optional[str]) -> bool:
+        """ONNX Runtime fp32, exported and checked against eager on first use (for
+        `embeddings`, with its features and their check); False (eager, with the
+        reason recorded and said once) when it fails either."""
         from pipeline.backends.checked import checked_default
 
         store, key = self.settings.model.artifacts_directory(), self._prebuilt_key()
@@ -262,7 +279,7 @@ class Engine:
             self.variant_note = f"eager: the ONNX export was refused ({earlier.refused})"
             return False
         try:
-            backend, checked = checked_default(self.settings, model, self.device)
+            backend, checked = checked_default(self.settings, model, self.device, embeddings)
         except (ImgpipeError, RuntimeError, OSError) as exc:
             why = first_line(exc)
             log.warning("ONNX Runtime is not used for %s: %s; running eager PyTorch",
@@ -276,7 +293,7 @@ class Engine:
         return True
 
     def _prebuilt_key(self) -> str:
-        return prebuilt.key_for(self.settings)
+        return prebuilt.key_for(self.settings, features=self.settings.model.output != "logits")
 
     def _surely_cpu(self) -> bool:
         """Whether the model runs on the CPU, known without torch (whose CUDA check

@@ -11,6 +11,11 @@ photographs, preprocessed like production, next to the eager fp32 reference
   the threshold (93% by default, from measurements on real photographs);
 - judged on fewer than `MIN_JUDGED_IMAGES` images it is undecided, never accepted.
 
+Where the model gives embeddings, each variant's pooled features are judged
+too, against eager fp32's on the same images (pipeline/feature_guard.py:
+cosine similarity at least 0.99, mean and minimum); the profile names the
+fastest variant accepted for both as the one for embeddings.
+
 int8 calibrates on the first `CALIBRATION_IMAGES` files of
 `model.calibration_images` (`--calibration-images`), else of the validation
 directory, and is never judged on those files. Of the accepted variants the
@@ -55,9 +60,12 @@ from pipeline.backends.validation import (
 )
 from pipeline.config import Settings
 from pipeline.cores import usable_cores
-from pipeline.errors import ConfigError, ImgpipeError, first_line
+from pipeline.errors import ConfigError, ImgpipeError, ModelLoadError, first_line
+from pipeline.feature_guard import feature_agreement, features_of
+from pipeline.feature_guard import refusal as feature_refusal
 from pipeline.items import Job
 from pipeline.models import LoadedModel
+from pipeline.optimize_report import count as _count
 from pipeline.plans import Plan
 from pipeline.profiles import write_profile
 from pipeline.spec import TTA_VIEWS
@@ -68,6 +76,8 @@ MAX_VALIDATION_IMAGES = 500
 # Images per plan (the validation set, repeated): a short run would measure
 # filling and draining the pipeline more than running it.
 PLAN_IMAGES = 400
+# The setting named when a model cannot give the features judged for embeddings.
+FEATURES_CHECK = "imgpipe optimize's features check"
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,14 @@ class Candidate:
     reference_top1: Optional[float] = None  # eager fp32's, on the same images
     reference_top5: Optional[float] = None
     decided: bool = True  # False: judged on too few images to accept or refuse
+    feature_cosine_mean: Optional[float] = None  # features against eager fp32's
+    feature_cosine_min: Optional[float] = None
+    embeddings_refused: Optional[str] = None  # why not for embeddings; None: accepted
+
+    @property
+    def for_embeddings(self) -> bool:
+        return self.accepted and self.feature_cosine_min is not None \
+            and self.embeddings_refused is None
 
 
 @dataclass(frozen=True)
@@ -123,6 +141,7 @@ class Outcome:
     plans: list[Plan] = field(default_factory=list)  # measured with the chosen variant
     plan: Optional[Plan] = None  # the fastest of them, written into the profile
     plan_images: int = 0  # images each plan was measured on
+    embeddings: Optional[Variant] = None  # the fastest accepted for embeddings too
 
 
 def run(settings: Settings, options: Options) -> Outcome:
@@ -156,14 +175,16 @@ def run(settings: Settings, options: Options) -> Outcome:
     labels = None if vset.labels is None else [
         label for path, label in zip(vset.files, vset.labels, strict=True) if path in decoded]
     samples = [decoded[path] for path in paths]
+    setting = _features_setting(model)
     reference = TorchBackend(model, device, settings.batching.max_batch_size,
-                             pre.spec().output_shape, cfg.threads)
+                             pre.spec().output_shape, cfg.threads, embeddings=setting)
     reference.setup()
     try:
         expected = probabilities(reference, samples)
+        features = None if setting is None else features_of(reference, samples)
     finally:
         reference.close()
-    judged = _Judged(paths, samples, labels, expected)
+    judged = _Judged(paths, samples, labels, expected, features)
     int8 = any(variant.precision == "int8" for variant in variants)
     calibration = _calibration_files(settings, calibration_dir) if int8 else frozenset()
     rule = (f"top-1 accuracy at least {options.min_ratio:.0%} of eager fp32's on the same "
@@ -180,17 +201,21 @@ def run(settings: Settings, options: Options) -> Outcome:
     best = max((c for c in candidates if c.accepted), key=lambda c: c.images_per_s,
                default=None)
     chosen = Variant.parse(best.variant) if best is not None else None
+    for_embeddings = max((c for c in candidates if c.for_embeddings),
+                         key=lambda c: c.images_per_s, default=None)
+    embeddings = Variant.parse(for_embeddings.variant) if for_embeddings else None
     plan, measured_plans = (_fastest_plan(settings, chosen, calibration_dir, paths,
                                           options.plan_images)
                             if chosen is not None and options.plan_images else (None, []))
     if chosen is not None and best is not None:
+        int8 = "int8" in (chosen.precision, embeddings and embeddings.precision)
         write_profile(settings.cache.directory(), model, chosen,
-                      calibration_dir.resolve() if chosen.precision == "int8" else None,
+                      calibration_dir.resolve() if int8 else None,
                       {"images": str(images.resolve()), "judged": best.images,
                        "labelled_by": vset.labelled_by or None, "rule": rule,
                        "min_accuracy_ratio": options.min_ratio if labels is not None else None,
                        "threshold": options.threshold if labels is None else None},
-                      asdict(best), plan)
+                      asdict(best), plan, embeddings, best.embeddings_refused or "")
     _record_for_torch_free_starts(settings, model, device, chosen, calibration_dir, best)
     notes = []
     if len(paths) < MIN_JUDGED_IMAGES:
@@ -201,7 +226,20 @@ def run(settings: Settings, options: Options) -> Outcome:
                    judge(expected, expected, labels),
                    _calibration_words(calibration_dir, images, len(calibration)) if int8
                    else "", vset.left_out + len(vset.files) - len(paths), notes,
-                   measured_plans, plan, options.plan_images)
+                   measured_plans, plan, options.plan_images, embeddings)
+
+
+def _features_setting(model: LoadedModel) -> Optional[str]:
+    """What to build backends with to judge features; None (features not judged)
+    where the model's head gives none."""
+    from pipeline.models.features import FeatureTap
+
+    try:
+        FeatureTap(model, FEATURES_CHECK).close()
+    except ModelLoadError as exc:
+        log.info("features not judged: %s", exc)
+        return None
+    return FEATURES_CHECK
 
 
 def _fastest_plan(settings: Settings, variant: Variant, calibration_dir: Path,
@@ -297,13 +335,15 @@ class _Judged:
     samples: list[np.ndarray]
     labels: Optional[list[int]]
     expected: torch.Tensor
+    features: Optional[np.ndarray] = None  # eager fp32's, where the model gives them
 
     def without(self, excluded: frozenset[str]) -> _Judged:
         keep = [i for i, path in enumerate(self.paths)
                 if os.path.realpath(path) not in excluded]
         return _Judged([self.paths[i] for i in keep], [self.samples[i] for i in keep],
                        None if self.labels is None else [self.labels[i] for i in keep],
-                       self.expected[keep])
+                       self.expected[keep],
+                       None if self.features is None else self.features[keep])
 
 
 def judged_on(variant: Variant, images: Path,
@@ -323,16 +363,39 @@ def _candidate(settings: Settings, model: LoadedModel, device: Any, variant: Var
                calibration_dir: Path, judged: _Judged, options: Options,
                hint: str = "") -> Candidate:
     """A variant measured, or refused with the reason it cannot run here."""
+    setting = None if judged.features is None else FEATURES_CHECK
+    no_features = None
     try:
-        backend = backend_for(settings, model, device, variant, calibration_dir)
+        try:
+            backend = backend_for(settings, model, device, variant, calibration_dir,
+                                  embeddings=setting)
+        except ModelLoadError as exc:  # it may still run for scores alone
+            if setting is None:
+                raise
+            no_features, setting = first_line(exc), None
+            backend = backend_for(settings, model, device, variant, calibration_dir)
         backend.setup()
     except (ImgpipeError, RuntimeError) as exc:
         return Candidate(str(variant), 0.0, 0.0, 0, 0.0, 0.0, False,
                          f"cannot run here: {first_line(exc)}")
     try:
-        return _measure(str(variant), backend, judged, options, hint)
+        measured = _measure(str(variant), backend, judged, options, hint)
+        if setting is None:
+            return replace(measured, embeddings_refused=no_features)
+        return _judge_features(measured, backend, judged)
     finally:
         backend.close()
+
+
+def _judge_features(measured: Candidate, backend: InferenceBackend,
+                    judged: _Judged) -> Candidate:
+    """`measured` with its features' cosine to eager fp32's, and the verdict on them."""
+    if judged.features is None or not judged.samples:
+        return measured
+    agreement = feature_agreement(judged.features, features_of(backend, judged.samples))
+    return replace(measured, feature_cosine_mean=agreement.mean_cosine,
+                   feature_cosine_min=agreement.min_cosine,
+                   embeddings_refused=feature_refusal(agreement))
 
 
 def _measure(name: str, backend: InferenceBackend, judged: _Judged, options: Options,
@@ -364,51 +427,3 @@ def _measure(name: str, backend: InferenceBackend, judged: _Judged, options: Opt
                      len(full) * len(per_batch) / sum(per_batch) if per_batch else 0.0,
                      p50, why is None, why or "", result.top1, result.top5,
                      result.reference_top1, result.reference_top5, decided)
-
-
-def table(outcome: Outcome) -> list[str]:
-    """What `imgpipe optimize` prints: the set and the rule, then a row per variant."""
-    ref = outcome.reference
-    labelled = (f"labelled by {outcome.labelled_by}" if outcome.labelled_by
-                else "unlabelled")
-    left_out = f"; {outcome.left_out} files left out (no label, or not an image)" \
-        if outcome.left_out else ""
-    lines = [f"validation: {_count(outcome.judged, 'image')} of {outcome.images}, "
-             f"{labelled}{left_out}"]
-    if ref.reference_top1 is not None and ref.reference_top5 is not None:
-        lines.append(f"eager fp32 (the reference): top-1 {ref.reference_top1:.2%}, top-5 "
-                     f"{ref.reference_top5:.2%}")
-    lines.append(f"rule: {outcome.rule}; at least {MIN_JUDGED_IMAGES} images to decide")
-    if outcome.calibration:
-        lines.append(outcome.calibration)
-    lines.append(f"{'variant':<19}{'images':>6} {'top-1':>7} {'top-5':>7} {'agree':>7} "
-                 f"{'drift':>6} {'images/s':>9} {'b1 p50':>9}  verdict")
-    for c in outcome.candidates:
-        verdict = "ok" if c.accepted else (c.why if c.why.startswith("undecided")
-                                           else f"refused: {c.why}")
-        if c.images or c.images_per_s:
-            measured = (f"{c.images:>6} {_percent(c.top1):>7} {_percent(c.top5):>7} "
-                        f"{_percent(c.top1_agreement if c.images else None):>7} "
-                        f"{c.max_score_drift:>6.3f} {c.images_per_s:>9.1f} "
-                        f"{c.batch1_p50_ms:>6.1f} ms")
-        else:
-            measured = f"{'-':>6} {'-':>7} {'-':>7} {'-':>7} {'-':>6} {'-':>9} {'-':>9}"
-        lines.append(f"{c.variant:<19}{measured}  {verdict}")
-    lines.extend(outcome.notes)
-    if outcome.plans and outcome.chosen is not None:
-        lines.append(f"plans, end to end with {outcome.chosen} over {outcome.plan_images} "
-                     f"images:")
-        lines.extend(f"  {plan.describe():<58}{plan.images_per_s:>8.1f} images/s"
-                     for plan in outcome.plans)
-    if outcome.plan is not None:
-        lines.append(f"plan: {outcome.plan.describe()} (used by score and serve for the "
-                     f"settings left at their defaults)")
-    return lines
-
-
-def _percent(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2%}"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

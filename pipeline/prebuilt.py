@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from math import floor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +34,10 @@ from pipeline.timing import warm_up
 
 RECORDS_SUBDIR = "checked"
 INPUT_NAME = "pixels"
+LOGITS_NAME = "logits"
+# The second output of an export made for embeddings: the pooled penultimate
+# features, the input of the final linear layer (pipeline/models/features.py).
+FEATURES_NAME = "features"
 
 
 @dataclass(frozen=True)
@@ -56,20 +61,32 @@ class Checked:
     max_score_drift: float  # largest probability difference from eager fp32
     variant: str = "onnxruntime"  # "onnxruntime:int8" for a quantized export
     chosen_by_optimize: bool = False
+    # An export with the features output, and its features' cosine similarity to
+    # eager fp32's on the same photographs (pipeline/feature_guard.py). Records
+    # written before exports had features load with the defaults: logits only.
+    features: bool = False
+    feature_cosine_mean: Optional[float] = None
+    feature_cosine_min: Optional[float] = None
 
     def note(self) -> str:
         if self.chosen_by_optimize:
             return "chosen by imgpipe optimize"
+        # Rounded down: a minimum of 0.99996 is "at least 0.9999", never "1.0000".
+        features = (f", features' cosine at least {floor(self.feature_cosine_min * 1e4) / 1e4}"
+                    if self.features and self.feature_cosine_min is not None else "")
         return (f"checked against eager PyTorch on {self.images} photographs: same top-1, "
-                f"probabilities within {self.max_score_drift:.1g}")
+                f"probabilities within {self.max_score_drift:.1g}{features}")
 
 
-def key_for(settings: Settings, *, optimized: bool = False) -> str:
+def key_for(settings: Settings, *, optimized: bool = False, features: bool = False) -> str:
     """The record's key: the model's files (as for its cache scope) and input shape;
-    `optimized` for the export of the variant that `imgpipe optimize` chose."""
+    `optimized` for the export of the variant that `imgpipe optimize` chose;
+    `features` for the export with the features output (a record of its own, so a
+    logits-only export is never taken for one that gives embeddings)."""
     channels, height, width = settings.preprocess.spec().output_shape
     key = f"{scopes.identity(settings.model)}-{channels}x{height}x{width}"
-    return f"{key}-optimized" if optimized else key
+    key = f"{key}-optimized" if optimized else key
+    return f"{key}-features" if features else key
 
 
 def records_directory(artifacts_dir: Path) -> Path:
@@ -120,11 +137,14 @@ def forget(artifacts_dir: Path, key: str) -> None:
 
 
 class OnnxRunner:
-    """An ONNX graph from uint8 NCHW `pixels` to `logits`, run by ONNX Runtime."""
+    """An ONNX graph from uint8 NCHW `pixels` to `logits`, run by ONNX Runtime; with
+    `features`, a graph that gives `features` too (open() refuses one that does not)."""
 
     def __init__(self, path: Path, max_batch_size: int, sample_shape: tuple[int, int, int],
-                 threads: int = 0, cuda_device: Optional[int] = None) -> None:
+                 threads: int = 0, cuda_device: Optional[int] = None,
+                 features: bool = False) -> None:
         self.path = path
+        self.features = features
         self.max_batch_size = max_batch_size
         self.sample_shape = sample_shape
         self.threads = threads
@@ -150,11 +170,26 @@ class OnnxRunner:
                                             providers=providers)
         self.providers = list(self.session.get_providers())
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        names = [output.name for output in self.session.get_outputs()]
+        if self.features and FEATURES_NAME not in names:
+            raise ValueError(f"{self.path.name} gives no {FEATURES_NAME!r} output (it gives "
+                             f"{', '.join(names)}): a logits-only export")
+        self.output_name = names[0]
         self.buffer = np.empty((self.max_batch_size, *self.sample_shape), dtype=np.uint8)
 
     def run(self, samples: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 CHW samples -> float logits, one row per sample."""
+        (logits,) = self._run(samples, [self.output_name])
+        return logits
+
+    def run_features(self, samples: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 CHW samples -> (logits, pooled features), one row per sample each."""
+        if not self.features:
+            raise RuntimeError(f"{self.path.name} was opened for logits only")
+        logits, features = self._run(samples, [self.output_name, FEATURES_NAME])
+        return logits, features
+
+    def _run(self, samples: Sequence[np.ndarray], names: list[str]) -> list[np.ndarray]:
         if not samples or len(samples) > self.max_batch_size:
             raise ValueError(f"batch of {len(samples)} does not fit max_batch_size "
                              f"{self.max_batch_size}")
@@ -162,10 +197,12 @@ class OnnxRunner:
         batch = self.buffer[: len(samples)]
         np.stack(samples, out=batch)
         self.last_staging_s = time.perf_counter() - started
-        (logits,) = self.session.run([self.output_name], {self.input_name: batch})
-        if logits.shape[0] != len(samples):
-            raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(samples)} inputs")
-        return np.asarray(logits)
+        outputs = self.session.run(names, {self.input_name: batch})
+        for output in outputs:
+            if output.shape[0] != len(samples):
+                raise RuntimeError(f"model returned {output.shape[0]} rows for "
+                                   f"{len(samples)} inputs")
+        return [np.asarray(output) for output in outputs]
 
     def close(self) -> None:
         self.__dict__.pop("session", None)
@@ -182,7 +219,8 @@ class PrebuiltBackend:
         self.model = checked.card
         self.checked = checked
         self.max_batch_size = max_batch_size
-        self.runner = OnnxRunner(Path(checked.artifact), max_batch_size, sample_shape, threads)
+        self.runner = OnnxRunner(Path(checked.artifact), max_batch_size, sample_shape, threads,
+                                 features=checked.features)
         self.warmup_s = 0.0
 
     @property
@@ -201,6 +239,10 @@ class PrebuiltBackend:
 
     def predict(self, samples: Sequence[np.ndarray]) -> np.ndarray:
         return self.runner.run(samples)
+
+    def predict_features(self, samples: Sequence[np.ndarray]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        return self.runner.run_features(samples)
 
     def close(self) -> None:
         self.runner.close()

@@ -2,6 +2,9 @@
 and the batch and thread plan it measured fastest with it (pipeline/plans.py).
 
 Read at every start when `model.backend = "auto"`, written by `optimize`.
+For embeddings the variant is the fastest that `optimize` accepted for both
+scores and features (pipeline/feature_guard.py), which may be slower than
+the one chosen for scores alone.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pipeline.plans import Plan
 from pipeline.variants import Variant
 
 PROFILES_SUBDIR = "profiles"
+UNCHECKED = "its profile predates the features check (run imgpipe optimize again)"
 
 
 class Identified(Protocol):
@@ -36,6 +40,8 @@ class Profile:
     variant: Variant
     calibration_images: Optional[Path]
     plan: Optional[Plan] = None  # None in profiles written before plans were measured
+    embeddings: Optional[Variant] = None  # for embeddings; None: no variant passed
+    embeddings_refused: str = UNCHECKED  # why `variant` is refused for embeddings
 
 
 def profile_path(cache_dir: Path, model: Identified) -> Path:
@@ -49,18 +55,34 @@ def chosen(cache_dir: Path, model: Identified) -> Optional[Profile]:
         fields = json.loads(profile_path(cache_dir, model).read_text(encoding="utf-8"))
         variant = Variant(str(fields["backend"]), str(fields.get("precision", "fp32")))
         variant.validate()
+        embeddings = _embeddings(fields)
     except (OSError, ValueError, TypeError, KeyError, ImgpipeError):
         return None
     images = fields.get("calibration_images")
     return Profile(variant, Path(images) if isinstance(images, str) else None,
-                   Plan.from_json(fields.get("plan")))
+                   Plan.from_json(fields.get("plan")), *embeddings)
+
+
+def _embeddings(fields: dict[str, Any]) -> tuple[Optional[Variant], str]:
+    """The profile's variant for embeddings, and why the chosen one is refused for them."""
+    if "embeddings" not in fields:
+        return None, UNCHECKED
+    named = fields["embeddings"]
+    if not isinstance(named, dict):
+        return None, str(fields.get("embeddings_refused", ""))
+    variant = Variant(str(named["backend"]), str(named.get("precision", "fp32")))
+    variant.validate()
+    return variant, str(fields.get("embeddings_refused", ""))
 
 
 def write_profile(cache_dir: Path, model: Identified, variant: Variant,
                   calibration_images: Optional[Path], validation: dict[str, Any],
-                  measured: dict[str, Any], plan: Optional[Plan] = None) -> None:
+                  measured: dict[str, Any], plan: Optional[Plan] = None,
+                  embeddings: Optional[Variant] = None, embeddings_refused: str = "") -> None:
     """Record `variant` as the choice for `model`, atomically, with what it was judged
-    on and by which rule (`validation`) and what was measured."""
+    on and by which rule (`validation`) and what was measured; `embeddings` is the
+    choice for embeddings (None: none passed), `embeddings_refused` why `variant`
+    is not it."""
     path = profile_path(cache_dir, model)
     path.parent.mkdir(parents=True, exist_ok=True)
     profile: dict[str, Any] = {
@@ -68,7 +90,10 @@ def write_profile(cache_dir: Path, model: Identified, variant: Variant,
         "backend": variant.backend, "precision": variant.precision,
         "calibration_images": str(calibration_images) if calibration_images else None,
         "validation": validation, "chosen_at": time.time(), "measured": measured,
-        "plan": asdict(plan) if plan is not None else None}
+        "plan": asdict(plan) if plan is not None else None,
+        "embeddings": None if embeddings is None else {
+            "backend": embeddings.backend, "precision": embeddings.precision},
+        "embeddings_refused": embeddings_refused}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)

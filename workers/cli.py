@@ -408,6 +408,7 @@ def _bench(args: argparse.Namespace, stderr: Console) -> int:
 def _optimize(args: argparse.Namespace, stderr: Console) -> int:
     from pipeline import optimize
     from pipeline.backends.validation import DEFAULT_AGREEMENT, MIN_ACCURACY_RATIO
+    from pipeline.optimize_report import table
 
     if args.images is None:
         raise ConfigError("optimize needs --images DIR: at least 100 real photographs like "
@@ -433,7 +434,7 @@ def _optimize(args: argparse.Namespace, stderr: Console) -> int:
     with stderr.status("exporting, validating and measuring"):
         outcome = optimize.run(_settings(args), options)
     stdout = Console(highlight=False, soft_wrap=True)
-    for line in optimize.table(outcome):
+    for line in table(outcome):
         stdout.print(line, markup=False)
     if outcome.chosen is None:
         undecided = any(not c.decided for c in outcome.candidates)

@@ -57,14 +57,13 @@ def create_inference_backend(variant: Variant, model: LoadedModel, device: torch
                              calibration: Optional[CalibrationSet] = None,
                              embeddings: Optional[str] = None) -> InferenceBackend:
     """The backend for `variant`; what it builds is kept in `artifacts_dir`.
-    `embeddings` (the setting that asks for them) makes it give features too.
+    `embeddings` (the setting that asks for them) makes it give features too
+    (predict_features), from the same graph as the logits.
 
     ModelLoadError when the variant cannot run on `device`, or give embeddings.
     """
     variant.validate()
     reason = variant.unavailable(device)
-    if reason is None and embeddings is not None and variant != Variant("torch", "fp32"):
-        reason = f"{embeddings} needs model.backend 'torch' or 'auto' (eager fp32), not {variant}"
     if reason is not None:
         raise ModelLoadError(reason)
     store = ArtifactStore(artifacts_dir)
@@ -73,11 +72,11 @@ def create_inference_backend(variant: Variant, model: LoadedModel, device: torch
         from pipeline.backends.onnx import OnnxBackend
 
         return OnnxBackend(*args, store=store, precision=variant.precision,
-                           calibration=calibration)
+                           calibration=calibration, embeddings=embeddings)
     if variant.backend == "torchscript":
         from pipeline.backends.torchscript import TorchScriptBackend
 
-        return TorchScriptBackend(*args, store=store)
+        return TorchScriptBackend(*args, store=store, embeddings=embeddings)
     compiled = variant.backend == "torch-compile"
     return TorchBackend(*args, precision=variant.precision, embeddings=embeddings,
                         compile_cache=store.directory / INDUCTOR_SUBDIR if compiled else None)

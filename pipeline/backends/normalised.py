@@ -1,4 +1,5 @@
-"""The model as every exported artifact holds it: uint8 NCHW in, logits out.
+"""The model as every exported artifact holds it: uint8 NCHW in, logits out (or,
+around a `WithFeatures` module, logits and pooled features).
 
 Normalisation lives inside the graph (``x.float() * scale + shift``), so the
 host only stacks the bytes preprocessing produced, whatever the backend.
@@ -7,6 +8,7 @@ host only stacks the bytes preprocessing produced, whatever the backend.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -25,7 +27,7 @@ class Normalised(torch.nn.Module):
         self.shift = torch.nn.Parameter((-torch.tensor(mean) * scale).reshape(1, 3, 1, 1),
                                         requires_grad=False)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> Any:
         return self.module(pixels.float() * self.scale + self.shift)
 
 

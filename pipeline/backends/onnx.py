@@ -13,6 +13,11 @@ go through the TorchScript-based exporter on a scripted wrapper instead.
 int8 is a second artifact built from the stored fp32 one by ONNX Runtime's
 static quantization, calibrated on real preprocessed images; its key adds
 the calibration set's digest.
+
+An export made for embeddings has a second output, ``features`` (the pooled
+penultimate features, from `WithFeatures`), and its own key: the recipe says
+which outputs the graph has, so a logits-only artifact is never opened where
+features are expected (and the runner checks the graph's outputs as well).
 """
 
 from __future__ import annotations
@@ -33,14 +38,16 @@ from pipeline.backends.calibration import CalibrationSet
 from pipeline.backends.normalised import Normalised, module_device
 from pipeline.errors import ModelLoadError, first_line, root_cause
 from pipeline.models import LoadedModel
-from pipeline.prebuilt import INPUT_NAME, OnnxRunner
+from pipeline.models.features import FeatureTap, WithFeatures
+from pipeline.prebuilt import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OnnxRunner
 from pipeline.timing import warm_up
 
 log = logging.getLogger("imgpipe.backends.onnx")
 
 OPSET = 18
 RECIPE_VERSION = 1  # bump when the export changes in a way the versions do not capture
-OUTPUT_NAME = "logits"
+OUTPUT_NAME = LOGITS_NAME
+FEATURE_OUTPUTS = f"outputs:{LOGITS_NAME}+{FEATURES_NAME}"  # in the key of a features export
 QUANT_RECIPE = "int8-qdq-minmax-per-channel/v1"  # bump when quantize_int8 changes
 CALIBRATION_BATCH = 8
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension whose example size is 0 or 1
@@ -54,31 +61,53 @@ def exporter_for(module: torch.nn.Module) -> str:
     return TORCHSCRIPT if isinstance(module, torch.jit.ScriptModule) else DYNAMO
 
 
-def export_onnx(model: LoadedModel, sample_shape: tuple[int, int, int], path: Path) -> str:
+def export_onnx(model: LoadedModel, sample_shape: tuple[int, int, int], path: Path,
+                embeddings: Optional[str] = None) -> str:
     """Write `model`, wrapped in `Normalised`, to `path` as one ONNX file (weights
-    inside, so under 2 GB). Returns the exporter used; ModelLoadError on failure."""
+    inside, so under 2 GB); with `embeddings` (the setting that asks for them), with
+    the `features` output too. Returns the exporter used; ModelLoadError on failure."""
     exporter = exporter_for(model.module)
+    if embeddings is not None:
+        check_exportable_features(model, embeddings)
     device = module_device(model.module)
-    wrapper = Normalised(model.module, model.mean, model.std).to(device).eval()
+    inner = model.module if embeddings is None else WithFeatures(model, embeddings)
+    wrapper = Normalised(inner, model.mean, model.std).to(device).eval()
     example = torch.zeros((EXAMPLE_BATCH, *sample_shape), dtype=torch.uint8, device=device)
+    names = [OUTPUT_NAME] if embeddings is None else [OUTPUT_NAME, FEATURES_NAME]
     try:
         with warnings.catch_warnings(), _quiet(EXPORTER_LOGGERS), torch.no_grad():
             warnings.simplefilter("ignore")  # deprecation chatter from both exporters
             if exporter == DYNAMO:
-                _export_dynamo(wrapper, example, path)
+                _export_dynamo(wrapper, example, path, names)
             else:
                 _export_torchscript(wrapper, example, path)
     except Exception as exc:  # exporters raise many types; this is the one place to translate
         raise ModelLoadError(f"cannot export model {model.name!r} to ONNX with the {exporter} "
                              f"exporter: {root_cause(exc)}") from exc
+    finally:
+        if isinstance(inner, WithFeatures):
+            inner.close()
     return exporter
 
 
-def _export_dynamo(wrapper: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def check_exportable_features(model: LoadedModel, embeddings: str) -> None:
+    """ModelLoadError, naming the model and the setting, when the ONNX export cannot
+    carry `model`'s features: a TorchScript model's come from its own embed() method,
+    which the TorchScript-based exporter cannot script a wrapper around; or the model
+    has no head to take them from."""
+    if exporter_for(model.module) == TORCHSCRIPT:
+        raise ModelLoadError(f"model {model.name} cannot give embeddings ({embeddings}) "
+                             f"from ONNX Runtime: its ONNX export carries no features; use "
+                             f"model.backend 'torch' or 'torchscript'")
+    FeatureTap(model, embeddings).close()  # the head's check, without keeping the hook
+
+
+def _export_dynamo(wrapper: torch.nn.Module, example: torch.Tensor, path: Path,
+                   output_names: list[str]) -> None:
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(
         wrapper, (example,), None, dynamo=True, opset_version=OPSET,
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        input_names=[INPUT_NAME], output_names=output_names,
         dynamic_shapes={"pixels": {0: batch}}, external_data=False, verbose=False)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
@@ -187,7 +216,8 @@ class OnnxBackend:
     def __init__(self, model: LoadedModel, device: torch.device, max_batch_size: int,
                  sample_shape: tuple[int, int, int], threads: int = 0, *,
                  store: ArtifactStore, precision: str = "fp32",
-                 calibration: Optional[CalibrationSet] = None) -> None:
+                 calibration: Optional[CalibrationSet] = None,
+                 embeddings: Optional[str] = None) -> None:
         if precision not in ("fp32", "int8"):
             raise ModelLoadError(f"onnxruntime runs fp32 or int8, not {precision!r}")
         if precision == "int8" and calibration is None:
@@ -202,6 +232,9 @@ class OnnxBackend:
         self.precision = precision
         self.calibration = calibration
         self.exporter = exporter_for(model.module)
+        if embeddings is not None:  # here, not in setup(): a model that cannot fails at once
+            check_exportable_features(model, embeddings)
+        self.embeddings = embeddings
         self.warmup_s = 0.0
         self.export_s = 0.0  # time spent exporting in setup(); 0 when the artifact was reused
         self.artifact: Path | None = None
@@ -212,6 +245,8 @@ class OnnxBackend:
         c, h, w = self.sample_shape
         precision = precision or self.precision
         recipe = f"uint8-nchw-normalised/opset{OPSET}/{self.exporter}/v{RECIPE_VERSION}"
+        if self.embeddings is not None:  # a graph with another output: another artifact
+            recipe += f"/{FEATURE_OUTPUTS}"
         if precision == "int8":
             assert self.calibration is not None
             recipe += f"/{QUANT_RECIPE}/calibration:{self.calibration.digest()}"
@@ -238,7 +273,7 @@ class OnnxBackend:
 
     def _export(self, path: Path) -> None:
         started = time.perf_counter()
-        export_onnx(self.model, self.sample_shape, path)
+        export_onnx(self.model, self.sample_shape, path, self.embeddings)
         self.export_s += time.perf_counter() - started
         log.info("exported %s to ONNX in %.1f s", self.model.name, self.export_s)
 
@@ -256,14 +291,26 @@ class OnnxBackend:
     def _runner(self, path: Path) -> OnnxRunner:
         _onnxruntime()  # a clear error when it is not installed
         cuda = (self.device.index or 0) if self.device.type == "cuda" else None
-        runner = OnnxRunner(path, self.max_batch_size, self.sample_shape, self.threads, cuda)
+        runner = OnnxRunner(path, self.max_batch_size, self.sample_shape, self.threads, cuda,
+                            features=self.embeddings is not None)
         runner.open()
         return runner
 
     def predict(self, samples: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 CHW samples -> float logits on the CPU, one row per sample."""
-        try:
+        with self._out_of_memory():
             return self.runner.run(samples)
+
+    def predict_features(self, samples: Sequence[np.ndarray]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, pooled features) on the CPU, one row per sample each."""
+        with self._out_of_memory():
+            return self.runner.run_features(samples)
+
+    @contextmanager
+    def _out_of_memory(self) -> Iterator[None]:
+        try:
+            yield
         except Exception as exc:
             if self.device.type == "cuda" and "out of memory" in str(exc).lower():
                 # The inference loop halves a batch on this error type.

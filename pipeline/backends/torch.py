@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +22,7 @@ from pipeline.backends.staging import StagingRing
 from pipeline.cores import usable_cores
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel
-from pipeline.models.features import FeatureTap
+from pipeline.models.features import WithFeatures
 from pipeline.timing import warm_up
 
 RING_BATCHES_AHEAD = 1
@@ -66,6 +66,8 @@ class TorchBackend:
     `compile_cache` set means `torch.compile`, its kernels kept there.
     `embeddings` names the setting that asks for features (predict_features);
     a model without a head to take them from is a ModelLoadError naming it.
+    With features, the module run (and compiled) is `WithFeatures`: one graph
+    gives both outputs, and predict() keeps the logits.
     """
 
     def __init__(self, model: LoadedModel, device: torch.device, max_batch_size: int,
@@ -76,7 +78,7 @@ class TorchBackend:
             raise ModelLoadError(f"torch runs fp32, bf16 or fp16, not {precision!r}")
         self.model = model
         # Made here, not in setup(): a model that cannot give them fails at once.
-        self.tap = FeatureTap(model, embeddings) if embeddings is not None else None
+        self.featured = WithFeatures(model, embeddings) if embeddings is not None else None
         # Indexed, as resolve_device gives it: torch.cuda.set_device refuses a bare "cuda".
         self.device = torch.device("cuda", 0) if device == torch.device("cuda") else device
         self.max_batch_size = max_batch_size
@@ -102,7 +104,8 @@ class TorchBackend:
             # fp32 means fp32: cuDNN's TF32 convolutions moved probabilities by 1.2e-3
             # from the CPU's (4e-7 without) for no measurable speed on an H200 at batch 32.
             torch.backends.cudnn.allow_tf32 = False
-        self.module = self.model.module.to(self.device).to(memory_format=torch.channels_last)
+        module = self.model.module.to(self.device).to(memory_format=torch.channels_last)
+        self.module = module if self.featured is None else self.featured
         if self.compile_cache is not None:
             self.module = self._compiled(self.module, self.compile_cache)
         shape = (1, 3, 1, 1)
@@ -118,9 +121,8 @@ class TorchBackend:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @staticmethod
-    def _compiled(module: Any, cache: Path) -> Any:
-        if isinstance(module, torch.jit.ScriptModule):
+    def _compiled(self, module: Any, cache: Path) -> Any:
+        if isinstance(self.model.module, torch.jit.ScriptModule):
             raise ModelLoadError("torch.compile cannot trace a TorchScript model; use "
                                  "backend torch, torchscript or onnxruntime")
         # Inductor reads this on every cache access. Assigned, not defaulted: torch
@@ -131,30 +133,27 @@ class TorchBackend:
     @torch.inference_mode()
     def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 CHW samples -> float logits on the device, one row per sample."""
-        (logits,) = self._forward(samples, lambda x: (self.module(x),))
-        return logits
+        return self._forward(samples)[0]
 
     @torch.inference_mode()
     def predict_features(self, samples: Sequence[np.ndarray]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, pooled penultimate features) on the device, one row per sample each."""
-        tap = self.tap
-        if tap is None:
+        if self.featured is None:
             raise RuntimeError("this backend was built without embeddings")
-        logits, features = self._forward(samples, lambda x: tap(self.module, x))
+        logits, features = self._forward(samples)
         return logits, features
 
-    def _forward(self, samples: Sequence[np.ndarray],
-                 run: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
-                 ) -> tuple[torch.Tensor, ...]:
-        """Stage and normalise the batch, `run` the model on it; each output's rows."""
+    def _forward(self, samples: Sequence[np.ndarray]) -> tuple[torch.Tensor, ...]:
+        """Stage and normalise the batch, run the model on it; each output's rows."""
         started = time.perf_counter()
         batch = self.ring.stage(samples, self._rows(len(samples)))
         self.last_staging_s = time.perf_counter() - started
         x = batch.float().mul_(self.scale).add_(self.shift)
         x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
-            outputs = run(x)
+            result = self.module(x)
+        outputs = result if isinstance(result, tuple) else (result,)
         for output in outputs:
             if output.shape[0] != batch.shape[0]:
                 raise RuntimeError(f"model returned {output.shape[0]} rows for "
@@ -171,7 +170,7 @@ class TorchBackend:
         return torch.autocast(self.device.type, dtype=AUTOCAST[self.precision])
 
     def close(self) -> None:
-        if self.tap is not None:
-            self.tap.close()
+        if self.featured is not None:
+            self.featured.close()
         self.__dict__.pop("module", None)
         self.__dict__.pop("ring", None)

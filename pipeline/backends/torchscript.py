@@ -4,6 +4,10 @@ The artifact is the frozen module (weights folded in as constants), saved with
 ``torch.jit.save``. Loading runs ``torch.jit.optimize_for_inference`` (conv-bn
 folding, oneDNN layouts on the CPU); its output cannot be saved and reloaded,
 so that pass runs on every load, in well under a second.
+
+Traced for embeddings, the module returns (logits, features) (`WithFeatures`
+traced with it); the recipe in its key says so, so a logits-only artifact is
+never loaded where features are expected.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -24,17 +28,21 @@ from pipeline.backends.staging import StagingRing
 from pipeline.cores import usable_cores
 from pipeline.errors import ModelLoadError, root_cause
 from pipeline.models import LoadedModel
+from pipeline.models.features import FeatureTap, WithFeatures
 from pipeline.timing import warm_up
 
 log = logging.getLogger("imgpipe.backends.torchscript")
 RECIPE = "uint8-nchw-normalised/trace-freeze/v1"  # bump when trace() changes
+FEATURES_RECIPE = "outputs:logits+features"  # in the key of a trace made for embeddings
 TRACE_BATCH = 2
 
 
 def trace(model: LoadedModel, sample_shape: tuple[int, int, int], device: torch.device,
-          path: Path) -> None:
-    """Trace `model` wrapped in `Normalised` on `device`, freeze it, save it to `path`."""
-    wrapper = Normalised(model.module, model.mean, model.std).to(device).eval()
+          path: Path, embeddings: Optional[str] = None) -> None:
+    """Trace `model` wrapped in `Normalised` on `device`, freeze it, save it to `path`;
+    with `embeddings` (the setting asking for them), returning (logits, features)."""
+    inner = model.module if embeddings is None else WithFeatures(model, embeddings)
+    wrapper = Normalised(inner, model.mean, model.std).to(device).eval()
     example = torch.zeros((TRACE_BATCH, *sample_shape), dtype=torch.uint8, device=device)
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -44,6 +52,9 @@ def trace(model: LoadedModel, sample_shape: tuple[int, int, int], device: torch.
     except Exception as exc:  # tracing raises many types; this is the one place to translate
         raise ModelLoadError(f"cannot trace model {model.name!r} to TorchScript: "
                              f"{root_cause(exc)}") from exc
+    finally:
+        if isinstance(inner, WithFeatures):
+            inner.close()
 
 
 class TorchScriptBackend:
@@ -53,7 +64,10 @@ class TorchScriptBackend:
 
     def __init__(self, model: LoadedModel, device: torch.device, max_batch_size: int,
                  sample_shape: tuple[int, int, int], threads: int = 0, *,
-                 store: ArtifactStore) -> None:
+                 store: ArtifactStore, embeddings: Optional[str] = None) -> None:
+        if embeddings is not None:  # a model without a head to tap fails here, at once
+            FeatureTap(model, embeddings).close()
+        self.embeddings = embeddings
         self.model = model
         self.device = device
         self.max_batch_size = max_batch_size
@@ -68,9 +82,12 @@ class TorchScriptBackend:
     def artifact_key(self) -> ArtifactKey:
         c, h, w = self.sample_shape
         # A frozen graph holds device-specific constants: the device type is part of the key.
+        recipe = f"{RECIPE}/{self.device.type}"
+        if self.embeddings is not None:
+            recipe += f"/{FEATURES_RECIPE}"
         return ArtifactKey(
             model=self.model.name, weights_digest=self.model.weights_digest,
-            input_policy=f"dynamic-batch:{c}x{h}x{w}", recipe=f"{RECIPE}/{self.device.type}",
+            input_policy=f"dynamic-batch:{c}x{h}x{w}", recipe=recipe,
             versions=library_versions({"torch": torch.__version__}),
             backend=self.name, precision="fp32")
 
@@ -83,7 +100,7 @@ class TorchScriptBackend:
 
     def _trace(self, path: Path) -> None:
         started = time.perf_counter()
-        trace(self.model, self.sample_shape, self.device, path)
+        trace(self.model, self.sample_shape, self.device, path, self.embeddings)
         self.export_s += time.perf_counter() - started
         log.info("traced %s to TorchScript in %.1f s", self.model.name, self.export_s)
 
@@ -96,13 +113,31 @@ class TorchScriptBackend:
     @torch.inference_mode()
     def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 CHW samples -> float logits on the device, one row per sample."""
+        return self._outputs(samples)[0]
+
+    @torch.inference_mode()
+    def predict_features(self, samples: Sequence[np.ndarray]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, pooled penultimate features) on the device, one row per sample each."""
+        if self.embeddings is None:
+            raise RuntimeError("this backend was built without embeddings")
+        logits, features = self._outputs(samples)
+        return logits, features
+
+    def _outputs(self, samples: Sequence[np.ndarray]) -> tuple[torch.Tensor, ...]:
         started = time.perf_counter()
         batch = self.ring.stage(samples)
         self.last_staging_s = time.perf_counter() - started
-        logits = self.module(batch)
-        if logits.shape[0] != len(samples):
-            raise RuntimeError(f"model returned {logits.shape[0]} rows for {len(samples)} inputs")
-        return logits
+        result = self.module(batch)
+        outputs = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+        if len(outputs) != (1 if self.embeddings is None else 2):
+            raise ModelLoadError(f"the TorchScript artifact {self.artifact} gives "
+                                 f"{len(outputs)} outputs, not what it was built for")
+        for output in outputs:
+            if output.shape[0] != len(samples):
+                raise RuntimeError(f"model returned {output.shape[0]} rows for "
+                                   f"{len(samples)} inputs")
+        return outputs
 
     def close(self) -> None:
         self.__dict__.pop("module", None)

@@ -7,6 +7,10 @@ that last layer is the embedding, so a forward pre-hook on it captures the
 features without running the model twice or knowing each architecture's
 layer names. A TorchScript model cannot be hooked: it declares the features
 itself, as an exported method `embed(x)` returning one row per image.
+
+`WithFeatures` makes the pair a module's own output, so that what is traced,
+exported or compiled from it (TorchScript, ONNX, `torch.compile`) returns
+(logits, features) from one graph, as eager PyTorch does.
 """
 
 from __future__ import annotations
@@ -63,6 +67,22 @@ class FeatureTap:
 
     def _capture(self, _layer: Any, inputs: tuple[Any, ...]) -> None:
         self._captured = torch.flatten(inputs[0], 1)
+
+
+class WithFeatures(torch.nn.Module):
+    """A model whose forward returns (logits, features): the tap's hook is traced,
+    exported or compiled with it. `close()` removes the hook from the model."""
+
+    def __init__(self, model: LoadedModel, setting: str) -> None:
+        super().__init__()
+        self.module = model.module
+        self.tap = FeatureTap(model, setting)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tap(self.module, x)
+
+    def close(self) -> None:
+        self.tap.close()
 
 
 def _classifier_head(module: torch.nn.Module, classes: int) -> Optional[torch.nn.Linear]:

@@ -110,6 +110,127 @@ def test_the_cache_keeps_logits_and_embedding_answers_apart(run: Any, samples_di
     assert cosine(vectors[0], vectors[2]) > 0.999
 
 
+DEFAULT_NOTE = ("(onnxruntime: the CPU default, checked against eager PyTorch on 6 "
+                "photographs: same top-1, probabilities within ")
+
+
+def imported(stderr: str) -> set[str]:
+    """The modules a run with PYTHONPROFILEIMPORTTIME=1 imported."""
+    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines()
+            if line.startswith("import time:")}
+
+
+def test_score_embeddings_run_on_the_checked_onnx_export_then_without_torch(
+        run: Any, photos: Path, tmp_path: Path) -> None:
+    # given an empty artifact store
+    env = {"IMGPIPE_MODEL__ARTIFACTS_DIR": str(tmp_path / "artifacts")}
+
+    # when embeddings are scored by default, then by eager PyTorch, then by default again
+    first = score(run, tmp_path / "first.jsonl", photos, output="embedding", env=env)
+    eager = score(run, tmp_path / "eager.jsonl", photos, output="embedding", env=env,
+                  flags=("--no-cache", "--model-backend", "torch"))
+    later = score(run, tmp_path / "later.jsonl", photos, output="embedding",
+                  env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
+
+    # then the default ran the ONNX export with features, checked for them, and said so
+    assert DEFAULT_NOTE in first.stderr and "features' cosine at least 0.99" in first.stderr
+    assert "(torch: set by model.backend)" in eager.stderr
+    # and a later start opens that export without importing torch
+    assert DEFAULT_NOTE in later.stderr
+    assert "onnxruntime" in imported(later.stderr) and "torch" not in imported(later.stderr)
+    # and every photograph's vector is eager's, the same from both default runs
+    by_default, by_eager = vectors_by_path(tmp_path / "first.jsonl"), vectors_by_path(
+        tmp_path / "eager.jsonl")
+    assert by_default.keys() == by_eager.keys() and len(by_default) == 6
+    for path, vector in by_default.items():
+        assert cosine(vector, by_eager[path]) >= 0.99, path
+    assert vectors_by_path(tmp_path / "later.jsonl").keys() == by_default.keys()
+    for path, vector in vectors_by_path(tmp_path / "later.jsonl").items():
+        assert vector.tolist() == by_default[path].tolist(), path
+
+
+def drift_the_features_output(artifact: Path) -> None:
+    """Rewire the export so its `features` output is the pooled features scaled channel
+    by channel at random, while the classifier still reads the true ones: the logits
+    (and so the scores' check) are untouched, the features turn."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(artifact))
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["true_features" if name == "features" else name
+                          for name in node.output]
+        node.input[:] = ["true_features" if name == "features" else name
+                         for name in node.input]
+    scale = np.random.default_rng(0).uniform(0, 2, LITE0_DIM).astype(np.float32)
+    graph.initializer.append(numpy_helper.from_array(scale, "drift_scale"))
+    graph.node.append(helper.make_node("Mul", ["true_features", "drift_scale"], ["features"]))
+    onnx.save(model, str(artifact))
+
+
+def test_an_export_whose_features_drift_is_refused_for_embeddings_and_eager_runs(
+        run: Any, samples_dir: Path, tmp_path: Path) -> None:
+    # given the CPU default's export with features, its features output then drifted
+    artifacts = tmp_path / "artifacts"
+    env = {"IMGPIPE_MODEL__ARTIFACTS_DIR": str(artifacts)}
+    photo = samples_dir / "coffee.jpg"
+    score(run, tmp_path / "first.jsonl", photo, output="embedding", env=env)
+    (artifact,) = artifacts.glob("*.onnx")
+    drift_the_features_output(artifact)
+    shutil.rmtree(artifacts / "checked")
+
+    # when embeddings are scored by default again
+    result = score(run, tmp_path / "again.jsonl", photo, output="embedding", env=env)
+
+    # then the check refuses the export for embeddings, with its numbers, and eager runs
+    warning = ("ONNX Runtime is not used for efficientnet_lite0: the ONNX export is refused "
+               "for embeddings: features' cosine to eager fp32's: mean ")
+    assert warning in result.stderr and "over 6 photographs, under 0.99" in result.stderr
+    assert "(torch: eager: the ONNX export was refused (the ONNX export is refused for " \
+           "embeddings: features' cosine" in result.stderr
+    again, first = (vectors_by_path(tmp_path / name)[str(photo)]
+                    for name in ("again.jsonl", "first.jsonl"))
+    assert cosine(again, first) > 0.999
+    # and scores alone still run on the default export, which they have their own of
+    logits = score(run, tmp_path / "logits.jsonl", photo, output="logits", env=env)
+    assert DEFAULT_NOTE in logits.stderr
+
+
+def test_embeddings_run_on_what_optimize_accepted_for_them(run: Any, samples_dir: Path,
+                                                           tmp_path: Path) -> None:
+    from pipeline.models import load_model
+    from pipeline.profiles import write_profile
+    from pipeline.variants import Variant
+
+    # given a profile whose choice (int8) was refused for embeddings, fp32 accepted
+    cache, model = tmp_path / "cache", load_model()
+    why = "features' cosine to eager fp32's: mean 0.9938, minimum 0.9693 over 100 " \
+          "photographs, under 0.99"
+    write_profile(cache, model, Variant("onnxruntime", "int8"), samples_dir, {}, {},
+                  embeddings=Variant("onnxruntime"), embeddings_refused=why)
+    flags = ("--no-cache", "--cache-dir", str(cache))
+
+    # when embeddings are scored, and scores alone
+    embeddings = score(run, tmp_path / "e.jsonl", samples_dir / "coffee.jpg",
+                       output="embedding", flags=flags)
+    logits = score(run, tmp_path / "l.jsonl", samples_dir / "coffee.jpg", output="logits",
+                   flags=flags)
+
+    # then embeddings run on the variant accepted for them, saying why; scores on int8
+    assert (f"(onnxruntime: chosen by imgpipe optimize for embeddings (onnxruntime:int8 is "
+            f"refused for embeddings: {why}))") in embeddings.stderr
+    assert "(onnxruntime:int8: chosen by imgpipe optimize" in logits.stderr
+
+    # and where optimize accepted none for embeddings, eager fp32 runs them
+    write_profile(cache, model, Variant("onnxruntime", "int8"), samples_dir, {}, {},
+                  embeddings=None, embeddings_refused=why)
+    fallback = score(run, tmp_path / "f.jsonl", samples_dir / "coffee.jpg",
+                     output="embedding", flags=flags)
+    assert (f"(torch: eager fp32, for embeddings (onnxruntime:int8 is refused for "
+            f"embeddings: {why}))") in fallback.stderr
+
+
 def test_embeddings_without_a_results_file_stop_before_loading(run: Any,
                                                                samples_dir: Path) -> None:
     result = run("score", str(samples_dir / "coffee.jpg"), "--output", "embedding")

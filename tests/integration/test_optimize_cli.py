@@ -46,7 +46,8 @@ def rows(stdout: str) -> dict[str, str]:
 
 
 def columns(row: str) -> list[str]:
-    """variant, images, top-1, top-5, agree, drift, images/s, p50, 'ms', verdict..."""
+    """variant, images, top-1, top-5, agree, drift, images/s, p50, 'ms', cos mean,
+    cos min, verdict..."""
     return row.split()
 
 
@@ -134,6 +135,13 @@ def test_unlabelled_photos_are_judged_on_agreement_with_fp32(
         in table["onnxruntime:int8"]
     profile = json.loads(next((cache / "profiles").glob("*.json")).read_text())
     assert profile["precision"] == "fp32" and profile["validation"]["threshold"] == 0.93
+    # and the features were judged too: ONNX Runtime fp32's are eager's, so it is the
+    # variant for embeddings as well
+    assert fp32[9:11] == ["1.0000", "1.0000"], fp32
+    assert "embeddings: onnxruntime (features' cosine to eager fp32's at least 0.99, mean " \
+           "and minimum)" in result.stdout
+    assert profile["embeddings"] == {"backend": "onnxruntime", "precision": "fp32"}
+    assert profile["embeddings_refused"] == ""
 
 
 def test_a_set_too_small_to_decide_says_so_and_writes_nothing(

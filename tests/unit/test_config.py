@@ -136,11 +136,11 @@ def test_invalid_file_values_are_refused_naming_the_key(tmp_path, text, key):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torchscript", "torch-compile"])
-def test_embeddings_on_a_variant_without_features_are_refused_naming_both(tmp_path, backend):
+def test_embeddings_are_accepted_on_every_variant(tmp_path, backend):
+    # every variant gives features now (pipeline/models/features.py, WithFeatures)
     text = f'[model]\noutput = "embedding"\nbackend = "{backend}"\n'
-    with pytest.raises(ConfigError, match=f"model.output = 'embedding' runs on eager "
-                       f"PyTorch in fp32: use model.backend 'auto' or 'torch'.*{backend}"):
-        load_settings(write_toml(tmp_path, text), environ=NO_ENV)
+    settings = load_settings(write_toml(tmp_path, text), environ=NO_ENV)
+    assert (settings.model.output, settings.model.backend) == ("embedding", backend)
     settings = load_settings(write_toml(tmp_path, '[model]\noutput = "both"\n'), environ=NO_ENV)
     assert (settings.model.output, settings.model.normalize_embeddings) == ("both", True)
 

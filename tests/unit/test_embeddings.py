@@ -148,10 +148,18 @@ def test_a_model_without_a_linear_head_is_refused_naming_it_and_the_setting(tmp_
     assert "squeezenet1_1" in message and SETTING in message and "\n" not in message
 
 
-def test_embeddings_are_refused_on_an_exported_variant(mobilenet):
-    with pytest.raises(ModelLoadError, match="model.output = 'embedding' needs model.backend"):
-        create_inference_backend(Variant("onnxruntime"), mobilenet, torch.device("cpu"), 2,
-                                 (3, 224, 224), 1, Path("/nonexistent"), embeddings=SETTING)
+@pytest.mark.parametrize("variant", ["onnxruntime", "torchscript"])
+def test_a_model_without_a_linear_head_is_refused_on_exported_variants_at_once(variant,
+                                                                            tmp_path):
+    # given squeezenet (a convolution for a classifier): nothing is exported for it
+    weights = tmp_path / "squeezenet1_1.pth"
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), weights)
+    model = load_model("squeezenet1_1", weights)
+    with pytest.raises(ModelLoadError, match=r"squeezenet1_1 cannot give embeddings "
+                       r"\(model\.output = 'embedding'\)"):
+        create_inference_backend(Variant(variant), model, torch.device("cpu"), 2,
+                                 (3, 224, 224), 1, tmp_path / "artifacts", embeddings=SETTING)
+    assert not (tmp_path / "artifacts").exists()
 
 
 class Declared(torch.nn.Module):
