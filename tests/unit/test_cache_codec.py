@@ -401,13 +401,41 @@ def test_an_embedding_entry_round_trips_with_or_without_predictions() -> None:
         assert vector.dtype == np.dtype("<f2") and vector.tolist() == VECTOR.tolist()
 
 
+def test_an_embedding_entry_is_the_same_bytes_in_every_build() -> None:
+    # compact JSON, UTF-8 as is, and the vector as float16, whatever it came as
+    entry = encode_embedded([{"label": "café", "index": 0, "score": 1.0}],
+                            np.array([[1.0, -0.5, 0.25]], dtype=np.float32))
+    assert entry == (b"IPE\x00\x01\x00\x00\x00)\x00\x00\x00\x03\x00\x00\x00"
+                     b"V1\xac\xa0\xb0\x0e\xae\xdb"
+                     b'[{"label":"caf\xc3\xa9","index":0,"score":1.0}]'
+                     b"\x00<\x00\xb8\x004")
+
+
+def test_an_embedding_of_one_value_is_one_and_of_none_is_refused() -> None:
+    _, vector = decode_embedded(encode_embedded([], np.ones(1, dtype=np.float16)))
+    assert vector.tolist() == [1.0]
+    with pytest.raises(CorruptEntry, match="header says"):
+        decode_embedded(encode_embedded([], np.ones(0, dtype=np.float16)))
+
+
+def test_an_embedding_entry_never_holds_what_is_not_a_number() -> None:
+    with pytest.raises(ValueError):
+        encode_embedded([{"label": "a", "index": 0, "score": float("nan")}], VECTOR)
+    with pytest.raises(CorruptEntry, match="not finite"):
+        decode_embedded(encode_embedded([], np.array([1.0, np.inf], dtype=np.float16)))
+
+
 def test_a_damaged_embedding_entry_is_corrupt_wherever_the_damage_is() -> None:
     blob = encode_embedded(PREDICTIONS, VECTOR)  # type: ignore[arg-type]
     for offset in (5, 12, 30, len(blob) - 1):
         with pytest.raises(CorruptEntry):
             decode_embedded(flipped(blob, offset))
-    with pytest.raises(CorruptEntry):
+    with pytest.raises(CorruptEntry, match="checksum mismatch"):
+        decode_embedded(flipped(blob, len(blob) - 1))
+    with pytest.raises(CorruptEntry, match="header says"):
         decode_embedded(blob[:-2])
+    with pytest.raises(CorruptEntry, match="truncated"):
+        decode_embedded(blob[:10])
     with pytest.raises(CorruptEntry):  # a logits entry is not an embedding answer
         decode_embedded(encode_result(PREDICTIONS))  # type: ignore[arg-type]
     key = result_key("imgpipe", "d" * 32, "m", "w", 5, spec_digest=SPEC, labels_digest="",

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,23 @@ def test_every_field_the_client_writes_is_one_the_daemon_reads(rules: JobRules) 
         b"\x00\xff", "a", 2, "me:results", NOW_MS + 1, "hflip")
     assert contract.job_fields(url="https://images.example/cat.jpg") == {
         "v": "1", "url": "https://images.example/cat.jpg"}
+    # and a job asking for its embedding says so under `output`
+    fields = contract.job_fields(image="cat.jpg", output="both")
+    assert fields == {"v": "1", "image": "cat.jpg", "output": "both"}
+    raw = {k.encode(): v.encode() for k, v in fields.items()}
+    embedding_rules = replace(rules, outputs=("logits", "embedding", "both"))
+    assert contract.parse_job("6-0", raw, embedding_rules, NOW_MS).output == "both"
+
+
+def test_a_late_job_is_told_how_late_it_is(rules: JobRules) -> None:
+    job = contract.parse_job("1-0", {b"image": b"cat.jpg", b"deadline_ms": b"1000"}, rules,
+                             now_ms=1250)
+    assert job.error is not None and "deadline passed 250 ms" in job.error.message
+
+
+def test_an_embedding_of_another_dtype_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match="embedding dtype 'float32'"):
+        contract.embedding_of({"embedding": "AAA=", "dim": "1", "dtype": "float32"})
 
 
 def test_results_encode_to_text_fields_and_decode_back(rules: JobRules) -> None:

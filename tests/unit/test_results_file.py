@@ -3,10 +3,12 @@ what they cannot safely append to: other settings, foreign files, unknown types.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError
@@ -276,3 +278,85 @@ def test_a_pipe_is_written_and_never_read(tmp_path):
 def test_a_missing_directory_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match=f"no directory {tmp_path / 'missing'}"):
         inspect_result_file(tmp_path / "missing" / "results.jsonl")
+
+
+# --- embeddings beside the results ---------------------------------------------
+
+EMBEDDING_SETTINGS = {**SETTINGS, "output": "both"}
+
+
+def embedded(path: str, value: float) -> Record:
+    record = ok(path)
+    record["embedding"] = np.full(4, value, dtype=np.float16)
+    return record
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_embeddings_go_to_their_own_file_and_records_name_their_rows(
+        tmp_path: Path, name: str) -> None:
+    # given two runs asking for embeddings, the second resuming the first
+    path = tmp_path / name
+    run(path, [embedded("a.jpg", 0.25), embedded("b.jpg", 0.5)], EMBEDDING_SETTINGS)
+    run(path, [embedded("c.jpg", 0.75)], EMBEDDING_SETTINGS)
+    # then the vectors are rows of FILE.embeddings.npy, in order, and each record
+    # names its row beside its prediction, in JSONL as in CSV
+    vectors = np.load(inspect_result_file(path).embeddings)
+    assert vectors[:, 0].tolist() == [0.25, 0.5, 0.75]
+    if name.endswith(".csv"):
+        rows = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
+        assert [(r["path"], r["embedding_row"], r["label"]) for r in rows] == [
+            ("a.jpg", "0", "cup"), ("b.jpg", "1", "cup"), ("c.jpg", "2", "cup")]
+    else:
+        records = lines(path)[1:]
+        assert [(r["path"], r["embedding_row"]) for r in records] == [
+            ("a.jpg", 0), ("b.jpg", 1), ("c.jpg", 2)]
+        assert all("embedding" not in r for r in records)
+
+
+def test_a_csv_row_of_an_embedding_alone_has_no_prediction_columns(tmp_path: Path) -> None:
+    path = tmp_path / "results.csv"
+    record = Record(path="a.jpg", status="ok", embedding=np.zeros(4, dtype=np.float16))
+    run(path, [record], {**SETTINGS, "output": "embedding"})
+    [row] = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
+    assert (row["embedding_row"], row["label"], row["predictions"]) == ("0", "", "")
+
+
+def test_a_run_without_embeddings_writes_no_embeddings_file(tmp_path: Path) -> None:
+    path = tmp_path / "results.csv"
+    run(path, [ok("a.jpg")])
+    assert not inspect_result_file(path).embeddings.exists()
+    assert "embedding_row" not in path.read_text(encoding="utf-8").splitlines()[0]
+
+
+def test_embeddings_on_stdout_are_refused_naming_what_to_use_instead() -> None:
+    with pytest.raises(ConfigError, match="use --out FILE.jsonl or FILE.csv"):
+        open_result_file(Path(os.devnull), EMBEDDING_SETTINGS)
+
+
+def test_a_resumed_run_whose_embeddings_file_is_gone_is_refused_naming_it(
+        tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    run(path, [embedded("a.jpg", 0.25)], EMBEDDING_SETTINGS)
+    vectors = inspect_result_file(path).embeddings
+    vectors.unlink()
+    with pytest.raises(ConfigError, match=f"{vectors} is missing"):
+        open_result_file(path, EMBEDDING_SETTINGS)
+
+
+def test_the_embeddings_file_is_among_the_files_a_run_writes(tmp_path: Path) -> None:
+    for name in FORMATS:
+        found = inspect_result_file(tmp_path / name)
+        assert found.embeddings in found.own_files()
+    assert inspect_result_file(Path(os.devnull)).own_files() == [Path(os.devnull)]
+
+
+def test_a_new_results_file_starts_its_embeddings_over(tmp_path: Path) -> None:
+    # given an embeddings file left from a run whose results file is gone
+    path = tmp_path / "results.jsonl"
+    run(path, [embedded("a.jpg", 0.25), embedded("b.jpg", 0.5)], EMBEDDING_SETTINGS)
+    path.unlink()
+    # when a new run starts the results file afresh
+    run(path, [embedded("c.jpg", 0.75)], EMBEDDING_SETTINGS)
+    # then the rows start over with it
+    assert [r["embedding_row"] for r in lines(path)[1:]] == [0]
+    assert np.load(inspect_result_file(path).embeddings)[:, 0].tolist() == [0.75]
