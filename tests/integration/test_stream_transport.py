@@ -65,6 +65,13 @@ class Transport:
             pipe.xadd(self.keys.jobs, {"image": "red.png", "id": f"job-{index}", **fields})
         return [entry.decode() for entry in pipe.execute()]
 
+    def reading_new_jobs(self) -> None:
+        """Set up, read its own pending entries (none), and hold off take-over
+        passes: every later read is of new jobs."""
+        self.source.setup()
+        assert self.source.next_chunk(0) == []
+        self.source.next_reclaim = float("inf")
+
     def take(self, count: int) -> list[Job]:
         """Read until `count` jobs came out of the source."""
         taken: list[Job] = []
@@ -293,10 +300,8 @@ def test_a_stream_deleted_under_the_source_is_made_again_and_served(
 
 def test_a_read_returns_at_most_one_chunk_of_jobs(make_transport: Any) -> None:
     transport = make_transport()
-    transport.source.setup()
+    transport.reading_new_jobs()
     transport.add(CHUNK + 3)
-    transport.source.next_chunk(0)  # its own pending entries first: none
-    transport.source.next_reclaim = float("inf")
     sizes = [len(transport.source.next_chunk(0) or []) for _ in range(2)]
     assert sizes == [CHUNK, 3]
 
@@ -366,9 +371,7 @@ def test_a_read_waits_for_jobs_up_to_the_time_it_is_given(
     # given a source with nothing to read, waiting in a blocking read
     settings.update(read_block_ms=60_000)
     transport = make_transport()
-    transport.source.setup()
-    transport.source.next_chunk(0)  # its own pending entries first: none
-    transport.source.next_reclaim = float("inf")
+    transport.reading_new_jobs()
     got: list[Optional[list[Job]]] = []
     reader = threading.Thread(target=lambda: got.append(transport.source.next_chunk(30.0)))
     reader.start()
@@ -388,9 +391,7 @@ def test_a_read_blocks_as_long_as_asked_within_read_block_ms_and_not_when_told_n
     server = redis_server_factory()
     seen = watch(server)
     transport = make_transport(server=server)
-    transport.source.setup()
-    transport.source.next_chunk(0)  # its own pending entries first: none
-    transport.source.next_reclaim = float("inf")
+    transport.reading_new_jobs()
     for wait_s in (0, 0.0001, 0.2, 30):
         assert transport.source.next_chunk(wait_s) == []
     commands = [c["command"] for c in seen_so_far(transport, seen)]
@@ -504,11 +505,9 @@ def test_jobs_delivered_in_a_lost_reply_run_without_waiting_for_the_claim_timeou
     # next read delivering CHUNK more jobs in a reply that never arrives
     conn = LosingReplies.from_url(redis_server.url)
     transport = make_transport(conn=conn)
-    transport.source.setup()
+    transport.reading_new_jobs()
     transport.add(2)
     theirs = read_as(transport, "other", 2)
-    transport.source.next_chunk(0)  # its own pending entries: none
-    transport.source.next_reclaim = float("inf")
     [in_flight] = transport.add(1)
     assert [job.ref for job in transport.take(1)] == [in_flight]
     lost = transport.add(CHUNK)
@@ -538,9 +537,7 @@ def test_a_lost_reply_behind_a_chunk_of_jobs_in_flight_is_found_page_by_page(
     # given a chunk of jobs in flight, then a read whose reply is lost
     conn = LosingReplies.from_url(redis_server.url)
     transport = make_transport(conn=conn)
-    transport.source.setup()
-    transport.source.next_chunk(0)
-    transport.source.next_reclaim = float("inf")
+    transport.reading_new_jobs()
     transport.add(CHUNK)
     transport.take(CHUNK)
     lost = transport.add(CHUNK)
@@ -556,9 +553,7 @@ def test_jobs_already_answered_are_not_run_again_after_a_lost_reply(
     # given a lost reply whose jobs another daemon answered (deleted) meanwhile
     conn = LosingReplies.from_url(redis_server.url)
     transport = make_transport(conn=conn)
-    transport.source.setup()
-    transport.source.next_chunk(0)
-    transport.source.next_reclaim = float("inf")
+    transport.reading_new_jobs()
     gone, kept = transport.add(2)
     conn.lose_next = True
     transport.source.next_chunk(0)
@@ -626,9 +621,7 @@ def test_a_reclaim_pass_leaves_jobs_that_are_ours_and_in_flight(
         make_transport: Any, settings: dict[str, Any]) -> None:
     settings.update(claim_idle_ms=50)
     transport = make_transport()
-    transport.source.setup()
-    transport.source.next_chunk(0)
-    transport.source.next_reclaim = float("inf")
+    transport.reading_new_jobs()
     transport.add(2)
     mine = [job.ref for job in transport.take(2)]
     wait_until(lambda: idle_longer_than(transport, mine, 50), 30, "the claim timeout")
@@ -666,9 +659,7 @@ def test_a_reclaim_pass_moves_on_past_a_page_of_its_own_jobs_in_flight(
     # batch), then jobs of a dead consumer
     settings.update(claim_idle_ms=50)
     transport = make_transport()
-    transport.source.setup()
-    transport.source.next_chunk(0)
-    transport.source.next_reclaim = float("inf")
+    transport.reading_new_jobs()
     transport.add(CHUNK)
     mine = [job.ref for job in transport.take(CHUNK)]
     transport.add(2)
@@ -700,17 +691,6 @@ def test_the_end_of_a_reclaim_pass_forgets_consumers_long_gone_with_nothing_pend
     transport.source.next_chunk(0)
     # then the long idle one is forgotten; the source and the other stay
     assert set(transport.consumers()) == {"taker", "recent"}
-
-
-def test_a_consumer_idle_but_not_long_enough_is_kept(
-        make_transport: Any, settings: dict[str, Any]) -> None:
-    settings.update(claim_idle_ms=60_000)
-    transport = make_transport()
-    transport.source.setup()
-    transport.conn.xgroup_createconsumer(transport.keys.jobs, GROUP, "recent")
-    transport.source.next_chunk(0)
-    transport.source.next_chunk(0)  # a reclaim pass
-    assert "recent" in transport.consumers()
 
 
 # -- leaving ------------------------------------------------------------------------
