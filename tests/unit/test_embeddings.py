@@ -20,6 +20,7 @@ from pipeline.preprocess.pillow import PillowBackend
 from pipeline.recipes import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.spec import InputLimits, PreprocessSpec
 from pipeline.variants import Variant
+from tests.builders import Declared
 
 SETTING = "model.output = 'embedding'"
 PHOTOS = ("coffee.jpg", "chelsea.jpg", "rocket.jpg")
@@ -160,17 +161,6 @@ def test_a_model_without_a_linear_head_is_refused_on_exported_variants_at_once(v
         create_inference_backend(Variant(variant), model, torch.device("cpu"), 2,
                                  (3, 224, 224), 1, tmp_path / "artifacts", embeddings=SETTING)
     assert not (tmp_path / "artifacts").exists()
-
-
-class Declared(torch.nn.Module):
-    """A TorchScript classifier that declares its features: the mean colour."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.embed(x), torch.zeros(x.shape[0], 997)], dim=1)
-
-    @torch.jit.export
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
 
 
 def scripted(module: torch.nn.Module, path: Path) -> LoadedModel:

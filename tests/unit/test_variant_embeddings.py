@@ -23,6 +23,7 @@ from pipeline.items import Job, Prepared
 from pipeline.models import LoadedModel, load_model
 from pipeline.prebuilt import OnnxRunner
 from pipeline.spec import InputLimits, PreprocessSpec
+from tests.builders import Declared
 
 CPU = torch.device("cpu")
 SHAPE = (3, 224, 224)
@@ -194,17 +195,6 @@ def test_a_torchscript_model_is_refused_for_exported_features(tmp_path):
                        r"model\.backend 'torch' or 'torchscript'"):
         create_inference_backend(Variant("onnxruntime"), model, CPU, 2, (3, 1, 1), 1,
                                  tmp_path, embeddings=SETTING)
-
-
-class Declared(torch.nn.Module):
-    """A TorchScript classifier that declares its features: the mean colour."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.embed(x), torch.zeros(x.shape[0], 997)], dim=1)
-
-    @torch.jit.export
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
 
 
 def test_a_torchscript_model_traced_keeps_the_features_it_declares(tmp_path):
