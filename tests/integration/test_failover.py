@@ -81,6 +81,7 @@ class Failover:
         self.old_port = old_port
         self.killed: Optional[RedisServer] = None
         self.restarted = False
+        self.replaced = False  # the sentinels have named another primary
 
     def kill_primary(self) -> None:
         self.killed = self.servers.server_on(self.old_port)
@@ -96,7 +97,10 @@ class Failover:
 
     def new_port(self) -> int | None:
         port = self.servers.primary_port()
-        return port if port != self.old_port else None
+        if port is None or port == self.old_port:
+            return None
+        self.replaced = True
+        return port
 
     def follow(self) -> None:
         """Called between submit tries: bring the old primary back once replaced."""
@@ -211,10 +215,13 @@ def submit_through_a_failover(servers: SentinelSet, prefix: str, images: Path,
         ids += [job["job_id"] for job in chunk]
     client.close()
     primary.close()
-    new_port = failover.new_port()
-    assert new_port is not None, "the sentinels named no new primary"
+    assert failover.replaced, "the sentinels named no new primary"
+    # Usually the replica; the old primary again if the sentinels, once it rejoined,
+    # judged the new one down too (a busy machine may stall it past DOWN_AFTER_MS).
+    now_port = servers.primary_port()
+    assert now_port is not None, "no sentinel names a primary"
     daemon.wait_for_log("is back")  # the daemon noticed the failover too
-    return ids, Tally(servers.data_client(new_port), f"{prefix}:results")
+    return ids, Tally(servers.data_client(now_port), f"{prefix}:results")
 
 
 # -- no primary --------------------------------------------------------------------
