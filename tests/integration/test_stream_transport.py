@@ -47,6 +47,7 @@ GROUP = "imgpipe"
 CHUNK = 8
 NOT_YET = 3_600_000  # a claim timeout no test reaches
 ORIGIN = "http://images.example/"  # allowed for URL jobs; never fetched here
+NODE_ENTRIES = 5  # stream-node-max-entries on the trimming tests' servers
 
 
 @dataclass
@@ -387,17 +388,17 @@ def test_a_read_waits_for_jobs_up_to_the_time_it_is_given(
 def test_a_read_blocks_as_long_as_asked_within_read_block_ms_and_not_when_told_not_to(
         make_transport: Any, settings: dict[str, Any], redis_server_factory: Any) -> None:
     # Redis ends a blocked read on its timer tick: a read told not to wait must not block.
-    settings.update(read_block_ms=300)
+    settings.update(read_block_ms=100)
     server = redis_server_factory()
     seen = watch(server)
     transport = make_transport(server=server)
     transport.reading_new_jobs()
-    for wait_s in (0, 0.0001, 0.2, 30):
+    for wait_s in (0, 0.0001, 0.05, 30):
         assert transport.source.next_chunk(wait_s) == []
     commands = [c["command"] for c in seen_so_far(transport, seen)]
     reads = [c for c in commands if c.startswith("XREADGROUP")][-4:]
     blocks = [re.search(r" BLOCK (\d+) ", c) for c in reads]
-    assert [block and block.group(1) for block in blocks] == [None, "1", "200", "300"]
+    assert [block and block.group(1) for block in blocks] == [None, "1", "50", "100"]
 
 
 def _blocked(transport: Transport) -> bool:
@@ -678,14 +679,14 @@ def test_a_reclaim_pass_moves_on_past_a_page_of_its_own_jobs_in_flight(
 def test_the_end_of_a_reclaim_pass_forgets_consumers_long_gone_with_nothing_pending(
         make_transport: Any, settings: dict[str, Any]) -> None:
     # given a consumer idle ten claim timeouts with nothing pending, and one idle
-    # a claim timeout only
-    settings.update(claim_idle_ms=300)
+    # a claim timeout only (with nine to spare for the pass to start)
+    settings.update(claim_idle_ms=100)
     transport = make_transport()
     transport.source.setup()
     transport.conn.xgroup_createconsumer(transport.keys.jobs, GROUP, "gone")
-    wait_until(lambda: transport.consumers()["gone"]["idle"] > 3000, 30, "ten claim timeouts")
+    wait_until(lambda: transport.consumers()["gone"]["idle"] > 1000, 30, "ten claim timeouts")
     transport.conn.xgroup_createconsumer(transport.keys.jobs, GROUP, "recent")
-    wait_until(lambda: transport.consumers()["recent"]["idle"] > 300, 30, "a claim timeout")
+    wait_until(lambda: transport.consumers()["recent"]["idle"] > 100, 30, "a claim timeout")
     # when the source makes a reclaim pass
     transport.source.next_chunk(0)  # its own pending entries: none
     transport.source.next_chunk(0)
@@ -788,23 +789,31 @@ def test_each_answer_goes_with_its_acknowledgement_in_one_transaction(
     assert sum(c.startswith(f"XADD {transport.keys.results}") for c in answer) == 3
 
 
+def small_stream_nodes(redis_server_factory: Any) -> RedisServer:
+    """A server of its own whose stream nodes hold NODE_ENTRIES entries, so that an
+    approximate trim ("~") comes within that many of its target."""
+    server: RedisServer = redis_server_factory()
+    with redis.Redis.from_url(server.url) as conn:
+        conn.config_set("stream-node-max-entries", NODE_ENTRIES)
+    return server
+
+
 def test_the_default_result_stream_is_trimmed_but_a_clients_own_is_not(
-        make_transport: Any, settings: dict[str, Any]) -> None:
-    # given results_maxlen 10 and a node size that lets "~" trim close to it
+        make_transport: Any, settings: dict[str, Any], redis_server_factory: Any) -> None:
+    # given results_maxlen 10 and stream nodes small enough for "~" to trim close to it
     settings.update(results_maxlen=10)
-    transport = make_transport()
-    node = int(transport.conn.config_get("stream-node-max-entries")["stream-node-max-entries"])
+    transport = make_transport(server=small_stream_nodes(redis_server_factory))
     transport.source.setup()
     mine = f"{transport.keys.results}:mine"
-    transport.add(150)
-    transport.add(150, reply_to=mine)
-    # when 300 jobs are answered
-    jobs = transport.take(300)
-    for start in range(0, 300, 50):
-        transport.answer(jobs[start:start + 50])
-    # then the default stream keeps about the last 10, the client's stream all 150
-    assert 10 <= transport.conn.xlen(transport.keys.results) <= 10 + node < 150
-    assert transport.conn.xlen(mine) == 150
+    transport.add(40)
+    transport.add(40, reply_to=mine)
+    # when 80 jobs are answered
+    jobs = transport.take(80)
+    for start in range(0, 80, 20):
+        transport.answer(jobs[start:start + 20])
+    # then the default stream keeps about the last 10, the client's stream all 40
+    assert 10 <= transport.conn.xlen(transport.keys.results) <= 10 + NODE_ENTRIES < 40
+    assert transport.conn.xlen(mine) == 40
 
 
 def test_a_private_reply_stream_expires_after_its_last_answer(
@@ -845,17 +854,16 @@ def test_a_reply_stream_that_refuses_the_answer_sends_it_to_the_default_stream(
 
 
 def test_results_sent_to_the_default_stream_instead_are_trimmed_with_it(
-        make_transport: Any, settings: dict[str, Any]) -> None:
+        make_transport: Any, settings: dict[str, Any], redis_server_factory: Any) -> None:
     settings.update(results_maxlen=10)
-    transport = make_transport()
-    node = int(transport.conn.config_get("stream-node-max-entries")["stream-node-max-entries"])
+    transport = make_transport(server=small_stream_nodes(redis_server_factory))
     transport.source.setup()
     transport.conn.set("otherapp:a-string", "x")
-    transport.add(150, reply_to="otherapp:a-string")
-    jobs = transport.take(150)
-    for start in range(0, 150, 50):
-        transport.answer(jobs[start:start + 50])
-    assert 10 <= transport.conn.xlen(transport.keys.results) <= 10 + node < 150
+    transport.add(40, reply_to="otherapp:a-string")
+    jobs = transport.take(40)
+    for start in range(0, 40, 20):
+        transport.answer(jobs[start:start + 20])
+    assert 10 <= transport.conn.xlen(transport.keys.results) <= 10 + NODE_ENTRIES < 40
 
 
 def test_answers_wait_for_redis_and_are_written_when_it_is_back(
