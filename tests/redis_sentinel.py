@@ -15,7 +15,6 @@ A pytest plugin (tests/conftest.py's pytest_plugins): every test may ask for
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
@@ -23,7 +22,7 @@ from typing import Optional
 import pytest
 import redis
 
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, server_popen
 from tests.serve_daemon import wait_until
 
 SERVICE = "imgpipe-primary"
@@ -64,9 +63,7 @@ class SentinelServer(RedisServer):
             f"sentinel down-after-milliseconds {self.service} {DOWN_AFTER_MS}",
             f"sentinel failover-timeout {self.service} {FAILOVER_TIMEOUT_MS}",
             f"sentinel parallel-syncs {self.service} 1", ""]))
-        self.process = subprocess.Popen(
-            [self.executable, str(config), "--sentinel"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = server_popen([self.executable, str(config), "--sentinel"])
         self._wait_ready()
 
     def client(self) -> redis.Redis:

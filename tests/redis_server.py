@@ -9,12 +9,15 @@ the `redis_server` and `redis_server_factory` fixtures without importing them.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +29,26 @@ import pytest
 
 REDIS_SERVER = "redis-server"
 START_TIMEOUT_S = 10.0
+PR_SET_PDEATHSIG = 1
+# Looked up here, not in the forked child, where only async-signal-safe work is safe.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    """Run in the child before exec: SIGKILL the server when the thread that started
+    it ends, so a test process killed outright (a hung mutant stopped by mutmut, a
+    cancelled CI job) does not leave its servers running."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def server_popen(arguments: list[str]) -> subprocess.Popen[bytes]:
+    """Start a server process that ends with the test process. Only from the main
+    thread: the signal comes when the starting *thread* ends, and a helper
+    thread's end must not take its server with it."""
+    in_main = threading.current_thread() is threading.main_thread()
+    return subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent if in_main else None)
 
 
 def free_port() -> int:
@@ -56,11 +79,10 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
+        self.process = server_popen(
             [self.executable, *self.arguments(), "--bind", "127.0.0.1",
              "--dir", str(self.directory), "--save", "", "--appendonly", "yes",
-             "--logfile", "redis.log", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--logfile", "redis.log", "--daemonize", "no"])
         self._wait_ready()
 
     def arguments(self) -> list[str]:
