@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_serve
 	$(BIN)/python -m benchmarks.bench_startup
 	$(BIN)/python -m benchmarks.bench_tta
+	$(BIN)/python -m benchmarks.bench_handoff
 	$(BIN)/python -m benchmarks.bench_command
 	$(BIN)/python -m benchmarks.bench_capacity
 

@@ -173,6 +173,7 @@ class PreprocessSettings(Section):
     max_file_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1)
     chunk_size: int = Field(8, ge=1, le=1024)
+    handoff: Literal["auto", "pickle", "shared_memory"] = "auto"
     _model_recipe: Optional[Recipe] = PrivateAttr(default=None)
 
     @model_validator(mode="after")

@@ -338,7 +338,7 @@ class Engine:
                           self.allowed_roots,
                           self.settings.serve.url_policy(pre_cfg.max_file_bytes),
                           tta=pre_cfg.tta, output=self.settings.model.output)
-        pool = PreprocessPool(plan, workers, pre_cfg.chunk_size)
+        pool = PreprocessPool(plan, workers, pre_cfg.chunk_size, pre_cfg.handoff)
         pool.launch()  # setup() waits for it once the model is ready
         return pool
 

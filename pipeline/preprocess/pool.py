@@ -4,7 +4,8 @@ Workers read files, consult the cache, and decode what it does not know with
 one preprocessing backend each. They never import torch, ignore SIGINT (the
 parent decides how to stop), and return uint8 arrays. At most
 `max_chunks_in_flight` chunks are outstanding, so a huge directory never turns
-into a huge backlog of futures.
+into a huge backlog of futures. Their pixels come back through shared-memory
+slots (`shared_slots.py`, `preprocess.handoff`) or pickled with the rest.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from logging.handlers import QueueListener
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -30,6 +32,14 @@ from pipeline.errors import InputError, PermanentError, internal_error
 from pipeline.items import Job, Prepared
 from pipeline.preprocess import Outcome, PreprocessBackend
 from pipeline.preprocess.select import create_backend
+from pipeline.preprocess.shared_slots import (
+    Placed,
+    SlotLayout,
+    SlotRing,
+    SlotWriter,
+    resolve_handoff,
+    slot_bytes,
+)
 from pipeline.sources import ChunkSource, IterableSource
 from pipeline.sources.files import read_file
 from pipeline.sources.urls import Fetch, UrlFetcher, UrlPolicy
@@ -54,6 +64,7 @@ class WorkerPlan:
     urls: Optional[UrlPolicy] = None  # what URL jobs may fetch; None: none
     tta: str = "none"  # the TTA mode of jobs that name none (Job.tta)
     output: str = "logits"  # the output kind of jobs that name none (Job.output)
+    slots: Optional[SlotLayout] = None  # the pool's shared-memory slots, if it has any
 
 
 @dataclass
@@ -62,6 +73,7 @@ class _Worker:
     backend: PreprocessBackend
     cache: Optional[CacheLookup]
     fetcher: Optional[UrlFetcher] = None  # made for the first URL job
+    slots: Optional[SlotWriter] = None
 
 
 log = logging.getLogger("imgpipe.preprocess")
@@ -72,6 +84,7 @@ POLL_S = 0.005  # how often a source is polled while chunks are in flight
 IDLE_WAIT_S = 1.0  # how long it may block while none are
 START_ATTEMPTS = 3
 START_BACKOFF_S = 0.5  # doubled after each failed start
+RESTART_JOIN_S = 5.0  # how long a restart waits for the broken pool's workers to go
 
 
 def _init_worker(plan: WorkerPlan, log_queue: Any) -> None:
@@ -89,7 +102,8 @@ def _init_worker(plan: WorkerPlan, log_queue: Any) -> None:
 
         cache = CacheLookup(plan.cache, plan.spec.digest(), plan.result_scope)
         cache.setup()
-    _worker = _Worker(plan, backend, cache)
+    _worker = _Worker(plan, backend, cache,
+                      slots=SlotWriter(plan.slots) if plan.slots is not None else None)
 
 
 def _exit_with_parent() -> None:
@@ -109,15 +123,17 @@ def _ready() -> bool:
 
 
 TierCounters = dict[str, Counter[str]]
-ChunkOutcome = tuple[list[Prepared], TierCounters, int]  # items, cache counters, fallbacks
+# items, cache counters, fallbacks, and which items' pixels wait in which slots
+ChunkOutcome = tuple[list[Prepared], TierCounters, int, list[Placed]]
 ChunkFuture = Future[ChunkOutcome]
 Stat = Optional[os.stat_result]  # a file's stat before reading, for the cache
 
 
-def preprocess_chunk(jobs: list[Job]) -> ChunkOutcome:
+def preprocess_chunk(jobs: list[Job], slots: Sequence[int] = ()) -> ChunkOutcome:
     """Read and preprocess a chunk of jobs: one Prepared per job, in order, how
-    this worker's cache tiers' counters moved meanwhile, and how many images
-    its decoder handed to its fallback (DALI to Pillow)."""
+    this worker's cache tiers' counters moved meanwhile, how many images its
+    decoder handed to its fallback (DALI to Pillow), and which items' pixels
+    it moved into the shared-memory `slots` lent to the chunk."""
     assert _worker is not None, "worker not initialised"
     started = time.perf_counter()
     plan = _worker.plan
@@ -151,7 +167,8 @@ def preprocess_chunk(jobs: list[Job]) -> ChunkOutcome:
     for item, _ in to_decode:
         item.timings_ms["decode"] = decode_ms
     counters = _worker.cache.counters_since_last_call() if _worker.cache is not None else {}
-    return prepared, counters, _worker.backend.fallbacks - fallbacks_before
+    placed = _worker.slots.place(prepared, slots) if _worker.slots is not None else []
+    return prepared, counters, _worker.backend.fallbacks - fallbacks_before, placed
 
 
 def _decode(items: list[tuple[Prepared, bytes]]) -> list[Outcome]:
@@ -251,11 +268,16 @@ class PreprocessPool:
 
     initializer: Callable[[WorkerPlan, Any], None] = staticmethod(_init_worker)
 
-    def __init__(self, plan: WorkerPlan, workers: int, chunk_size: int = 8) -> None:
+    def __init__(self, plan: WorkerPlan, workers: int, chunk_size: int = 8,
+                 handoff: str = "auto") -> None:
         self.plan = plan
         self.workers = workers
         self.chunk_size = chunk_size
         self.max_chunks_in_flight = workers * 2
+        # One slot per job the window holds, each an item of the run's shape.
+        window, size = self.max_chunks_in_flight * chunk_size, slot_bytes(plan.spec, plan.tta)
+        self.handoff = resolve_handoff(handoff, window * size)
+        self.slots = SlotRing(window if self.handoff == "shared_memory" else 0, size)
         self.executor: Optional[ProcessPoolExecutor] = None
         self.generation = 0  # bumped on every restart after a crash
         self.cache_counters: TierCounters = {}  # summed over every worker, per map()
@@ -276,6 +298,7 @@ class PreprocessPool:
         model while they start; wait_started() waits for them."""
         if self.log_listener is None:
             self.log_listener = logs.forward_from(self.log_queue)
+        self.slots.open()
         self._readies = self._spawn()
 
     def wait_started(self) -> None:
@@ -306,7 +329,8 @@ class PreprocessPool:
         # spawn: workers must not inherit torch's threads or a CUDA context.
         self.executor = ProcessPoolExecutor(
             self.workers, mp_context=self.context,
-            initializer=self.initializer, initargs=(self.plan, self.log_queue))
+            initializer=self.initializer,
+            initargs=(replace(self.plan, slots=self.slots.layout), self.log_queue))
         try:
             with _sigint_blocked():  # the workers are spawned on submit
                 return [self.executor.submit(_ready) for _ in range(self.workers)]
@@ -338,39 +362,48 @@ class PreprocessPool:
         never delays collecting them.
         """
         self.cache_counters, self.outstanding = {}, 0
-        in_flight: dict[ChunkFuture, tuple[list[Job], int]] = {}
+        in_flight: dict[ChunkFuture, tuple[list[Job], int, list[int]]] = {}
         exhausted = False
-        while in_flight or not exhausted:
-            while not exhausted and len(in_flight) < self.max_chunks_in_flight:
-                chunk = source.next_chunk(0 if in_flight else IDLE_WAIT_S)
-                if chunk is None:
-                    exhausted = True
-                elif not chunk:
-                    break
-                else:
-                    in_flight[self._submit(chunk)] = (chunk, self.generation)
-                    self.outstanding += len(chunk)
-            if in_flight:
-                window_open = not exhausted and len(in_flight) < self.max_chunks_in_flight
-                done, _ = wait(in_flight, timeout=POLL_S if window_open else None,
-                               return_when=FIRST_COMPLETED)
-                for future in done:
-                    for item in self._collect(future, *in_flight.pop(future)):
-                        self.outstanding -= 1
-                        yield item
+        try:
+            while in_flight or not exhausted:
+                while not exhausted and len(in_flight) < self.max_chunks_in_flight:
+                    chunk = source.next_chunk(0 if in_flight else IDLE_WAIT_S)
+                    if chunk is None:
+                        exhausted = True
+                    elif not chunk:
+                        break
+                    else:
+                        slots = self.slots.take(len(chunk))
+                        in_flight[self._submit(chunk, slots)] = (chunk, self.generation, slots)
+                        self.outstanding += len(chunk)
+                if in_flight:
+                    window_open = not exhausted and len(in_flight) < self.max_chunks_in_flight
+                    done, _ = wait(in_flight, timeout=POLL_S if window_open else None,
+                                   return_when=FIRST_COMPLETED)
+                    for future in done:
+                        for item in self._collect(future, *in_flight.pop(future)):
+                            self.outstanding -= 1
+                            yield item
+        finally:  # left early: a chunk's slots are free once no worker writes in them
+            for future, (_, _, slots) in in_flight.items():
+                future.add_done_callback(partial(self._free_slots, slots))
 
-    def _submit(self, chunk: list[Job]) -> ChunkFuture:
+    def _submit(self, chunk: list[Job], slots: Sequence[int] = ()) -> ChunkFuture:
         assert self.executor is not None, "call start() first"
         try:
-            return self.executor.submit(preprocess_chunk, chunk)
+            return self.executor.submit(preprocess_chunk, chunk, slots)
         except BrokenProcessPool:
             self._restart()
-            return self.executor.submit(preprocess_chunk, chunk)
+            return self.executor.submit(preprocess_chunk, chunk, slots)
 
-    def _collect(self, future: ChunkFuture, chunk: list[Job],
-                 generation: int) -> list[Prepared]:
+    def _free_slots(self, slots: list[int], _: object = None) -> None:
+        self.slots.free(slots)
+
+    def _collect(self, future: ChunkFuture, chunk: list[Job], generation: int,
+                 slots: list[int]) -> list[Prepared]:
         try:
-            prepared, counters, fallbacks = future.result()
+            prepared, counters, fallbacks, placed = future.result()
+            self.slots.copy_out(prepared, placed)
         except BrokenProcessPool:
             # A process died (a decoder crash, the OOM killer): the chunks it took
             # down run again one job at a time, so only a culprit fails.
@@ -381,13 +414,15 @@ class PreprocessPool:
             log.exception("preprocessing a chunk of %d failed; retrying its jobs one by one",
                           len(chunk))
             return [self._alone(job) for job in chunk]
+        finally:
+            self.slots.free(slots)
         self._count(counters, fallbacks)
         return prepared
 
     def _alone(self, job: Job) -> Prepared:
         generation = self.generation
         try:
-            prepared, counters, fallbacks = self._submit([job]).result()
+            prepared, counters, fallbacks, _ = self._submit([job]).result()  # pickled
         except BrokenProcessPool:
             if generation == self.generation:
                 self._restart()
@@ -406,7 +441,10 @@ class PreprocessPool:
 
     def _restart(self) -> None:
         if self.executor is not None:
+            dying = list((getattr(self.executor, "_processes", None) or {}).values())
             self.executor.shutdown(wait=False, cancel_futures=True)
+            for process in dying:  # none may write into a slot that is lent again
+                process.join(RESTART_JOIN_S)
         self.generation += 1
         self.start()
 
@@ -414,6 +452,7 @@ class PreprocessPool:
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.executor = None
+        self.slots.close()
         if self.log_listener is not None:
             self.log_listener.stop()  # after the workers: their last records are printed
             self.log_listener = None
