@@ -28,6 +28,7 @@ from pydantic import (
 
 from pipeline.embeddings import OutputKind
 from pipeline.errors import ConfigError
+from pipeline.preprocess import DecoderHints
 from pipeline.recipes import GENERIC, Recipe, model_recipe
 from pipeline.sources.urls import Prefix, UrlPolicy
 from pipeline.spec import (
@@ -173,6 +174,10 @@ class PreprocessSettings(Section):
     max_file_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1)
     chunk_size: int = Field(8, ge=1, le=1024)
+    # nvJPEG hints for DALI's GPU decoder (DecoderHints); the CPU decoder ignores them
+    hw_decoder_load: float = Field(0.65, ge=0.0, le=1.0)
+    device_memory_padding: int = Field(16 * 1024 * 1024, ge=0)
+    host_memory_padding: int = Field(8 * 1024 * 1024, ge=0)
     _model_recipe: Optional[Recipe] = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -220,6 +225,10 @@ class PreprocessSettings(Section):
 
     def limits(self) -> InputLimits:
         return InputLimits(self.max_file_bytes, self.max_image_pixels)
+
+    def decoder_hints(self) -> DecoderHints:
+        return DecoderHints(self.hw_decoder_load, self.device_memory_padding,
+                            self.host_memory_padding)
 
 
 class BatchingSettings(Section):

@@ -28,7 +28,13 @@ from pipeline import logs
 from pipeline.config import CacheSettings
 from pipeline.errors import InputError, PermanentError, internal_error
 from pipeline.items import Job, Prepared
-from pipeline.preprocess import Outcome, PreprocessBackend, intake
+from pipeline.preprocess import (
+    DALI_DEFAULT_HINTS,
+    DecoderHints,
+    Outcome,
+    PreprocessBackend,
+    intake,
+)
 from pipeline.preprocess.intake import Stat
 from pipeline.preprocess.select import create_backend
 from pipeline.sources import ChunkSource, IterableSource
@@ -54,6 +60,7 @@ class WorkerPlan:
     urls: Optional[UrlPolicy] = None  # what URL jobs may fetch; None: none
     tta: str = "none"  # the TTA mode of jobs that name none (Job.tta)
     output: str = "logits"  # the output kind of jobs that name none (Job.output)
+    hints: DecoderHints = DALI_DEFAULT_HINTS  # for DALI's GPU decoder
 
 
 @dataclass
@@ -81,7 +88,8 @@ def _init_worker(plan: WorkerPlan, log_queue: Any) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _exit_with_parent()
     logs.send_to(log_queue)
-    backend = create_backend(plan.backend, plan.spec, plan.limits, plan.device, plan.threads)
+    backend = create_backend(plan.backend, plan.spec, plan.limits, plan.device, plan.threads,
+                             plan.hints)
     backend.setup()
     cache = None
     if plan.cache is not None and plan.cache.enabled:

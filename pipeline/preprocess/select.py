@@ -6,7 +6,12 @@ import importlib.metadata
 import importlib.util
 
 from pipeline.errors import ConfigError
-from pipeline.preprocess import DALI_INTERPOLATIONS, PreprocessBackend
+from pipeline.preprocess import (
+    DALI_DEFAULT_HINTS,
+    DALI_INTERPOLATIONS,
+    DecoderHints,
+    PreprocessBackend,
+)
 from pipeline.spec import InputLimits, PreprocessSpec
 
 BACKENDS = ("pillow", "dali")
@@ -54,7 +59,8 @@ def dali_reproduces(spec: PreprocessSpec) -> bool:
 
 
 def create_backend(name: str, spec: PreprocessSpec, limits: InputLimits,
-                   device: str = "cpu", threads: int = 1) -> PreprocessBackend:
+                   device: str = "cpu", threads: int = 1,
+                   hints: DecoderHints = DALI_DEFAULT_HINTS) -> PreprocessBackend:
     """Build a backend by its resolved name ("pillow" or "dali")."""
     if name == "pillow":
         from pipeline.preprocess.pillow import PillowBackend
@@ -63,5 +69,5 @@ def create_backend(name: str, spec: PreprocessSpec, limits: InputLimits,
     if name == "dali":
         from pipeline.preprocess.dali import DaliBackend
 
-        return DaliBackend(spec, limits, device=device, num_threads=threads)
+        return DaliBackend(spec, limits, device=device, num_threads=threads, hints=hints)
     raise ValueError(f"unknown preprocessing backend {name!r}; choose one of {BACKENDS}")
