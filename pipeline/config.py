@@ -174,6 +174,9 @@ class PreprocessSettings(Section):
     max_file_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1)
     chunk_size: int = Field(8, ge=1, le=1024)
+    # DALI in the inference process, fed model-sized batches (in_process.py); "auto":
+    # where DALI decodes on a GPU
+    dali_in_process: Literal["auto", "on", "off"] = "auto"
     # nvJPEG hints for DALI's GPU decoder (DecoderHints); the CPU decoder ignores them
     hw_decoder_load: float = Field(0.65, ge=0.0, le=1.0)
     device_memory_padding: int = Field(16 * 1024 * 1024, ge=0)

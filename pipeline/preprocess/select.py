@@ -58,6 +58,16 @@ def dali_reproduces(spec: PreprocessSpec) -> bool:
     return spec.interpolation in DALI_INTERPOLATIONS
 
 
+def dali_in_process(setting: str, backend: str, device_type: str) -> bool:
+    """Whether DALI decodes in the inference process (preprocess.dali_in_process)
+    rather than in the pool's workers: only for the dali backend; "auto" where it
+    decodes on a GPU. On the CPU the worker processes are faster: they decode
+    in parallel without the model's threads beside them (benchmarks/README.md)."""
+    if backend != "dali" or setting == "off":
+        return False
+    return setting == "on" or device_type == "cuda"
+
+
 def create_backend(name: str, spec: PreprocessSpec, limits: InputLimits,
                    device: str = "cpu", threads: int = 1,
                    hints: DecoderHints = DALI_DEFAULT_HINTS) -> PreprocessBackend:
