@@ -28,6 +28,7 @@ from pydantic import (
 
 from pipeline.embeddings import OutputKind
 from pipeline.errors import ConfigError
+from pipeline.preprocess import DecoderHints
 from pipeline.recipes import GENERIC, Recipe, model_recipe
 from pipeline.sources.urls import Prefix, UrlPolicy
 from pipeline.spec import (
@@ -174,6 +175,13 @@ class PreprocessSettings(Section):
     max_image_pixels: int = Field(100_000_000, ge=1)
     chunk_size: int = Field(8, ge=1, le=1024)
     handoff: Literal["auto", "pickle", "shared_memory"] = "auto"
+    # DALI in the inference process, fed model-sized batches (in_process.py); "auto"
+    # is "on" (select.dali_in_process)
+    dali_in_process: Literal["auto", "on", "off"] = "auto"
+    # nvJPEG hints for DALI's GPU decoder (DecoderHints); the CPU decoder ignores them
+    hw_decoder_load: float = Field(0.65, ge=0.0, le=1.0)
+    device_memory_padding: int = Field(16 * 1024 * 1024, ge=0)
+    host_memory_padding: int = Field(8 * 1024 * 1024, ge=0)
     _model_recipe: Optional[Recipe] = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -221,6 +229,10 @@ class PreprocessSettings(Section):
 
     def limits(self) -> InputLimits:
         return InputLimits(self.max_file_bytes, self.max_image_pixels)
+
+    def decoder_hints(self) -> DecoderHints:
+        return DecoderHints(self.hw_decoder_load, self.device_memory_padding,
+                            self.host_memory_padding)
 
 
 class BatchingSettings(Section):

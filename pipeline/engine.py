@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from pipeline import __version__, plans, prebuilt
 from pipeline.batching import END, Batcher
@@ -31,7 +31,7 @@ from pipeline.plans import Plan
 from pipeline.prebuilt import PrebuiltBackend
 from pipeline.predictions import Prediction, Record
 from pipeline.preprocess.pool import PreprocessPool, WorkerPlan
-from pipeline.preprocess.select import resolve_backend
+from pipeline.preprocess.select import dali_in_process, resolve_backend
 from pipeline.profiles import Profile, chosen
 from pipeline.sources import ChunkSource, IterableSource
 from pipeline.spec import TTA_VIEWS
@@ -45,11 +45,13 @@ if TYPE_CHECKING:
     from pipeline.metrics import Metrics
     from pipeline.models import LoadedModel
     from pipeline.prebuilt import ModelCard
+    from pipeline.preprocess.in_process import InProcessDali
 # torch, the models and the inference backends are imported when a model loads:
 # a run the result cache answers in full never needs them, nor does a run on
 # the CPU default once its checked export exists (pipeline/prebuilt.py).
 
 Sink = Callable[[list[Record]], None]
+Producer = Union[PreprocessPool, "InProcessDali"]  # what turns jobs into Prepared items
 log = logging.getLogger("imgpipe.engine")
 # backend "auto" without an optimize profile, on the CPU: lossless and ~3x eager.
 CPU_DEFAULT = Variant("onnxruntime")
@@ -327,19 +329,31 @@ class Engine:
             self.cache.store_predictions(item.digest, predictions, item.tta, item.output,
                                          item.embedding)
 
-    def _start_pool(self) -> PreprocessPool:
+    def _start_pool(self) -> Producer:
+        """The pool of preprocessing processes, or DALI in this process
+        (preprocess.dali_in_process), launched; setup() waits for it once the
+        model is ready."""
         pre_cfg = self.settings.preprocess
         workers, threads = pre_cfg.workers or self.cores, 1
-        if self.preprocess_backend == "dali" and self._device_type() == "cuda":
-            # One process owns the GPU decoder; DALI's own threads use the cores.
+        in_process = dali_in_process(pre_cfg.dali_in_process, self.preprocess_backend)
+        if self.preprocess_backend == "dali" and (in_process or self._device_type() == "cuda"):
+            # One process owns the decoder; DALI's own threads use the cores.
             workers, threads = 1, pre_cfg.workers or self.cores
         plan = WorkerPlan(self.preprocess_backend, pre_cfg.spec(), pre_cfg.limits(),
                           str(self.device), threads, self.settings.cache, self.result_scope,
                           self.allowed_roots,
                           self.settings.serve.url_policy(pre_cfg.max_file_bytes),
-                          tta=pre_cfg.tta, output=self.settings.model.output)
-        pool = PreprocessPool(plan, workers, pre_cfg.chunk_size, pre_cfg.handoff)
-        pool.launch()  # setup() waits for it once the model is ready
+                          tta=pre_cfg.tta, output=self.settings.model.output,
+                          hints=pre_cfg.decoder_hints())
+        pool: Producer
+        if in_process:
+            from pipeline.preprocess.in_process import InProcessDali  # imports DALI
+
+            pool = InProcessDali(plan, self.settings.batching.max_batch_size,
+                                 pre_cfg.chunk_size, pre_cfg.handoff)
+        else:
+            pool = PreprocessPool(plan, workers, pre_cfg.chunk_size, pre_cfg.handoff)
+        pool.launch()
         return pool
 
     def run(self, jobs: Iterable[Job] | ChunkSource, sink: Sink) -> RunSummary:
@@ -455,7 +469,7 @@ def _may_have_gpu() -> bool:
 class _Feeder(threading.Thread):
     """Moves preprocessed items into the bounded queue; stops when told."""
 
-    def __init__(self, pool: PreprocessPool, source: ChunkSource,
+    def __init__(self, pool: Producer, source: ChunkSource,
                  out: queue.Queue[object], stop: threading.Event) -> None:
         super().__init__(name="imgpipe-feeder", daemon=True)
         self.pool, self.source, self.out, self.stop = pool, source, out, stop

@@ -8,7 +8,8 @@ backend imports torch: they run in lightweight worker processes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, Union
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, Union
 
 import numpy as np
 
@@ -18,6 +19,25 @@ Outcome = Union[np.ndarray, InputError]
 # The filters DALI has (the tests check each against Pillow's); Pillow also has box
 # and hamming, so a recipe that names either runs on the pillow backend only.
 DALI_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+@dataclass(frozen=True)
+class DecoderHints:
+    """nvJPEG settings of DALI's GPU decoder (`device="mixed"`): the share of
+    JPEG data sent to the hardware decoder, and the padding nvJPEG adds to its
+    device and host buffers so that they are reallocated less often as image
+    sizes vary. DALI's CPU decoder has no use for them. Defaults are DALI's."""
+
+    hw_decoder_load: float = 0.65
+    device_memory_padding: int = 16 * 1024 * 1024
+    host_memory_padding: int = 8 * 1024 * 1024
+
+    def for_decoder(self, decoder_device: str) -> dict[str, Any]:
+        """The decoder's keyword arguments: none for the CPU decoder."""
+        return {} if decoder_device == "cpu" else asdict(self)
+
+
+DALI_DEFAULT_HINTS = DecoderHints()
 
 
 class PreprocessBackend(Protocol):

@@ -15,9 +15,9 @@ when first used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, Optional, cast
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
@@ -26,7 +26,12 @@ from nvidia.dali.pipeline import Pipeline
 from PIL import Image
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.preprocess import DALI_INTERPOLATIONS, Outcome
+from pipeline.preprocess import (
+    DALI_DEFAULT_HINTS,
+    DALI_INTERPOLATIONS,
+    DecoderHints,
+    Outcome,
+)
 from pipeline.preprocess.pillow import (
     ORIENTATION_TAG,
     PillowBackend,
@@ -67,21 +72,27 @@ class _Job:
     last_pixel_corner: int | None  # for JPEGs: an index into CORNERS
 
 
+DaliJob = _Job  # what plan_job makes and feed() takes
+
+
 def _regions(tta: str) -> tuple[str, ...]:
     """The distinct regions the views of `tta` are cut from, in first-use order."""
     return tuple(dict.fromkeys(view.region for view in tta_views(tta)))
 
 
 @pipeline_def(prefetch_queue_depth=1)
-def _graph(spec: PreprocessSpec, decoder_device: str,
-           tta: str = "none") -> tuple[DataNode, DataNode]:
+def _graph(spec: PreprocessSpec, decoder_device: str, tta: str = "none",
+           decoder_options: Optional[Mapping[str, Any]] = None
+           ) -> tuple[DataNode, DataNode]:
     """Encoded bytes + per-sample ROIs (one per region) -> uint8 CHW crop (with a TTA
     mode, the views stacked: V x C x H x W), and the decoded image's four corner
-    pixels (4 x RGB, in CORNERS order)."""
+    pixels (4 x RGB, in CORNERS order). `decoder_options`: the GPU decoder's
+    (DecoderHints.for_decoder)."""
     encoded = fn.external_source(name="encoded", dtype=UINT8, ndim=1)
     # Fancy upsampling makes nvJPEG's chroma match libjpeg-turbo (DALI CPU and pillow).
     decoded = fn.decoders.image(encoded, device=decoder_device, output_type=RGB,
-                                adjust_orientation=True, jpeg_fancy_upsampling=True)
+                                adjust_orientation=True, jpeg_fancy_upsampling=True,
+                                **(decoder_options or {}))
     size = spec.crop_size  # (height, width), as DALI orders an HWC image's extents
     cut = {}
     for number, region in enumerate(_regions(tta)):
@@ -97,6 +108,46 @@ def _graph(spec: PreprocessSpec, decoder_device: str,
              for view in tta_views(tta)]
     corners = fn.stack(*(decoded[row, column] for row, column in CORNERS))
     return (views[0] if tta == "none" else fn.stack(*views)), corners
+
+
+def build_graph(spec: PreprocessSpec, device: str, tta: str, batch_size: int,
+                num_threads: int, prefetch_queue_depth: int = 1,
+                hints: DecoderHints = DALI_DEFAULT_HINTS) -> Pipeline:
+    """The built DALI pipeline of `tta` on `device` ("cpu", "cuda[:N]"): fed by
+    feed(), its outputs read by outcomes()."""
+    decoder_device, device_id = _parse_device(device)
+    pipe = _graph(spec, decoder_device, tta, hints.for_decoder(decoder_device),
+                  batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  prefetch_queue_depth=prefetch_queue_depth)
+    pipe.build()
+    return cast(Pipeline, pipe)
+
+
+def feed(pipe: Pipeline, jobs: Sequence[_Job], tta: str) -> None:
+    """Hand one batch of jobs to the pipeline's external sources."""
+    pipe.feed_input("encoded", [np.frombuffer(job.data, np.uint8) for job in jobs])
+    for number in range(len(_regions(tta))):
+        pipe.feed_input(f"roi_start_{number}",
+                        [np.array(job.rois[number][0], np.float32) for job in jobs])
+        pipe.feed_input(f"roi_end_{number}",
+                        [np.array(job.rois[number][1], np.float32) for job in jobs])
+
+
+def outcomes(jobs: Sequence[_Job], batch: object, corners: object,
+             on_gpu: bool) -> list[Optional[np.ndarray]]:
+    """The uint8 array of each job from a batch's outputs (copied to the host),
+    or None for a JPEG that pillow must look at again (see the module doc)."""
+    if on_gpu:
+        batch, corners = batch.as_cpu(), corners.as_cpu()  # type: ignore[attr-defined]
+    return [None if _may_be_incomplete(job, np.array(corners[i]))  # type: ignore[index]
+            else np.array(batch[i]) for i, job in enumerate(jobs)]  # type: ignore[index]
+
+
+def plan_job(index: int, data: bytes, spec: PreprocessSpec, limits: InputLimits,
+             tta: str = "none") -> _Job | None:
+    """The DALI job for one input, from its header; None means use pillow. An
+    InputError for bytes that are no image, or one over the limits."""
+    return _job(index, open_image(data, limits), data, spec, tta)
 
 
 def _parse_device(device: str) -> tuple[str, int | None]:
@@ -167,20 +218,28 @@ def _may_be_incomplete(job: _Job, corners: np.ndarray) -> bool:
     return has_mid_grey_luma(red, green, blue)
 
 
+def check_reproducible(spec: PreprocessSpec) -> None:
+    """ConfigError for a spec whose filter DALI lacks."""
+    if spec.interpolation not in DALI_INTERPOLATIONS:
+        raise ConfigError(f"preprocess.interpolation = {spec.interpolation!r} cannot be "
+                          f"reproduced by the dali backend; use the pillow backend")
+
+
 class DaliBackend:
     """Decodes batches with DALI on the CPU or, for device "cuda[:N]", with nvJPEG."""
 
     name = "dali"
 
     def __init__(self, spec: PreprocessSpec, limits: InputLimits, device: str = "cpu",
-                 num_threads: int = 1, batch_size: int = 16) -> None:
+                 num_threads: int = 1, batch_size: int = 16,
+                 hints: DecoderHints = DALI_DEFAULT_HINTS) -> None:
         self.spec = spec
         self.limits = limits
         self.batch_size = batch_size
         self.num_threads = num_threads
-        if spec.interpolation not in DALI_INTERPOLATIONS:
-            raise ConfigError(f"preprocess.interpolation = {spec.interpolation!r} cannot be "
-                              f"reproduced by the dali backend; use the pillow backend")
+        self.hints = hints
+        check_reproducible(spec)
+        self.device = device
         self._decoder_device, self._device_id = _parse_device(device)
         self._pipes: dict[str, Pipeline] = {}  # one graph per TTA mode, built when used
         self._fallback = PillowBackend(spec, limits)
@@ -188,10 +247,8 @@ class DaliBackend:
 
     def setup(self, tta: str = "none") -> None:
         """Build the DALI pipeline for `tta` (and the CUDA context when on a GPU)."""
-        pipe = _graph(self.spec, self._decoder_device, tta, batch_size=self.batch_size,
-                      num_threads=self.num_threads, device_id=self._device_id)
-        pipe.build()
-        self._pipes[tta] = pipe
+        self._pipes[tta] = build_graph(self.spec, self.device, tta, self.batch_size,
+                                       self.num_threads, hints=self.hints)
 
     def run(self, images: Sequence[bytes], tta: str = "none") -> list[Outcome]:
         """One uint8 CHW array (its views stacked, with a TTA mode) or InputError
@@ -202,7 +259,7 @@ class DaliBackend:
         jobs: list[_Job] = []
         for index, data in enumerate(images):
             try:
-                job = _job(index, open_image(data, self.limits), data, self.spec, tta)
+                job = plan_job(index, data, self.spec, self.limits, tta)
             except InputError as exc:
                 outcomes[index] = exc
                 continue
@@ -233,17 +290,12 @@ class DaliBackend:
 
     def _dali(self, jobs: list[_Job], tta: str) -> list[Outcome]:
         pipe = self._pipes[tta]
-        pipe.feed_input("encoded", [np.frombuffer(job.data, np.uint8) for job in jobs])
-        for number in range(len(_regions(tta))):
-            pipe.feed_input(f"roi_start_{number}",
-                            [np.array(job.rois[number][0], np.float32) for job in jobs])
-            pipe.feed_input(f"roi_end_{number}",
-                            [np.array(job.rois[number][1], np.float32) for job in jobs])
+        feed(pipe, jobs, tta)
         batch, corners = pipe.run()
-        if self._device_id is not None:
-            batch, corners = batch.as_cpu(), corners.as_cpu()
-        return [self._pillow(job.data, tta) if _may_be_incomplete(job, np.array(corners[i]))
-                else np.array(batch[i]) for i, job in enumerate(jobs)]
+        return [self._pillow(job.data, tta) if pixels is None else pixels
+                for job, pixels in zip(jobs, outcomes(jobs, batch, corners,
+                                                      self._device_id is not None),
+                                       strict=True)]
 
     def _pillow(self, data: bytes, tta: str = "none") -> Outcome:
         # The pillow backend reproduces the spec for everything, and names the error.

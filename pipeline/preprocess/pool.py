@@ -30,7 +30,14 @@ from pipeline import logs
 from pipeline.config import CacheSettings
 from pipeline.errors import InputError, PermanentError, internal_error
 from pipeline.items import Job, Prepared
-from pipeline.preprocess import Outcome, PreprocessBackend
+from pipeline.preprocess import (
+    DALI_DEFAULT_HINTS,
+    DecoderHints,
+    Outcome,
+    PreprocessBackend,
+    intake,
+)
+from pipeline.preprocess.intake import Stat
 from pipeline.preprocess.select import create_backend
 from pipeline.preprocess.shared_slots import (
     Placed,
@@ -41,12 +48,11 @@ from pipeline.preprocess.shared_slots import (
     slot_bytes,
 )
 from pipeline.sources import ChunkSource, IterableSource
-from pipeline.sources.files import read_file
-from pipeline.sources.urls import Fetch, UrlFetcher, UrlPolicy
+from pipeline.sources.urls import UrlFetcher, UrlPolicy
 from pipeline.spec import InputLimits, PreprocessSpec
 
 if TYPE_CHECKING:
-    from pipeline.cache.lookup import CacheLookup, Found, ResultScope
+    from pipeline.cache.lookup import CacheLookup, ResultScope
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class WorkerPlan:
     tta: str = "none"  # the TTA mode of jobs that name none (Job.tta)
     output: str = "logits"  # the output kind of jobs that name none (Job.output)
     slots: Optional[SlotLayout] = None  # the pool's shared-memory slots, if it has any
+    hints: DecoderHints = DALI_DEFAULT_HINTS  # for DALI's GPU decoder
 
 
 @dataclass
@@ -94,7 +101,8 @@ def _init_worker(plan: WorkerPlan, log_queue: Any) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _exit_with_parent()
     logs.send_to(log_queue)
-    backend = create_backend(plan.backend, plan.spec, plan.limits, plan.device, plan.threads)
+    backend = create_backend(plan.backend, plan.spec, plan.limits, plan.device, plan.threads,
+                             plan.hints)
     backend.setup()
     cache = None
     if plan.cache is not None and plan.cache.enabled:
@@ -126,7 +134,6 @@ TierCounters = dict[str, Counter[str]]
 # items, cache counters, fallbacks, and which items' pixels wait in which slots
 ChunkOutcome = tuple[list[Prepared], TierCounters, int, list[Placed]]
 ChunkFuture = Future[ChunkOutcome]
-Stat = Optional[os.stat_result]  # a file's stat before reading, for the cache
 
 
 def preprocess_chunk(jobs: list[Job], slots: Sequence[int] = ()) -> ChunkOutcome:
@@ -188,79 +195,22 @@ def _decode(items: list[tuple[Prepared, bytes]]) -> list[Outcome]:
 
 def _read_all(items: list[tuple[Prepared, Stat]]) -> Iterator[tuple[Prepared, Stat, bytes]]:
     assert _worker is not None
-    # Every URL of the chunk is fetched at once (a few threads), while files are read.
-    fetches = {id(item): _fetch(item.job.url) for item, _ in items if item.job.url is not None}
-    for item, info in items:
-        if item.job.url is not None:
-            try:
-                yield item, info, fetches[id(item)].result()
-            except InputError as exc:  # never anything else
-                item.error = exc
-            continue
-        if item.job.data is not None:
-            yield item, info, item.job.data
-            continue
-        try:
-            yield item, info, read_file(item.job.path, _worker.plan.limits.max_file_bytes,
-                                        _worker.plan.allowed_roots)
-        except InputError as exc:
-            item.error = exc
-
-
-def _fetch(url: str) -> Fetch:
-    """The download of a URL job, under way; a refusal when URL jobs are off."""
-    assert _worker is not None
-    policy = _worker.plan.urls
-    if policy is None or not policy.prefixes:
-        return Fetch.refused(InputError("url_not_allowed", "URL jobs are disabled here (no "
-                                        "serve.allowed_url_prefixes configured)"))
-    if _worker.fetcher is None:
-        _worker.fetcher = UrlFetcher(policy)
-    return _worker.fetcher.submit(url)
+    return intake.read_all(_worker, items)
 
 
 def _stat_for_cache(job: Job) -> Stat:
-    """The file's stat as seen before reading it; None without a cache or a file."""
     assert _worker is not None
-    if _worker.cache is None or job.data is not None or job.url is not None:
-        return None
-    try:
-        return os.stat(job.path)
-    except OSError:
-        return None  # reading it will say why
+    return intake.stat_for_cache(_worker, job)
 
 
 def _known_unread(item: Prepared, info: Stat) -> bool:
-    """Fill the item from the cache by the file's stat alone; True on success."""
     assert _worker is not None
-    if _worker.cache is None or info is None:
-        return False
-    found = _worker.cache.find_unread(item.job.path, info, item.tta, item.output)
-    return found is not None and _fill(item, found)
+    return intake.known_unread(_worker, item, info)
 
 
 def _from_cache(item: Prepared, info: Stat, data: bytes) -> bool:
-    """Fill the item from the cache by the file's bytes; True when no decoding is needed."""
     assert _worker is not None
-    if _worker.cache is None:
-        return False
-    found = _worker.cache.find(data, item.tta, item.output)
-    if info is not None:
-        _worker.cache.remember_file(item.job.path, info, found.digest)
-    return _fill(item, found)
-
-
-def _fill(item: Prepared, found: Found) -> bool:
-    item.digest = found.digest
-    if found.predictions is not None:
-        item.predictions, item.cache = found.predictions, f"result:{found.tier}"
-        item.embedding = found.embedding
-        return True
-    if found.pixels is not None:
-        item.pixels, item.cache = found.pixels, f"tensor:{found.tier}"
-        return True
-    item.cache = "miss"
-    return False
+    return intake.from_cache(_worker, item, info, data)
 
 
 class PreprocessPool:

@@ -6,7 +6,12 @@ import importlib.metadata
 import importlib.util
 
 from pipeline.errors import ConfigError
-from pipeline.preprocess import DALI_INTERPOLATIONS, PreprocessBackend
+from pipeline.preprocess import (
+    DALI_DEFAULT_HINTS,
+    DALI_INTERPOLATIONS,
+    DecoderHints,
+    PreprocessBackend,
+)
 from pipeline.spec import InputLimits, PreprocessSpec
 
 BACKENDS = ("pillow", "dali")
@@ -53,8 +58,18 @@ def dali_reproduces(spec: PreprocessSpec) -> bool:
     return spec.interpolation in DALI_INTERPOLATIONS
 
 
+def dali_in_process(setting: str, backend: str) -> bool:
+    """Whether DALI decodes in the inference process (preprocess.dali_in_process)
+    rather than in the pool's workers: only for the dali backend, and unless told
+    "off": "auto" is "on" on every device. On a GPU that is its point; on the
+    CPU the whole command was measured faster too, by its start-up
+    (benchmarks/README.md)."""
+    return backend == "dali" and setting != "off"
+
+
 def create_backend(name: str, spec: PreprocessSpec, limits: InputLimits,
-                   device: str = "cpu", threads: int = 1) -> PreprocessBackend:
+                   device: str = "cpu", threads: int = 1,
+                   hints: DecoderHints = DALI_DEFAULT_HINTS) -> PreprocessBackend:
     """Build a backend by its resolved name ("pillow" or "dali")."""
     if name == "pillow":
         from pipeline.preprocess.pillow import PillowBackend
@@ -63,5 +78,5 @@ def create_backend(name: str, spec: PreprocessSpec, limits: InputLimits,
     if name == "dali":
         from pipeline.preprocess.dali import DaliBackend
 
-        return DaliBackend(spec, limits, device=device, num_threads=threads)
+        return DaliBackend(spec, limits, device=device, num_threads=threads, hints=hints)
     raise ValueError(f"unknown preprocessing backend {name!r}; choose one of {BACKENDS}")
