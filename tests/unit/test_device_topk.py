@@ -15,9 +15,12 @@ from pipeline.backends import TorchBackend
 from pipeline.backends.calibration import preprocessed
 from pipeline.backends.reduce import reduce_on_device
 from pipeline.embeddings import pooled
-from pipeline.models import load_model
+from pipeline.inference import InferenceLoop
+from pipeline.items import Job, Prepared
+from pipeline.models import LoadedModel, load_model
 from pipeline.predictions import mean_over_views, softmax, top_k_of_probabilities
 from pipeline.spec import InputLimits, PreprocessSpec
+from tests.builders import MeanColour
 
 IMAGENET = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-val-100"
 SETTING = "model.output = 'both'"
@@ -110,3 +113,24 @@ def test_a_zero_feature_vector_stays_zero_and_raw_means_are_kept_unnormalised():
     np.testing.assert_array_equal(normalised, pooled(features.numpy(), [2, 2], True))
     np.testing.assert_array_equal(raw, pooled(features.numpy(), [2, 2], False))
     assert not normalised[0].any()
+
+
+def test_only_k_columns_per_image_come_back_to_the_host():
+    # given a loop over a torch model with 1000 classes, asked for its top 3
+    model = LoadedModel("colours", MeanColour(), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+                        LABELS, "digest")
+    backend = TorchBackend(model, torch.device("cpu"), 8, (3, 8, 8))
+    backend.setup()
+    loop = InferenceLoop(backend, topk=3)
+    batch = [Prepared(Job(f"{i}.png"), pixels=np.full((3, 8, 8), i, dtype=np.uint8))
+             for i in range(5)]
+
+    # when a batch is launched
+    flight = loop.launch(batch)
+
+    # then what is copied to the host is 3 indices and 3 probabilities per image
+    pending = flight.pending
+    assert pending is not None
+    assert tuple(pending.indices.shape) == (5, 3) and pending.indices.device.type == "cpu"
+    assert tuple(pending.scores.shape) == (5, 3) and pending.embeddings is None
+    assert [len(r["predictions"]) for r in loop.collect(flight)] == [3] * 5
