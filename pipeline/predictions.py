@@ -11,7 +11,7 @@ from pipeline.embeddings import wants_embedding, wants_predictions
 from pipeline.items import Prediction, Prepared, Record
 
 __all__ = ["Prediction", "Record", "error_record", "mean_over_views", "ok_record", "softmax",
-           "to_numpy", "top_k", "top_k_of_probabilities"]
+           "predictions_of", "to_numpy", "top_k", "top_k_of_probabilities"]
 
 
 def top_k(logits: Any, k: int, labels: Sequence[str]) -> list[list[Prediction]]:
@@ -46,9 +46,16 @@ def top_k_of_probabilities(probs: np.ndarray, k: int,
     k = min(k, probs.shape[1])
     # Ties keep the lower class index first, as a stable sort of -p does.
     best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [[Prediction(label=labels[i], index=int(i), score=round(float(row[i]), 6))
-             for i in indices]
-            for row, indices in zip(probs, best, strict=True)]
+    return predictions_of(best, np.take_along_axis(probs, best, axis=1), labels)
+
+
+def predictions_of(indices: np.ndarray, scores: np.ndarray,
+                   labels: Sequence[str]) -> list[list[Prediction]]:
+    """Rows of class indices and their probabilities, best first, as predictions
+    (scores rounded to 6 decimals)."""
+    return [[Prediction(label=labels[i], index=int(i), score=round(float(score), 6))
+             for i, score in zip(row, row_scores, strict=True)]
+            for row, row_scores in zip(indices, scores, strict=True)]
 
 
 def to_numpy(logits: Any) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The CUDA path: pinned staging ring, device-side normalisation, same answers."""
+"""The CUDA path: pinned staging ring, device-side normalisation and top-k, same answers."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from pipeline.backends import TorchBackend
+from pipeline.backends.reduce import reduce_on_device
 from pipeline.backends.staging import StagingRing
 from pipeline.config import load_settings
 from pipeline.engine import Engine
 from pipeline.models import load_model
+from pipeline.predictions import mean_over_views, softmax, top_k_of_probabilities
 from pipeline.preprocess.pillow import PillowBackend
 from pipeline.sources.directory import walk
 from pipeline.spec import InputLimits, PreprocessSpec
@@ -109,3 +111,28 @@ def test_batches_run_padded_to_the_warmed_sizes_and_keep_their_own_answers(
     assert together.shape == one_by_one.shape
     assert torch.equal(together.argmax(1), one_by_one.argmax(1))
     assert torch.allclose(together.softmax(1), one_by_one.softmax(1), atol=1e-3)
+
+
+def test_top_k_comes_back_pinned_without_waiting_for_the_device() -> None:
+    # given logits on the GPU, with a tie among the best, for images of 1, 2 and 3
+    # views, and the reduction's host buffers allocated once already
+    labels = [str(i) for i in range(1000)]
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0))
+    logits[0, [5, 3]] = 10.0
+    on_device, views = logits.cuda(), [1, 2, 3]
+    reduce_on_device(on_device, None, views, 5, labels).collect()
+    # when they are reduced behind a busy stream (a spin kernel of about a second)
+    torch.cuda._sleep(2_000_000_000)
+    pending = reduce_on_device(on_device, None, views, 5, labels)
+    # then it returned before the device got to it, into pinned buffers of k columns
+    assert pending.event is not None and not pending.event.query()
+    assert pending.indices.is_pinned() and tuple(pending.indices.shape) == (3, 5)
+    assert pending.scores.is_pinned() and tuple(pending.scores.shape) == (3, 5)
+    # and collecting it gives the host path's answers, the tie in class order
+    predictions, _ = pending.collect()
+    expected = top_k_of_probabilities(mean_over_views(softmax(logits), views), 5, labels)
+    assert [[p["index"] for p in row] for row in predictions] == \
+        [[p["index"] for p in row] for row in expected]
+    assert [p["index"] for p in predictions[0][:2]] == [3, 5]
+    for row, host in zip(predictions, expected, strict=True):
+        assert [p["score"] for p in row] == pytest.approx([p["score"] for p in host], abs=1e-6)
