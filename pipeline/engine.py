@@ -147,7 +147,8 @@ class Engine:
         self.cache = self._open_cache()
         remember = None if self.cache is None else self._remember
         self.worker = InferenceLoop(inference, self.topk, remember, model_cfg.topk,
-                                    known.model_id, model_cfg.normalize_embeddings)
+                                    known.model_id, model_cfg.normalize_embeddings,
+                                    overlap=self._device_type() == "cuda")
         self.pool = self._start_pool()
         self._finish_model_setup()
         self.pool.wait_started()

@@ -92,8 +92,13 @@ class InferenceLoop:
 
     def __init__(self, backend: InferenceBackend, topk: int,
                  remember: Optional[Remember] = None, default_topk: Optional[int] = None,
-                 model_name: Optional[str] = None, normalize_embeddings: bool = True) -> None:
+                 model_name: Optional[str] = None, normalize_embeddings: bool = True,
+                 overlap: bool = True) -> None:
         self.backend = backend
+        # Collect a batch after launching the next: a GPU then works on one while the
+        # host stages the other. On the CPU the work is done by then, and holding it
+        # back would only delay its answer by a batch.
+        self.overlap = overlap
         self.normalize_embeddings = normalize_embeddings
         # Named up front when the backend loads lazily: records of cached answers need
         # the name, not the model.
@@ -216,7 +221,7 @@ class InferenceLoop:
                 if flight is not None:
                     done, flight = flight, None
                     sink(self.collect(done))
-                if launched is not None and launched.in_flight:
+                if launched is not None and launched.in_flight and self.overlap:
                     flight = launched
                 elif launched is not None:
                     sink(self.collect(launched))

@@ -98,11 +98,12 @@ class Recording:
 
 
 def recording_loop(events: list[str], as_numpy: bool = False, fail_at: int = -1,
-                   remember=None, like: InferenceLoop | None = None) -> InferenceLoop:
+                   remember=None, like: InferenceLoop | None = None,
+                   overlap: bool = True) -> InferenceLoop:
     """A loop over a fresh MeanColour model, or over the model of loop `like`."""
     backend = like.backend.backend if like is not None else worker_with(limit=8)[0].backend
     return InferenceLoop(Recording(backend, events, as_numpy, fail_at),  # type: ignore
-                         topk=3, remember=remember)
+                         topk=3, remember=remember, overlap=overlap)
 
 
 def queued(batch_items: list[Prepared], end: bool = True) -> queue.Queue[object]:
@@ -140,6 +141,17 @@ def test_the_next_batch_is_launched_before_the_last_one_is_collected():
 
     # then each batch is collected only once the next one was launched, the last at the end
     assert events == ["launch 0", "launch 4", "collect 0", "launch 8", "collect 4", "collect 8"]
+
+
+def test_without_overlap_each_batch_is_delivered_before_the_next_is_launched():
+    # given a loop that does not overlap batches (the engine's on the CPU, where
+    # holding a finished batch back would only delay its answer)
+    events: list[str] = []
+    loop = recording_loop(events, overlap=False)
+
+    # when it drains three batches of four, then each is collected as soon as launched
+    loop.drain(batcher(queued(items(12))), collecting(events, []))
+    assert events == ["launch 0", "collect 0", "launch 4", "collect 4", "launch 8", "collect 8"]
 
 
 def test_pipelined_records_are_in_order_and_those_of_the_synchronous_host_path():
