@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from pipeline.config import Settings, load_settings
 from pipeline.errors import ConfigError, ImgpipeError
 from pipeline.items import Job, Record
+from pipeline.sources import QueueSource
 from pipeline.sources.in_memory import to_job
 
 if TYPE_CHECKING:
@@ -193,19 +194,17 @@ class _Run:
         self.items = items
         self.window = window
         self.limits = engine.settings.preprocess.limits()
-        self.chunk_size = engine.settings.preprocess.chunk_size
         self.stopped = threading.Event()
         self.taken = 0  # items read from `items`
         self.handed_back = 0  # records yielded to the caller
         self.turn = threading.Condition()
-        self.jobs: queue.Queue[Job | None] = queue.Queue()  # None: no more items
+        self.source = QueueSource(engine.settings.preprocess.chunk_size)  # the reader's jobs
         self.done: queue.Queue[list[Record] | _End] = queue.Queue()
         self.items_error: Optional[BaseException] = None
         self.reader = threading.Thread(target=self._read, name="imgpipe-scorer-reader",
                                        daemon=True)
         self.scorer = threading.Thread(target=self._score, name="imgpipe-scorer-engine",
                                        daemon=True)
-        self._source_ended = False
 
     @property
     def busy(self) -> bool:
@@ -239,11 +238,11 @@ class _Run:
                 job = to_job(item, self.taken, self.limits)
                 job.ref = str(self.taken)  # which item a record is for: they come in any order
                 self.taken += 1
-                self.jobs.put(job)
+                self.source.jobs.put(job)
         except BaseException as exc:  # the caller's iterable failed: raised to the caller
             self.items_error = exc
         finally:
-            self.jobs.put(None)
+            self.source.jobs.put(None)
 
     def _wait_for_room(self) -> bool:
         with self.turn:
@@ -265,21 +264,7 @@ class _Run:
     def next_chunk(self, wait_s: float) -> Optional[list[Job]]:
         """The engine's ChunkSource: up to a chunk of the jobs read so far; [] when
         none came within `wait_s`, None at the end (or once stopped)."""
-        if self._source_ended or self.stopped.is_set():
-            return None
-        chunk: list[Job] = []
-        try:
-            job = self.jobs.get(timeout=wait_s) if wait_s > 0 else self.jobs.get_nowait()
-            while True:
-                if job is None:
-                    self._source_ended = True
-                    return chunk or None
-                chunk.append(job)
-                if len(chunk) == self.chunk_size:
-                    return chunk
-                job = self.jobs.get_nowait()
-        except queue.Empty:
-            return chunk
+        return None if self.stopped.is_set() else self.source.next_chunk(wait_s)
 
     # -- the caller's thread -------------------------------------------------------
 

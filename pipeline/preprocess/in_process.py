@@ -36,7 +36,7 @@ from pipeline.preprocess.dali import plan_job
 from pipeline.preprocess.dali_stream import Batch, DaliStream
 from pipeline.preprocess.intake import Stat
 from pipeline.preprocess.pool import PreprocessPool, TierCounters, WorkerPlan
-from pipeline.sources import ChunkSource
+from pipeline.sources import ChunkSource, QueueSource
 from pipeline.sources.urls import UrlFetcher
 
 if TYPE_CHECKING:
@@ -255,7 +255,7 @@ class _PillowLane:
 
     def __init__(self, pool: PreprocessPool) -> None:
         self.pool = pool
-        self._jobs: queue.Queue[Optional[Job]] = queue.Queue()
+        self._source = QueueSource(pool.chunk_size)
         self._results: queue.Queue[Prepared] = queue.Queue()
         self._waiting: dict[str, Prepared] = {}
         self._tokens = 0
@@ -270,8 +270,8 @@ class _PillowLane:
         self._tokens += 1
         token = str(self._tokens)
         self._waiting[token] = item
-        self._jobs.put(Job(item.job.path, data=data, ref=token, tta=item.tta,
-                           output=item.output))
+        self._source.jobs.put(Job(item.job.path, data=data, ref=token, tta=item.tta,
+                                  output=item.output))
 
     def done(self, wait_s: float = 0) -> Iterator[tuple[Prepared, Prepared]]:
         """(the item put, Pillow's Prepared for it) for each one finished."""
@@ -290,37 +290,13 @@ class _PillowLane:
                 return
 
     def stop(self) -> None:
-        self._jobs.put(None)
+        self._source.jobs.put(None)
         self._thread.join()
 
     def _run(self) -> None:
         try:
-            for result in self.pool.map_chunks(_Handoff(self._jobs, self.pool.chunk_size)):
+            for result in self.pool.map_chunks(self._source):
                 self._results.put(result)
         except BaseException as exc:  # raised in the producer's thread by done()
             self.error = exc
 
-
-class _Handoff:
-    """A ChunkSource over a queue of jobs; a None in the queue ends it."""
-
-    def __init__(self, jobs: queue.Queue[Optional[Job]], chunk_size: int) -> None:
-        self.jobs, self.chunk_size = jobs, chunk_size
-        self.ended = False
-
-    def next_chunk(self, wait_s: float) -> Optional[list[Job]]:
-        if self.ended:
-            return None
-        chunk: list[Job] = []
-        try:
-            job = self.jobs.get(timeout=wait_s) if wait_s else self.jobs.get_nowait()
-            while True:
-                if job is None:
-                    self.ended = True
-                    return chunk or None
-                chunk.append(job)
-                if len(chunk) == self.chunk_size:
-                    return chunk
-                job = self.jobs.get_nowait()
-        except queue.Empty:
-            return chunk
