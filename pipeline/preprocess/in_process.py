@@ -176,6 +176,8 @@ class InProcessDali:
             item.error = exc
             yield item
             return
+        except Exception:  # a header the parse trips on: Pillow's worker names the error
+            job = None
         if job is None:
             self._to_pillow(item, data)
         else:

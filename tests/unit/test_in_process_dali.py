@@ -16,6 +16,7 @@ pytest.importorskip("nvidia.dali")
 from pipeline.cache.lookup import CacheLookup, ResultScope  # noqa: E402
 from pipeline.config import CacheSettings  # noqa: E402
 from pipeline.items import Job, Prepared  # noqa: E402
+from pipeline.preprocess import in_process  # noqa: E402
 from pipeline.preprocess.dali import DaliBackend  # noqa: E402
 from pipeline.preprocess.in_process import InProcessDali  # noqa: E402
 from pipeline.preprocess.pillow import PillowBackend  # noqa: E402
@@ -91,6 +92,29 @@ def test_bad_files_get_their_errors_and_neighbours_are_decoded(
     for path, expected in zip(good, reference, strict=True):
         np.testing.assert_array_equal(items[str(path)].pixels, expected)
     assert made.outstanding == 0
+
+
+def test_a_header_the_dali_plan_trips_on_goes_to_the_pillow_workers(
+        tmp_path: Path, close_after: list[InProcessDali],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # given a file whose header parse raises something unforeseen (not an InputError)
+    odd, plain = (jpeg(photo(seed), tmp_path / f"{name}.jpg")
+                  for seed, name in ((3, "odd"), (4, "plain")))
+    real_plan = in_process.plan_job
+
+    def tripping(index: int, data: bytes, *args: object) -> object:
+        if data == odd.read_bytes():
+            raise ValueError("an EXIF the parse did not foresee")
+        return real_plan(index, data, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(in_process, "plan_job", tripping)
+    close_after.append(made := producer(tmp_path))
+    # when it is preprocessed beside a plain one, then it is decoded by Pillow,
+    # and the run goes on
+    items = run(made, [Job(str(odd)), Job(str(plain))])
+    (expected,) = PillowBackend(SPEC, LIMITS).run([odd.read_bytes()])
+    np.testing.assert_array_equal(items[str(odd)].pixels, expected)
+    assert made.decode_fallbacks == 1 and items[str(plain)].pixels is not None
 
 
 def test_a_file_dali_refuses_is_decoded_by_the_pillow_workers(
