@@ -74,8 +74,9 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
-def check_agreement(photos: list[bytes], spec: PreprocessSpec, tta: str, lite0) -> None:
-    dali = DaliBackend(spec, LIMITS, batch_size=8)
+def check_agreement(photos: list[bytes], spec: PreprocessSpec, tta: str, lite0,
+                    device: str = "cpu") -> None:
+    dali = DaliBackend(spec, LIMITS, device=device, batch_size=8)
     made = {"dali": dali.run(photos, tta), "pillow": PillowBackend(spec, LIMITS).run(photos, tta)}
     views = TTA_VIEWS[tta]
     shape = spec.output_shape if tta == "none" else (views, *spec.output_shape)
@@ -122,3 +123,13 @@ def test_views_of_a_file_dali_hands_to_pillow_come_back_stacked(encode) -> None:
     dali = DaliBackend(PreprocessSpec(), LIMITS)
     (out,) = dali.run([rgba], "five_crop")
     assert out.shape == (5, 3, 224, 224) and dali.fallbacks == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not IMAGENET.is_dir(), reason="needs ../shared/data/imagenet-val-100")
+def test_nvjpeg_agrees_with_pillow_on_every_photograph(lite0) -> None:
+    # The shared tensor cache serves one backend's tensors to the other: nvJPEG
+    # ("mixed") must make Pillow's, on all 100 photographs.
+    photos = [path.read_bytes() for path in sorted(IMAGENET.glob("*/*.JPEG"))]
+    check_agreement(photos, RECIPES["efficientnet_lite0"], "none", lite0, device="cuda")
