@@ -20,6 +20,10 @@ def test_bench_measures_every_backend_and_stage(run, samples_dir: Path, tiny_mod
             ("end to end", "onnxruntime")} <= measured
     model_rows = [row for row in rows if row["stage"] == "model"]
     assert all(row["p50_ms"] <= row["p99_ms"] for row in model_rows)
+    # DALI is measured as the engine runs it: on the model's device, a model batch a call
+    [dali] = [row for row in rows if (row["stage"], row["variant"]) == ("preprocess", "dali")]
+    assert dali["images_per_s"] > 0 and dali["note"].startswith("cpu, "), dali
+    assert "32 images per call" in dali["note"], dali
 
 
 def test_bench_prints_a_table(run, samples_dir: Path, tiny_model: Path) -> None:
