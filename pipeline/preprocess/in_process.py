@@ -34,7 +34,6 @@ from pipeline.items import Job, Prepared
 from pipeline.preprocess import intake
 from pipeline.preprocess.dali import plan_job
 from pipeline.preprocess.dali_stream import Batch, DaliStream
-from pipeline.preprocess.intake import Stat
 from pipeline.preprocess.pool import PreprocessPool, TierCounters, WorkerPlan
 from pipeline.sources import ChunkSource, QueueSource
 from pipeline.sources.urls import UrlFetcher
@@ -150,16 +149,7 @@ class InProcessDali:
         """Read and look up a chunk; what is done already (an error, a cached
         answer) comes out at once, the rest waits for a decoder."""
         started = time.perf_counter()
-        prepared = [Prepared(job, error=job.error, tta=job.tta or self.plan.tta,
-                             output=job.output or self.plan.output) for job in jobs]
-        to_read: list[tuple[Prepared, Stat]] = []
-        for item in prepared:
-            if item.error is None:
-                info = intake.stat_for_cache(self, item.job)
-                if not intake.known_unread(self, item, info):
-                    to_read.append((item, info))
-        to_decode = [(item, data) for item, info, data in intake.read_all(self, to_read)
-                     if not intake.from_cache(self, item, info, data)]
+        prepared, to_decode = intake.take(self, jobs)
         lookup_ms = (time.perf_counter() - started) * 1000 / len(jobs)
         for item in prepared:
             item.timings_ms["cache_lookup"] = lookup_ms

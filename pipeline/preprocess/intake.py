@@ -34,6 +34,23 @@ class Reader(Protocol):
     fetcher: Optional[UrlFetcher]
 
 
+def take(reader: Reader, jobs: list[Job]) -> tuple[list[Prepared], list[tuple[Prepared, bytes]]]:
+    """One Prepared per job, in order, with what is known before decoding (an error,
+    the cache's answer or tensor); and the items still to decode, with their bytes."""
+    plan = reader.plan
+    prepared = [Prepared(job, error=job.error, tta=job.tta or plan.tta,
+                         output=job.output or plan.output) for job in jobs]
+    to_read: list[tuple[Prepared, Stat]] = []
+    for item in prepared:
+        if item.error is None:
+            info = stat_for_cache(reader, item.job)
+            if not known_unread(reader, item, info):
+                to_read.append((item, info))
+    to_decode = [(item, data) for item, info, data in read_all(reader, to_read)
+                 if not from_cache(reader, item, info, data)]
+    return prepared, to_decode
+
+
 def read_all(reader: Reader, items: list[tuple[Prepared, Stat]]
              ) -> Iterator[tuple[Prepared, Stat, bytes]]:
     """Each item's bytes; an item that cannot be read gets its error instead."""

@@ -37,7 +37,6 @@ from pipeline.preprocess import (
     PreprocessBackend,
     intake,
 )
-from pipeline.preprocess.intake import Stat
 from pipeline.preprocess.select import create_backend
 from pipeline.preprocess.shared_slots import (
     Placed,
@@ -143,17 +142,7 @@ def preprocess_chunk(jobs: list[Job], slots: Sequence[int] = ()) -> ChunkOutcome
     it moved into the shared-memory `slots` lent to the chunk."""
     assert _worker is not None, "worker not initialised"
     started = time.perf_counter()
-    plan = _worker.plan
-    prepared = [Prepared(job, error=job.error, tta=job.tta or plan.tta,
-                         output=job.output or plan.output) for job in jobs]
-    to_read: list[tuple[Prepared, Stat]] = []
-    for item in prepared:
-        if item.error is None:
-            info = _stat_for_cache(item.job)
-            if not _known_unread(item, info):
-                to_read.append((item, info))
-    to_decode = [(item, data) for item, info, data in _read_all(to_read)
-                 if not _from_cache(item, info, data)]
+    prepared, to_decode = intake.take(_worker, jobs)
     decoding = time.perf_counter()
     fallbacks_before = _worker.backend.fallbacks
     outcomes = _decode(to_decode)
@@ -191,26 +180,6 @@ def _decode(items: list[tuple[Prepared, bytes]]) -> list[Outcome]:
                 [items[index][1] for index in indices], mode), strict=True):
             outcomes[index] = outcome
     return outcomes  # type: ignore[return-value]
-
-
-def _read_all(items: list[tuple[Prepared, Stat]]) -> Iterator[tuple[Prepared, Stat, bytes]]:
-    assert _worker is not None
-    return intake.read_all(_worker, items)
-
-
-def _stat_for_cache(job: Job) -> Stat:
-    assert _worker is not None
-    return intake.stat_for_cache(_worker, job)
-
-
-def _known_unread(item: Prepared, info: Stat) -> bool:
-    assert _worker is not None
-    return intake.known_unread(_worker, item, info)
-
-
-def _from_cache(item: Prepared, info: Stat, data: bytes) -> bool:
-    assert _worker is not None
-    return intake.from_cache(_worker, item, info, data)
 
 
 class PreprocessPool:

@@ -15,7 +15,7 @@ import pytest
 from pipeline.config import ServeSettings
 from pipeline.errors import InputError
 from pipeline.items import Job, Prepared
-from pipeline.preprocess import pool
+from pipeline.preprocess import intake, pool
 from pipeline.sources import urls
 from pipeline.sources.urls import Prefix, UrlFetcher, UrlPolicy, address_allowed, check_url
 from pipeline.spec import InputLimits, PreprocessSpec
@@ -341,7 +341,8 @@ def test_a_chunks_urls_are_fetched_at_once_and_each_failure_stays_its_own(
     items = [(Prepared(job), None) for job in jobs]
     # when the chunk is read
     started = time.monotonic()
-    read = [(item.job.path, data) for item, _, data in pool._read_all(items)]
+    worker: Any = pool._worker
+    read = [(item.job.path, data) for item, _, data in intake.read_all(worker, items)]
     # then the downloads overlapped (one slow response's time, not four)
     assert time.monotonic() - started < 2.5  # one after another: 4 s
     assert read == [("j0", b"\x00"), ("j1", b"\x01"), ("j2", b"\x02"), ("j3", b"\x03"),
@@ -357,7 +358,8 @@ def test_without_a_url_policy_the_worker_refuses_url_jobs(monkeypatch: pytest.Mo
     plan = pool.WorkerPlan("pillow", PreprocessSpec(), InputLimits())
     monkeypatch.setattr(pool, "_worker", pool._Worker(plan, None, None))  # type: ignore[arg-type]
     item = Prepared(Job("j", url="https://bucket.example.com/a.jpg"))
-    assert list(pool._read_all([(item, None)])) == []
+    worker: Any = pool._worker
+    assert list(intake.read_all(worker, [(item, None)])) == []
     assert item.error is not None and item.error.code == "url_not_allowed"
 
 
