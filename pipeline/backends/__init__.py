@@ -11,7 +11,8 @@ import torch
 
 from pipeline.backends.artifacts import ArtifactStore
 from pipeline.backends.calibration import CalibrationSet
-from pipeline.backends.torch import TorchBackend, resolve_device
+from pipeline.backends.devices import resolve_device
+from pipeline.backends.torch import TorchBackend
 from pipeline.config import Settings
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel

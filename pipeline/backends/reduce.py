@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pipeline.backends.devices import on_device
 from pipeline.embeddings import DTYPE, NORM_FLOOR
 from pipeline.predictions import Prediction, predictions_of
 
@@ -60,6 +61,12 @@ def reduce_on_device(logits: torch.Tensor, features: Optional[torch.Tensor],
     """Start copying the top `k` of each image's mean softmax over its `views[i]`
     consecutive rows of `logits` (and, with `features`, its pooled embedding)
     to the host; returns at once, before the device has finished."""
+    with on_device(logits.device):
+        return _reduced(logits, features, views, k, labels, normalize)
+
+
+def _reduced(logits: torch.Tensor, features: Optional[torch.Tensor], views: Sequence[int],
+             k: int, labels: Sequence[str], normalize: bool) -> OnHost:
     probs = _mean_over_views(torch.softmax(logits.double(), dim=1), views)
     k = min(k, probs.shape[1])
     scores, indices = torch.sort(probs, dim=1, descending=True, stable=True)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from pipeline.backends.devices import on_device
 from pipeline.backends.staging import StagingRing
 from pipeline.cores import usable_cores
 from pipeline.errors import ModelLoadError
@@ -40,24 +41,6 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     """The batch sizes a GPU runs for batches up to `max_batch_size`."""
     return tuple(sorted({size for size in GPU_BATCH_BUCKETS if size < max_batch_size}
                         | {max_batch_size}))
-
-
-def resolve_device(requested: str) -> torch.device:
-    """"auto" means the first CUDA device when there is one, else the CPU; a CUDA
-    device always has its index ("cuda" is cuda:0), so that nothing later falls
-    back to whichever device is current."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
-    if device.type != "cuda":
-        return device
-    if not torch.cuda.is_available():
-        raise ModelLoadError(f"device {requested!r} requested but CUDA is not available")
-    index = device.index or 0
-    if index >= torch.cuda.device_count():
-        raise ModelLoadError(f"device {requested!r} requested but there are "
-                             f"{torch.cuda.device_count()} CUDA devices")
-    return torch.device("cuda", index)
 
 
 class TorchBackend:
@@ -133,7 +116,8 @@ class TorchBackend:
     @torch.inference_mode()
     def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 CHW samples -> float logits on the device, one row per sample."""
-        return self._forward(samples)[0]
+        with on_device(self.device):
+            return self._forward(samples)[0]
 
     @torch.inference_mode()
     def predict_features(self, samples: Sequence[np.ndarray]
@@ -141,7 +125,8 @@ class TorchBackend:
         """(logits, pooled penultimate features) on the device, one row per sample each."""
         if self.featured is None:
             raise RuntimeError("this backend was built without embeddings")
-        logits, features = self._forward(samples)
+        with on_device(self.device):
+            logits, features = self._forward(samples)
         return logits, features
 
     def _forward(self, samples: Sequence[np.ndarray]) -> tuple[torch.Tensor, ...]:
