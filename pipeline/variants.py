@@ -12,7 +12,8 @@ torchscript    fp32                  traced and frozen once, kept as an artifact
 onnxruntime    fp32, int8            int8: static, calibrated on real images
 ============== ===================== =========================================
 
-fp16 needs a CUDA device; int8 runs on ONNX Runtime's CPU provider only.
+fp16 needs a CUDA device; bf16 a CUDA device or a CPU with bf16 instructions;
+int8 runs on ONNX Runtime's CPU provider only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from pipeline.cpu_features import native_bf16
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is heavy; settings validation must not import it
@@ -60,6 +62,9 @@ class Variant:
         """Why this variant cannot run on `device`, or None when it can."""
         if self.precision == "fp16" and device.type != "cuda":
             return f"{self} needs a CUDA device (fp16 on the CPU is slower than fp32)"
+        if self.precision == "bf16" and device.type == "cpu" and not native_bf16():
+            return (f"{self} needs a GPU or a CPU with bf16 instructions (AVX512-BF16, AMX "
+                    "or Arm BF16): emulated, it ran 12x slower than fp32")
         if self.precision == "int8" and device.type != "cpu":
             return f"{self} runs on the CPU only"
         return None

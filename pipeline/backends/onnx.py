@@ -36,6 +36,7 @@ import torch
 from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions
 from pipeline.backends.calibration import CalibrationSet
 from pipeline.backends.normalised import Normalised, module_device
+from pipeline.cpu_features import needs_reduced_int8_range
 from pipeline.errors import ModelLoadError, first_line, root_cause
 from pipeline.models import LoadedModel
 from pipeline.models.features import FeatureTap, WithFeatures
@@ -135,12 +136,19 @@ def _quiet(names: Sequence[str]) -> Iterator[None]:
             logger.setLevel(level)
 
 
+def int8_recipe() -> str:
+    """The int8 recipe on this CPU: part of the artifact's key, so an artifact
+    quantized for another CPU's kernels is never loaded here."""
+    return QUANT_RECIPE + ("/reduce-range" if needs_reduced_int8_range() else "")
+
+
 def quantize_int8(fp32: Path, path: Path, samples: Sequence[np.ndarray]) -> None:
     """Static int8 quantization of the fp32 graph at `fp32`, written to `path`.
 
     QDQ format with per-channel int8 weights and uint8 activations (what ORT's
-    CPU kernels run fastest with VNNI), ranges from MinMax over `samples`. The
-    input normalisation (Cast, Mul, Add) stays fp32.
+    CPU kernels run fastest with VNNI), ranges from MinMax over `samples`;
+    weights keep to 7 bits where the CPU lacks VNNI. The input normalisation
+    (Cast, Mul, Add) stays fp32.
     """
     import onnx
     from onnxruntime.quantization import (
@@ -171,7 +179,8 @@ def quantize_int8(fp32: Path, path: Path, samples: Sequence[np.ndarray]) -> None
             quantize_static(str(prepared), str(path), Batches(),
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head)
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head,
+                            reduce_range=needs_reduced_int8_range())
     except Exception as exc:  # the quantization tool raises many types
         raise ModelLoadError(f"cannot quantize {fp32.name} to int8: {root_cause(exc)}") from exc
     finally:
@@ -249,7 +258,7 @@ class OnnxBackend:
             recipe += f"/{FEATURE_OUTPUTS}"
         if precision == "int8":
             assert self.calibration is not None
-            recipe += f"/{QUANT_RECIPE}/calibration:{self.calibration.digest()}"
+            recipe += f"/{int8_recipe()}/calibration:{self.calibration.digest()}"
         return ArtifactKey(
             model=self.model.name, weights_digest=self.model.weights_digest,
             input_policy=f"dynamic-batch:{c}x{h}x{w}", recipe=recipe,

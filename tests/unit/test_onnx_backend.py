@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline.backends import TorchBackend
+from pipeline.backends import onnx as onnx_module
 from pipeline.backends.artifacts import ArtifactKey, ArtifactStore
 from pipeline.backends.onnx import OnnxBackend
 from pipeline.backends.validation import Agreement, agreement, check
@@ -344,3 +345,10 @@ def test_concurrent_builders_in_several_processes_all_succeed(tmp_path):
     assert content in {f"builder {tag} ".encode() * 1000 for tag in range(3)}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [store.path_for(key()).name, store.sidecar_for(key()).name])  # no temporaries left
+
+
+def test_the_int8_recipe_says_whether_its_range_was_reduced(monkeypatch):
+    monkeypatch.setattr(onnx_module, "needs_reduced_int8_range", lambda: True)
+    reduced = onnx_module.int8_recipe()
+    monkeypatch.setattr(onnx_module, "needs_reduced_int8_range", lambda: False)
+    assert reduced != onnx_module.int8_recipe() and reduced.endswith("/reduce-range")

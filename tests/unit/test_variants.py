@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline import variants
 from pipeline.config import load_settings
 from pipeline.errors import ConfigError
 from pipeline.variants import Variant, candidates
@@ -46,12 +47,22 @@ def test_fp16_needs_a_gpu_and_int8_the_cpu():
     assert "CPU only" in str(Variant("onnxruntime", "int8").unavailable(GPU))
 
 
-def test_the_default_sweep_holds_what_each_device_runs():
+@pytest.mark.parametrize("bf16_instructions", [True, False])
+def test_the_default_sweep_holds_what_each_device_runs(monkeypatch, bf16_instructions):
+    monkeypatch.setattr(variants, "native_bf16", lambda: bf16_instructions)
     on_cpu = {str(v) for v in candidates(CPU)}
     on_gpu = {str(v) for v in candidates(GPU)}
-    assert on_cpu == {"torch", "torch:bf16", "torch-compile", "torch-compile:bf16",
-                      "torchscript", "onnxruntime", "onnxruntime:int8"}
-    assert on_gpu == (on_cpu - {"onnxruntime:int8"}) | {"torch:fp16", "torch-compile:fp16"}
+    bf16 = {"torch:bf16", "torch-compile:bf16"}
+    assert on_cpu == {"torch", "torch-compile", "torchscript", "onnxruntime",
+                      "onnxruntime:int8"} | (bf16 if bf16_instructions else set())
+    assert on_gpu == {"torch", "torch-compile", "torchscript", "onnxruntime",
+                      "torch:fp16", "torch-compile:fp16"} | bf16
+
+
+def test_bf16_on_a_cpu_that_would_emulate_it_is_refused_naming_why(monkeypatch):
+    monkeypatch.setattr(variants, "native_bf16", lambda: False)
+    assert "CPU with bf16 instructions" in str(Variant("torch", "bf16").unavailable(CPU))
+    assert Variant("torch", "bf16").unavailable(GPU) is None
 
 
 def test_settings_name_a_variant_and_refuse_impossible_ones():
