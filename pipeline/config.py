@@ -122,7 +122,8 @@ class ModelSettings(Section):
     weights: UnsetIfBlank[Path] = None
     labels: UnsetIfBlank[Path] = None
     topk: int = Field(5, ge=1, le=1000)
-    backend: Literal["auto", "torch", "torch-compile", "torchscript", "onnxruntime"] = "auto"
+    backend: Literal["auto", "torch", "torch-compile", "torch-graphs", "torchscript",
+                     "onnxruntime"] = "auto"
     precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
     calibration_images: UnsetIfBlank[Path] = None
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")

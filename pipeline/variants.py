@@ -8,6 +8,7 @@ backend        precisions            notes
 ============== ===================== =========================================
 torch          fp32, bf16, fp16      eager, channels_last; autocast for bf16/fp16
 torch-compile  fp32, bf16, fp16      ``torch.compile`` (inductor), cached on disk
+torch-graphs   fp32, bf16, fp16      ``torch.compile`` with CUDA graphs, one per batch size
 torchscript    fp32                  traced and frozen once, kept as an artifact
 onnxruntime    fp32, int8            int8: static, calibrated on real images
 ============== ===================== =========================================
@@ -27,11 +28,12 @@ from pipeline.errors import ConfigError
 if TYPE_CHECKING:  # torch is heavy; settings validation must not import it
     import torch
 
-BACKENDS = ("torch", "torch-compile", "torchscript", "onnxruntime")
+BACKENDS = ("torch", "torch-compile", "torch-graphs", "torchscript", "onnxruntime")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 SUPPORTED = {
     "torch": ("fp32", "bf16", "fp16"),
     "torch-compile": ("fp32", "bf16", "fp16"),
+    "torch-graphs": ("fp32", "bf16", "fp16"),
     "torchscript": ("fp32",),
     "onnxruntime": ("fp32", "int8"),
 }
@@ -60,6 +62,8 @@ class Variant:
 
     def unavailable(self, device: torch.device) -> Optional[str]:
         """Why this variant cannot run on `device`, or None when it can."""
+        if self.backend == "torch-graphs" and device.type != "cuda":
+            return f"{self} needs a CUDA device (CUDA graphs)"
         if self.precision == "fp16" and device.type != "cuda":
             return f"{self} needs a CUDA device (fp16 on the CPU is slower than fp32)"
         if self.precision == "bf16" and device.type == "cpu" and not native_bf16():

@@ -188,7 +188,7 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", dest="model.topk", type=int)
     parser.add_argument("--device", dest="model.device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--model-backend", dest="model.backend", help="auto, torch, "
-                        "torch-compile, torchscript or onnxruntime")
+                        "torch-compile, torch-graphs, torchscript or onnxruntime")
     parser.add_argument("--precision", dest="model.precision", help="fp32, bf16, fp16 or int8")
     parser.add_argument("--calibration-images", dest="model.calibration_images", type=Path,
                         help="directory of real images to calibrate int8 on")

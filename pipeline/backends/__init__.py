@@ -78,9 +78,10 @@ def create_inference_backend(variant: Variant, model: LoadedModel, device: torch
         from pipeline.backends.torchscript import TorchScriptBackend
 
         return TorchScriptBackend(*args, store=store, embeddings=embeddings)
-    compiled = variant.backend == "torch-compile"
+    compiled = variant.backend in ("torch-compile", "torch-graphs")
     return TorchBackend(*args, precision=variant.precision, embeddings=embeddings,
-                        compile_cache=store.directory / INDUCTOR_SUBDIR if compiled else None)
+                        compile_cache=store.directory / INDUCTOR_SUBDIR if compiled else None,
+                        graphs=variant.backend == "torch-graphs")
 
 
 def backend_for(settings: Settings, model: LoadedModel, device: torch.device, variant: Variant,

@@ -46,7 +46,9 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
 class TorchBackend:
     """Runs a LoadedModel on one device. Heavy work happens in setup().
 
-    `compile_cache` set means `torch.compile`, its kernels kept there.
+    `compile_cache` set means `torch.compile`, its kernels kept there; with
+    `graphs`, in CUDA graphs (mode "reduce-overhead"): each batch bucket is
+    captured at warm-up and replayed as one launch.
     `embeddings` names the setting that asks for features (predict_features);
     a model without a head to take them from is a ModelLoadError naming it.
     With features, the module run (and compiled) is `WithFeatures`: one graph
@@ -56,7 +58,7 @@ class TorchBackend:
     def __init__(self, model: LoadedModel, device: torch.device, max_batch_size: int,
                  sample_shape: tuple[int, int, int], threads: int = 0, *,
                  precision: str = "fp32", compile_cache: Optional[Path] = None,
-                 embeddings: Optional[str] = None) -> None:
+                 embeddings: Optional[str] = None, graphs: bool = False) -> None:
         if precision != "fp32" and precision not in AUTOCAST:
             raise ModelLoadError(f"torch runs fp32, bf16 or fp16, not {precision!r}")
         self.model = model
@@ -69,7 +71,11 @@ class TorchBackend:
         self.threads = threads
         self.precision = precision
         self.compile_cache = compile_cache
-        self.name = "torch-compile" if compile_cache is not None else "torch"
+        if graphs and compile_cache is None:
+            raise ValueError("CUDA graphs come from torch.compile: give a compile_cache")
+        self.graphs = graphs
+        self.name = ("torch-graphs" if graphs else
+                     "torch-compile" if compile_cache is not None else "torch")
         self.warmup_s = 0.0
         # CPU: every batch as it comes (no autotuning to stall, padding only costs).
         self.buckets = batch_buckets(max_batch_size) if self.device.type == "cuda" else ()
@@ -111,7 +117,8 @@ class TorchBackend:
         # Inductor reads this on every cache access. Assigned, not defaulted: torch
         # fills in a /tmp default the first time anything asks (loading a model may).
         os.environ[INDUCTOR_CACHE_ENV] = str(cache)
-        return torch.compile(module)
+        # A graph's outputs live in memory the next replay overwrites: _forward copies them.
+        return torch.compile(module, mode="reduce-overhead" if self.graphs else None)
 
     @torch.inference_mode()
     def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
@@ -143,7 +150,8 @@ class TorchBackend:
             if output.shape[0] != batch.shape[0]:
                 raise RuntimeError(f"model returned {output.shape[0]} rows for "
                                    f"{batch.shape[0]} inputs")
-        return tuple(output[: len(samples)].float() for output in outputs)
+        rows = tuple(output[: len(samples)].float() for output in outputs)
+        return tuple(row.clone() for row in rows) if self.graphs else rows
 
     def _rows(self, count: int) -> int:
         """The batch size `count` samples run at: the next bucket on a GPU."""

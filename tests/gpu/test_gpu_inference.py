@@ -136,3 +136,26 @@ def test_top_k_comes_back_pinned_without_waiting_for_the_device() -> None:
     assert [p["index"] for p in predictions[0][:2]] == [3, 5]
     for row, host in zip(predictions, expected, strict=True):
         assert [p["score"] for p in row] == pytest.approx([p["score"] for p in host], abs=1e-6)
+
+
+def test_cuda_graphs_agree_with_eager_and_each_batch_keeps_its_logits(
+        samples_dir: Path, tmp_path: Path) -> None:
+    # given eager and CUDA-graph backends of one model on the GPU
+    pixels = PillowBackend(PreprocessSpec(), InputLimits()).run(
+        [path.read_bytes() for path in sorted(samples_dir.glob("*.jpg"))])
+    model = load_model()
+    eager = TorchBackend(model, torch.device("cuda", 0), 8, SHAPE)
+    eager.setup()
+    graphs = TorchBackend(model, torch.device("cuda", 0), 8, SHAPE,
+                          compile_cache=tmp_path / "inductor", graphs=True)
+    graphs.setup()
+
+    # when the graphs score the photographs, then the same photographs reversed
+    first = graphs.predict(pixels)
+    second = graphs.predict(pixels[::-1])
+
+    # then each matches eager, and the second replay left the first's logits alone
+    expected = eager.predict(pixels).cpu()
+    for got, want in ((first.cpu(), expected), (second.cpu(), expected.flip(0))):
+        assert torch.equal(got.argmax(1), want.argmax(1))
+        assert torch.allclose(got.softmax(1), want.softmax(1), atol=1e-3)

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,6 +134,62 @@ def test_torch_compile_gives_the_eager_top1_and_keeps_its_kernels(photos, tmp_pa
     kernels = tmp_path / "artifacts" / "inductor"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(kernels)
     assert any(path.is_file() for path in kernels.rglob("*"))
+
+
+def test_cuda_graphs_compile_in_reduce_overhead_mode(photos, tmp_path, monkeypatch):
+    # given torch.compile watched, and a CUDA-graph backend built on the CPU (where
+    # the variant is refused: inductor compiles without capturing graphs)
+    modes = []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: modes.append(kw.get("mode"))
+                        or compile_(module, **kw))
+    model = small_cnn()
+    eager = TorchBackend(model, CPU, MAX_BATCH, SHAPE)
+    eager.setup()
+    graphs = TorchBackend(model, CPU, MAX_BATCH, SHAPE, compile_cache=tmp_path / "inductor",
+                          graphs=True)
+
+    # when it is set up and scores the photographs
+    graphs.setup()
+
+    # then it compiled for CUDA graphs, and scores like eager
+    assert modes == ["reduce-overhead"] and graphs.name == "torch-graphs"
+    torch.testing.assert_close(graphs.predict(photos), eager.predict(photos),
+                               atol=1e-4, rtol=1e-4)
+
+
+class StaticOutput(torch.nn.Module):
+    """Writes every batch's logits into one buffer, as a replayed CUDA graph does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.zeros(MAX_BATCH, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        self.logits[:rows, 0] = x.mean(dim=(1, 2, 3))
+        return self.logits[:rows]
+
+
+def test_a_cuda_graph_batch_keeps_its_logits_after_the_next_replay(tmp_path, monkeypatch):
+    # given a CUDA-graph backend whose model reuses its output memory, as a graph does
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
+    model = LoadedModel("static", StaticOutput(), (0.0,) * 3, (1.0,) * 3, ["a", "b"], "2" * 32)
+    graphs = TorchBackend(model, CPU, MAX_BATCH, SHAPE, compile_cache=tmp_path / "inductor",
+                          graphs=True)
+    graphs.setup()
+
+    # when a dark batch is scored, then a bright one
+    dark = graphs.predict([np.full(SHAPE, 10, np.uint8)] * 2)
+    graphs.predict([np.full(SHAPE, 200, np.uint8)] * 2)
+
+    # then the dark batch's logits are still its own
+    assert dark[:, 0].tolist() == [10.0, 10.0]
+
+
+def test_cuda_graphs_are_refused_off_a_gpu(tmp_path):
+    with pytest.raises(ModelLoadError, match="torch-graphs needs a CUDA device"):
+        variant("torch-graphs", small_cnn(), tmp_path)
 
 
 def test_torch_compile_refuses_a_torchscript_model(tmp_path):

@@ -56,7 +56,8 @@ def test_the_default_sweep_holds_what_each_device_runs(monkeypatch, bf16_instruc
     assert on_cpu == {"torch", "torch-compile", "torchscript", "onnxruntime",
                       "onnxruntime:int8"} | (bf16 if bf16_instructions else set())
     assert on_gpu == {"torch", "torch-compile", "torchscript", "onnxruntime",
-                      "torch:fp16", "torch-compile:fp16"} | bf16
+                      "torch:fp16", "torch-compile:fp16", "torch-graphs", "torch-graphs:bf16",
+                      "torch-graphs:fp16"} | bf16
 
 
 def test_bf16_on_a_cpu_that_would_emulate_it_is_refused_naming_why(monkeypatch):
