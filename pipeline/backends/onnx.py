@@ -18,6 +18,10 @@ An export made for embeddings has a second output, ``features`` (the pooled
 penultimate features, from `WithFeatures`), and its own key: the recipe says
 which outputs the graph has, so a logits-only artifact is never opened where
 features are expected (and the runner checks the graph's outputs as well).
+
+On a GPU the session asks for TensorRT first where it is installed (its
+engines kept under the artifact directory, ``tensorrt/``), then CUDA, both
+on a CUDA stream of the session's own (pipeline/ort_providers.py).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pipeline.backends.normalised import Normalised, module_device
 from pipeline.errors import ModelLoadError, first_line, root_cause
 from pipeline.models import LoadedModel
 from pipeline.models.features import FeatureTap, WithFeatures
+from pipeline.ort_providers import OnGpu
 from pipeline.prebuilt import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OnnxRunner
 from pipeline.timing import warm_up
 
@@ -51,6 +56,7 @@ FEATURE_OUTPUTS = f"outputs:{LOGITS_NAME}+{FEATURES_NAME}"  # in the key of a fe
 QUANT_RECIPE = "int8-qdq-minmax-per-channel/v1"  # bump when quantize_int8 changes
 CALIBRATION_BATCH = 8
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension whose example size is 0 or 1
+TENSORRT_SUBDIR = "tensorrt"  # TensorRT's engines, under the artifact directory
 DYNAMO, TORCHSCRIPT = "dynamo", "torchscript"
 # The exporters log every graph pass at INFO; imgpipe's own INFO lines should stay readable.
 EXPORTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")
@@ -239,6 +245,7 @@ class OnnxBackend:
         self.export_s = 0.0  # time spent exporting in setup(); 0 when the artifact was reused
         self.artifact: Path | None = None
         self.providers: list[str] = []
+        self.stream: Optional[torch.cuda.Stream] = None  # the session's, on a GPU
 
     def artifact_key(self, precision: Optional[str] = None) -> ArtifactKey:
         _, versions = _onnxruntime()
@@ -290,11 +297,21 @@ class OnnxBackend:
 
     def _runner(self, path: Path) -> OnnxRunner:
         _onnxruntime()  # a clear error when it is not installed
-        cuda = (self.device.index or 0) if self.device.type == "cuda" else None
-        runner = OnnxRunner(path, self.max_batch_size, self.sample_shape, self.threads, cuda,
-                            features=self.embeddings is not None)
+        runner = OnnxRunner(path, self.max_batch_size, self.sample_shape, self.threads,
+                            self._on_gpu(path), features=self.embeddings is not None)
         runner.open()
         return runner
+
+    def _on_gpu(self, artifact: Path) -> Optional[OnGpu]:
+        """On a GPU: the device, a stream of the session's own (for I/O binding) and
+        TensorRT's engine cache, one directory per artifact."""
+        if self.device.type != "cuda":
+            return None
+        index = self.device.index or 0
+        self.stream = torch.cuda.Stream(torch.device("cuda", index))
+        engines = self.store.directory / TENSORRT_SUBDIR / artifact.stem
+        engines.mkdir(parents=True, exist_ok=True)
+        return OnGpu(index, self.stream.cuda_stream, engines)
 
     def predict(self, samples: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 CHW samples -> float logits on the CPU, one row per sample."""
@@ -318,6 +335,7 @@ class OnnxBackend:
             raise
 
     def close(self) -> None:
+        self.stream = None
         runner = self.__dict__.pop("runner", None)
         if runner is not None:
             runner.close()
