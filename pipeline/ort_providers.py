@@ -23,6 +23,10 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = (TENSORRT, CUDA)
 HAS_STREAM, STREAM = "has_user_compute_stream", "user_compute_stream"
+# The `cpu` and `gpu` extras' requirements (pyproject.toml, which says why these).
+CPU_WHEEL = "onnxruntime>=1.18,<2"
+GPU_WHEEL = "onnxruntime-gpu>=1.27,<2"
+WHEELS = ("onnxruntime", "onnxruntime-gpu")  # both install the `onnxruntime` package
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,14 @@ class OnGpu:
     device: int
     stream: int = 0
     tensorrt_cache: Optional[Path] = None
+
+
+def install_commands(python: str, wheel: str) -> str:
+    """Shell commands that leave `python` with `wheel` alone. Both wheels go first:
+    removing one deletes the files they share, so a wheel left installed would be
+    "already satisfied" with its files gone."""
+    return (f"{python} -m pip uninstall -y {' '.join(WHEELS)} && "
+            f"{python} -m pip install '{wheel}'")
 
 
 def providers_for(available: Sequence[str], gpu: Optional[OnGpu], input_name: str,

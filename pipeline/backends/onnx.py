@@ -47,7 +47,7 @@ from pipeline.backends.normalised import Normalised, module_device
 from pipeline.errors import ModelLoadError, first_line, root_cause
 from pipeline.models import LoadedModel
 from pipeline.models.features import FeatureTap, WithFeatures
-from pipeline.ort_providers import CUDA, OnGpu
+from pipeline.ort_providers import CPU_WHEEL, CUDA, GPU_WHEEL, OnGpu
 from pipeline.prebuilt import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OnnxRunner
 from pipeline.timing import warm_up
 
@@ -206,8 +206,9 @@ def _onnxruntime() -> tuple[Any, dict[str, str]]:
         import onnxruntime
         import onnxscript
     except ImportError as exc:
-        raise ModelLoadError("the onnxruntime backend needs the packages onnxruntime, onnx "
-                             "and onnxscript (pip install onnxruntime onnx onnxscript)") from exc
+        raise ModelLoadError(f"the onnxruntime backend needs ONNX Runtime, onnx and onnxscript "
+                             f"(pip install '{CPU_WHEEL}' onnx onnxscript; '{GPU_WHEEL}' "
+                             f"instead of the first on an NVIDIA GPU host)") from exc
     versions = {"torch": torch.__version__, "onnx": onnx.__version__,
                 "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
     return onnxruntime, versions
