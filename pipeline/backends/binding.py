@@ -32,6 +32,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from pipeline.backends.devices import on_device
 from pipeline.backends.staging import StagingRing
 
 RING_SLOTS = 3  # as TorchBackend's ring: a batch staged ahead of the one in flight, and one more
@@ -59,7 +60,8 @@ class BoundSession:
         self.binding = session.io_binding()
         self.input_name = session.get_inputs()[0].name
         self.rows = {output.name: _row(output) for output in session.get_outputs()}
-        self.ring = StagingRing(RING_SLOTS, max_batch_size, sample_shape, device)
+        with on_device(device):  # its pinned buffers belong to the session's GPU
+            self.ring = StagingRing(RING_SLOTS, max_batch_size, sample_shape, device)
         self.run_options = ort.RunOptions()
         if stream is not None:
             self.run_options.add_run_config_entry(ASYNC_RUN, "1")
@@ -73,11 +75,13 @@ class BoundSession:
                              f"{self.max_batch_size}")
         if self.stream is None:
             return self._run(samples, names)
-        caller = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(caller)  # earlier readers of the memory this run reuses
-        with torch.cuda.stream(self.stream):
-            outputs = self._run(samples, names)
-        caller.wait_stream(self.stream)  # the caller's next kernels read finished outputs
+        # Under the session's device: predict() may be called from any thread.
+        with on_device(self.device):
+            caller = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(caller)  # earlier readers of the memory this run reuses
+            with torch.cuda.stream(self.stream):
+                outputs = self._run(samples, names)
+            caller.wait_stream(self.stream)  # the caller's next kernels read finished outputs
         return outputs
 
     def _run(self, samples: Sequence[np.ndarray], names: Sequence[str]
