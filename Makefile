@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# ONNX Runtime's CPU wheel (the `cpu` extra): on an NVIDIA host, README's "GPU hosts".
+	$(BIN)/pip install --quiet -e '.[cpu,dev]'
 	# torchvision pulls in plain Pillow; Pillow-SIMD replaces it (same PIL package).
 	$(BIN)/pip uninstall --quiet -y pillow
 	CC="$(SIMD_CC)" $(BIN)/pip install --quiet --no-deps --force-reinstall pillow-simd==12.1.1.post0

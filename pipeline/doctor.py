@@ -16,13 +16,14 @@ details in case an error message echoes one.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import io
 import os
 import platform
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,7 @@ from rich.text import Text
 from pipeline import prebuilt
 from pipeline.config import CacheSettings, ModelSettings, RedisSettings, Settings
 from pipeline.errors import ConfigError, ModelLoadError, first_line
+from pipeline.ort_providers import CPU_WHEEL, CUDA, GPU_WHEEL, WHEELS, install_commands
 from pipeline.preprocess.select import pillow_implementation
 from pipeline.transport.connection import DENIED, connect, denial_reason, describe_url
 from pipeline.variants import Variant
@@ -159,25 +161,49 @@ def _inference_device(requested: str) -> str:
 
 
 def _onnxruntime(settings: Settings, serve: bool) -> list[Check]:
+    device = _inference_device(settings.model.device)
     try:
         import onnxruntime as ort
     except Exception as exc:  # ImportError, or a broken install failing at import
+        wheel = CPU_WHEEL if device == "cpu" else GPU_WHEEL
         return [Check("onnxruntime", WARN, f"cannot import onnxruntime ({first_line(exc)}): "
                                            "the CPU default and the onnxruntime variants "
-                                           "are unavailable; eager PyTorch runs instead")]
-    return [onnxruntime_providers(ort.__version__, ort.get_available_providers(),
-                                  _inference_device(settings.model.device))]
+                                           "are unavailable; eager PyTorch runs instead; "
+                                           "install it: "
+                                           f"{install_commands(sys.executable, wheel)}")]
+    return [onnxruntime_providers(ort.__version__, ort.get_available_providers(), device,
+                                  installed_wheels())]
 
 
-def onnxruntime_providers(version: str, providers: list[str], device: str) -> Check:
+def installed_wheels() -> list[str]:
+    """Which of ONNX Runtime's wheels are installed here."""
+    found = []
+    for name in WHEELS:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.version(name)
+            found.append(name)
+    return found
+
+
+def onnxruntime_providers(version: str, providers: list[str], device: str,
+                          wheels: Sequence[str] = ("onnxruntime",)) -> Check:
     """Whether ONNX Runtime can use `device`: the PyPI `onnxruntime` wheel is CPU-only,
-    and on a GPU host its variants would silently run on the CPU."""
+    and on a GPU host its variants would silently run on the CPU; with both wheels
+    installed, the files are those of whichever went in last. The fix names this
+    interpreter's pip, so it installs where imgpipe runs."""
     listed = ", ".join(name.removesuffix("ExecutionProvider") for name in providers)
-    if device.startswith("cuda") and "CUDAExecutionProvider" not in providers:
+    on_gpu = device.startswith("cuda")
+    if len(wheels) > 1:
+        fix = install_commands(sys.executable, GPU_WHEEL if on_gpu else CPU_WHEEL)
+        return Check("onnxruntime", WARN, f"{version} ({listed}) with both {' and '.join(wheels)} "
+                                          "installed: they share one onnxruntime package, "
+                                          "the one installed last overwrote the other's "
+                                          f"files; keep one: {fix}")
+    if on_gpu and CUDA not in providers:
+        fix = install_commands(sys.executable, GPU_WHEEL)
         return Check("onnxruntime", WARN, f"{version}, a CPU-only build ({listed}) on a GPU "
                                           "host: the onnxruntime variants would run on the "
-                                          "CPU; for the GPU, replace it: pip uninstall -y "
-                                          "onnxruntime && pip install onnxruntime-gpu")
+                                          f"CPU; for the GPU, replace it: {fix}")
     return Check("onnxruntime", OK, f"{version} ({listed})")
 
 

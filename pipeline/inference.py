@@ -11,9 +11,10 @@ mean over views and the top-k run on the device and only k columns per
 image come back (pipeline/backends/reduce.py), so `drain` launches batch N+1
 before it collects batch N: the host stages the next batch while the device
 works. Batches are still delivered in order, and one in flight is collected
-as soon as the batcher has nothing more at once, or its input ends. An ONNX
-Runtime backend answers on the host, in NumPy, and its batch is delivered
-as soon as it is launched.
+as soon as the batcher has nothing more at once, or its input ends. ONNX
+Runtime on the GPU answers with tensors on the device too (I/O binding); on
+the CPU it answers on the host, in NumPy, and its batch is delivered as soon
+as it is launched.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class InferenceLoop:
         logits, features = self._outputs(samples, any(wants_embedding(item.output)
                                                       for item in ready))
         labels = self.backend.model.labels
-        if isinstance(logits, np.ndarray):  # computed on the host (ONNX Runtime)
+        if isinstance(logits, np.ndarray):  # computed on the host (ONNX Runtime on the CPU)
             probs = mean_over_views(softmax(logits), views)
             return OnHostAlready((top_k_of_probabilities(probs, self.topk, labels),
                                   None if features is None

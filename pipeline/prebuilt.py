@@ -15,6 +15,7 @@ recorded the same way, beside the default's. Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -29,9 +30,17 @@ from pipeline.cache import scopes
 from pipeline.config import Settings
 from pipeline.cores import usable_cores
 from pipeline.errors import ModelLoadError, first_line
+from pipeline.ort_providers import (
+    OnGpu,
+    asks_for_tensorrt,
+    providers_for,
+    runs_on_stream,
+    without_tensorrt,
+)
 from pipeline.profiles import chosen
 from pipeline.timing import warm_up
 
+log = logging.getLogger("imgpipe.prebuilt")
 RECORDS_SUBDIR = "checked"
 INPUT_NAME = "pixels"
 LOGITS_NAME = "logits"
@@ -141,33 +150,29 @@ class OnnxRunner:
     `features`, a graph that gives `features` too (open() refuses one that does not)."""
 
     def __init__(self, path: Path, max_batch_size: int, sample_shape: tuple[int, int, int],
-                 threads: int = 0, cuda_device: Optional[int] = None,
+                 threads: int = 0, gpu: Optional[OnGpu] = None,
                  features: bool = False) -> None:
         self.path = path
         self.features = features
         self.max_batch_size = max_batch_size
         self.sample_shape = sample_shape
         self.threads = threads
-        self.cuda_device = cuda_device
+        self.gpu = gpu  # None: the CPU provider alone
         self.last_staging_s = 0.0  # the last batch's np.stack into the input buffer
 
     def open(self) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads or usable_cores()
-        options.inter_op_num_threads = 1
-        # Idle threads sleep rather than spin on cores the preprocessing
-        # workers need (as OMP_WAIT_POLICY=PASSIVE does for torch).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers: list[Any] = ["CPUExecutionProvider"]
-        if self.cuda_device is not None and (
-                "CUDAExecutionProvider" in ort.get_available_providers()):
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.cuda_device}))
-        self.session = ort.InferenceSession(str(self.path), sess_options=options,
-                                            providers=providers)
+        providers = providers_for(ort.get_available_providers(), self.gpu, INPUT_NAME,
+                                  self.max_batch_size, self.sample_shape)
+        try:
+            self.session = self._session(ort, providers)
+        except Exception as exc:  # onnxruntime's errors share no useful base class
+            if not asks_for_tensorrt(providers):
+                raise
+            log.warning("TensorRT cannot run %s here (%s): the CUDA provider runs it",
+                        self.path.name, first_line(exc))
+            self.session = self._session(ort, without_tensorrt(providers))
         self.providers = list(self.session.get_providers())
         self.input_name = self.session.get_inputs()[0].name
         names = [output.name for output in self.session.get_outputs()]
@@ -176,6 +181,27 @@ class OnnxRunner:
                              f"{', '.join(names)}): a logits-only export")
         self.output_name = names[0]
         self.buffer = np.empty((self.max_batch_size, *self.sample_shape), dtype=np.uint8)
+
+    def _session(self, ort: Any, providers: list[Any]) -> Any:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads or usable_cores()
+        options.inter_op_num_threads = 1
+        # Idle threads sleep rather than spin on cores the preprocessing
+        # workers need (as OMP_WAIT_POLICY=PASSIVE does for torch).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # A provider that fails to start is an error here, not a silent retry on
+        # ONNX Runtime's defaults, which would drop the stream the GPU providers share.
+        return ort.InferenceSession(str(self.path), sess_options=options, providers=providers,
+                                    enable_fallback=0)
+
+    def runs_on_stream(self) -> bool:
+        """Whether the session's GPU providers run on the stream in `gpu`."""
+        if self.gpu is None or not self.gpu.stream:
+            return False
+        return runs_on_stream(self.providers, self.session.get_provider_options(),
+                              self.gpu.stream)
 
     def run(self, samples: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 CHW samples -> float logits, one row per sample."""

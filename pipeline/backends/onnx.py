@@ -18,6 +18,13 @@ An export made for embeddings has a second output, ``features`` (the pooled
 penultimate features, from `WithFeatures`), and its own key: the recipe says
 which outputs the graph has, so a logits-only artifact is never opened where
 features are expected (and the runner checks the graph's outputs as well).
+
+On a GPU the session asks for TensorRT first where it is installed (its
+engines kept under the artifact directory, ``tensorrt/``), then CUDA
+(pipeline/ort_providers.py), and runs with I/O binding on a CUDA stream of its
+own (pipeline/backends/binding.py): predict() answers with tensors on the
+device, which the inference loop reduces there, as it does the torch backends'.
+On the CPU it answers in NumPy.
 """
 
 from __future__ import annotations
@@ -34,12 +41,14 @@ import numpy as np
 import torch
 
 from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions
+from pipeline.backends.binding import BoundSession
 from pipeline.backends.calibration import CalibrationSet
 from pipeline.backends.normalised import Normalised, module_device
 from pipeline.cpu_features import needs_reduced_int8_range
 from pipeline.errors import ModelLoadError, first_line, root_cause
 from pipeline.models import LoadedModel
 from pipeline.models.features import FeatureTap, WithFeatures
+from pipeline.ort_providers import CPU_WHEEL, CUDA, GPU_WHEEL, OnGpu
 from pipeline.prebuilt import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OnnxRunner
 from pipeline.timing import warm_up
 
@@ -52,6 +61,7 @@ FEATURE_OUTPUTS = f"outputs:{LOGITS_NAME}+{FEATURES_NAME}"  # in the key of a fe
 QUANT_RECIPE = "int8-qdq-minmax-per-channel/v1"  # bump when quantize_int8 changes
 CALIBRATION_BATCH = 8
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension whose example size is 0 or 1
+TENSORRT_SUBDIR = "tensorrt"  # TensorRT's engines, under the artifact directory
 DYNAMO, TORCHSCRIPT = "dynamo", "torchscript"
 # The exporters log every graph pass at INFO; imgpipe's own INFO lines should stay readable.
 EXPORTER_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")
@@ -205,8 +215,9 @@ def _onnxruntime() -> tuple[Any, dict[str, str]]:
         import onnxruntime
         import onnxscript
     except ImportError as exc:
-        raise ModelLoadError("the onnxruntime backend needs the packages onnxruntime, onnx "
-                             "and onnxscript (pip install onnxruntime onnx onnxscript)") from exc
+        raise ModelLoadError(f"the onnxruntime backend needs ONNX Runtime, onnx and onnxscript "
+                             f"(pip install '{CPU_WHEEL}' onnx onnxscript; '{GPU_WHEEL}' "
+                             f"instead of the first on an NVIDIA GPU host)") from exc
     versions = {"torch": torch.__version__, "onnx": onnx.__version__,
                 "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
     return onnxruntime, versions
@@ -248,6 +259,8 @@ class OnnxBackend:
         self.export_s = 0.0  # time spent exporting in setup(); 0 when the artifact was reused
         self.artifact: Path | None = None
         self.providers: list[str] = []
+        self.stream: Optional[torch.cuda.Stream] = None  # the session's, on a GPU
+        self.bound: Optional[BoundSession] = None  # I/O binding, where the GPU runs it
 
     def artifact_key(self, precision: Optional[str] = None) -> ArtifactKey:
         _, versions = _onnxruntime()
@@ -271,13 +284,29 @@ class OnnxBackend:
         build = self._quantize if self.precision == "int8" else self._export
         self.artifact, self.runner = self.store.open(self.artifact_key(), build, self._runner)
         self.providers = self.runner.providers
-        if self.device.type == "cuda" and "CUDAExecutionProvider" not in self.providers:
+        self.bound = self._bound() if self.device.type == "cuda" else None
+        self.warmup_s = warm_up(self.predict, self.sample_shape, (1, self.max_batch_size))
+        if self.bound is not None:
+            torch.cuda.synchronize(self.device)
+
+    def _bound(self) -> Optional[BoundSession]:
+        """I/O binding on the GPU, where the session's GPU providers run on its stream;
+        None (outputs in NumPy, on the host) where they do not."""
+        if CUDA not in self.providers:
             log.warning("onnxruntime cannot use %s here (providers %s): running on the CPU",
                         self.device, ", ".join(self.providers))
-        self.warmup_s = warm_up(self.predict, self.sample_shape, (1, self.max_batch_size))
+            return None
+        if not self.runner.runs_on_stream():
+            log.warning("onnxruntime did not take the CUDA stream it was given (providers "
+                        "%s): its outputs come back to the host", ", ".join(self.providers))
+            return None
+        return BoundSession(self.runner.session, self.device, self.max_batch_size,
+                            self.sample_shape, self.stream)
 
     @property
     def last_staging_s(self) -> float:
+        if self.bound is not None:
+            return self.bound.last_staging_s
         return self.runner.last_staging_s if hasattr(self, "runner") else 0.0
 
     def _export(self, path: Path) -> None:
@@ -299,22 +328,40 @@ class OnnxBackend:
 
     def _runner(self, path: Path) -> OnnxRunner:
         _onnxruntime()  # a clear error when it is not installed
-        cuda = (self.device.index or 0) if self.device.type == "cuda" else None
-        runner = OnnxRunner(path, self.max_batch_size, self.sample_shape, self.threads, cuda,
-                            features=self.embeddings is not None)
+        runner = OnnxRunner(path, self.max_batch_size, self.sample_shape, self.threads,
+                            self._on_gpu(path), features=self.embeddings is not None)
         runner.open()
         return runner
 
-    def predict(self, samples: Sequence[np.ndarray]) -> np.ndarray:
-        """uint8 CHW samples -> float logits on the CPU, one row per sample."""
+    def _on_gpu(self, artifact: Path) -> Optional[OnGpu]:
+        """On a GPU: the device, a stream of the session's own (for I/O binding) and
+        TensorRT's engine cache, one directory per artifact."""
+        if self.device.type != "cuda":
+            return None
+        index = self.device.index or 0
+        self.stream = torch.cuda.Stream(torch.device("cuda", index))
+        engines = self.store.directory / TENSORRT_SUBDIR / artifact.stem
+        engines.mkdir(parents=True, exist_ok=True)
+        return OnGpu(index, self.stream.cuda_stream, engines)
+
+    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor | np.ndarray:
+        """uint8 CHW samples -> float logits, one row per sample: a tensor on the GPU
+        where the session is bound there, else NumPy on the host."""
         with self._out_of_memory():
+            if self.bound is not None:
+                return self.bound.run(samples, [OUTPUT_NAME])[0]
             return self.runner.run(samples)
 
     def predict_features(self, samples: Sequence[np.ndarray]
-                         ) -> tuple[np.ndarray, np.ndarray]:
-        """(logits, pooled features) on the CPU, one row per sample each."""
+                         ) -> tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, np.ndarray]:
+        """(logits, pooled features), one row per sample each, where predict() puts them."""
         with self._out_of_memory():
-            return self.runner.run_features(samples)
+            if self.bound is None:
+                return self.runner.run_features(samples)
+            if not self.runner.features:
+                raise RuntimeError("this backend was built without embeddings")
+            logits, features = self.bound.run(samples, [OUTPUT_NAME, FEATURES_NAME])
+            return logits, features
 
     @contextmanager
     def _out_of_memory(self) -> Iterator[None]:
@@ -327,6 +374,7 @@ class OnnxBackend:
             raise
 
     def close(self) -> None:
+        self.bound = self.stream = None
         runner = self.__dict__.pop("runner", None)
         if runner is not None:
             runner.close()

@@ -4,6 +4,8 @@ the installed packages, files on disk."""
 from __future__ import annotations
 
 import io
+import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,13 @@ import redis
 import torch
 from rich.console import Console
 
-from pipeline import doctor
+from pipeline import doctor, ort_providers
 from pipeline.config import Settings
 from pipeline.preprocess.select import pillow_implementation
 from tests.redis_server import RedisServer
 
 Factory = Callable[[], RedisServer]
+ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cret-Pa55word"
 
 
@@ -242,9 +245,41 @@ def test_a_cpu_only_onnxruntime_on_a_gpu_host_is_a_warning_naming_the_fix() -> N
     on_gpu = doctor.onnxruntime_providers("1.30.0", cpu_only, "cuda:0")
     assert on_gpu.status == "warn"
     assert "CPU-only build (Azure, CPU) on a GPU host" in on_gpu.detail
-    assert "pip install onnxruntime-gpu" in on_gpu.detail
+    # the commands, for this interpreter: both wheels out, then the GPU one alone
+    assert on_gpu.detail.endswith(
+        f"replace it: {sys.executable} -m pip uninstall -y onnxruntime onnxruntime-gpu && "
+        f"{sys.executable} -m pip install 'onnxruntime-gpu>=1.27,<2'")
     assert doctor.onnxruntime_providers("1.30.0", cpu_only, "cpu").status == "ok"
     gpu_build = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert doctor.onnxruntime_providers("1.30.0", gpu_build, "cuda:0") == doctor.Check(
         "onnxruntime", "ok", "1.30.0 (CUDA, CPU)")
+
+
+@pytest.mark.parametrize(("device", "wheel"), [("cuda:0", "onnxruntime-gpu>=1.27,<2"),
+                                               ("cpu", "onnxruntime>=1.18,<2")])
+def test_both_onnxruntime_wheels_installed_is_a_warning_keeping_one(device: str,
+                                                                   wheel: str) -> None:
+    # given both wheels installed, the CPU one last (its files won: no CUDA provider)
+    both = doctor.onnxruntime_providers("1.30.0", ["CPUExecutionProvider"], device,
+                                        ["onnxruntime", "onnxruntime-gpu"])
+
+    # then a warning that says so, with the commands that keep the one this host needs
+    assert both.status == "warn" and "\n" not in both.detail
+    assert "both onnxruntime and onnxruntime-gpu installed" in both.detail
+    assert both.detail.endswith(
+        f"keep one: {sys.executable} -m pip uninstall -y onnxruntime onnxruntime-gpu && "
+        f"{sys.executable} -m pip install '{wheel}'")
+
+
+def test_doctor_names_the_wheels_of_the_cpu_and_gpu_extras() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert extras["cpu"] == [ort_providers.CPU_WHEEL]
+    assert extras["gpu"] == [ort_providers.GPU_WHEEL]
+    # and neither is a dependency of every install: they would clash
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "dependencies"]
+    assert not [name for name in dependencies if name.startswith("onnxruntime")]
+    # and this environment has one of them, as either extra installs it
+    assert doctor.installed_wheels() in (["onnxruntime"], ["onnxruntime-gpu"])
 
