@@ -12,11 +12,9 @@ from pipeline.backends import TorchBackend
 from pipeline.backends.reduce import reduce_on_device
 from pipeline.backends.staging import StagingRing
 from pipeline.config import load_settings
-from pipeline.engine import Engine
 from pipeline.models import load_model
 from pipeline.predictions import mean_over_views, softmax, top_k_of_probabilities
 from pipeline.preprocess.pillow import PillowBackend
-from pipeline.sources.directory import walk
 from pipeline.spec import InputLimits, PreprocessSpec
 
 pytestmark = pytest.mark.gpu
@@ -85,17 +83,9 @@ def test_cuda_embeddings_match_the_cpu_in_a_padded_batch(samples_dir: Path) -> N
     assert bool((cosines > 0.999).all()), cosines
 
 
-def test_engine_scores_on_the_gpu(samples_dir: Path) -> None:
-    settings = load_settings(overrides={"model.device": "cuda"})
-    engine = Engine(settings)
-    engine.setup()
-    records: list[dict] = []
-    try:
-        summary = engine.run(walk(str(samples_dir)), records.extend)
-    finally:
-        engine.close()
+def test_engine_scores_on_the_gpu(score_samples) -> None:
+    summary, by_name = score_samples(load_settings(overrides={"model.device": "cuda"}))
     assert summary.scored == 6
-    by_name = {Path(r["path"]).name: r for r in records}
     assert by_name["coffee.jpg"]["predictions"][0]["label"] == "espresso"
 
 

@@ -15,9 +15,7 @@ from pipeline.backends.artifacts import ArtifactStore
 from pipeline.backends.calibration import preprocessed
 from pipeline.backends.onnx import OnnxBackend
 from pipeline.config import load_settings
-from pipeline.engine import Engine
 from pipeline.models import load_model
-from pipeline.sources.directory import walk
 from pipeline.spec import InputLimits, PreprocessSpec
 
 pytestmark = pytest.mark.gpu
@@ -109,18 +107,10 @@ def test_a_run_returns_before_the_device_and_is_read_only_once_written(store, pi
         gpu.close()
 
 
-def test_the_engine_scores_with_onnxruntime_on_the_gpu(samples_dir: Path) -> None:
-    settings = load_settings(overrides={"model.device": "cuda",
-                                        "model.backend": "onnxruntime"})
-    engine = Engine(settings)
-    engine.setup()
-    records: list[dict] = []
-    try:
-        summary = engine.run(walk(str(samples_dir)), records.extend)
-    finally:
-        engine.close()
+def test_the_engine_scores_with_onnxruntime_on_the_gpu(score_samples) -> None:
+    summary, by_name = score_samples(load_settings(overrides={
+        "model.device": "cuda", "model.backend": "onnxruntime"}))
     assert summary.scored == 6
-    by_name = {Path(r["path"]).name: r for r in records}
     assert by_name["coffee.jpg"]["predictions"][0]["label"] == "espresso"
 
 
