@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torchvision
 
+from pipeline.models import LoadedModel
+
 
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG (valid CRCs) whose header claims width x height RGB pixels."""
@@ -31,6 +33,17 @@ class MeanColour(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x.mean(dim=(2, 3)))
+
+
+def small_cnn() -> LoadedModel:
+    """A few conv layers with fixed random weights: quick for inductor to compile."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.BatchNorm2d(16), torch.nn.ReLU6(),
+        torch.nn.Conv2d(16, 32, 3, stride=2), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 100)).eval()
+    return LoadedModel("small_cnn", layers, (123.7, 116.3, 103.5), (58.4, 57.1, 57.4),
+                       [str(i) for i in range(100)], "1" * 32)
 
 
 def random_mobilenet(seed: int) -> dict[str, torch.Tensor]:

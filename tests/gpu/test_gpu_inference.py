@@ -66,6 +66,31 @@ def test_cuda_logits_match_the_cpu(samples_dir: Path) -> None:
     assert torch.allclose(got.softmax(1), expected.softmax(1), atol=1e-3)
 
 
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16),
+                                              ("bf16", torch.bfloat16)])
+def test_reduced_precision_runs_converted_weights_with_the_cpus_answers(
+        samples_dir: Path, precision: str, dtype: torch.dtype) -> None:
+    # given one loaded model, fp32 on the CPU and converted to `dtype` on the GPU
+    model = load_model()
+    pixels = PillowBackend(PreprocessSpec(), InputLimits()).run(
+        [(samples_dir / name).read_bytes() for name in ("coffee.jpg", "rocket.jpg")])
+    cpu = TorchBackend(model, torch.device("cpu"), 4, SHAPE)
+    cpu.setup()
+    gpu = TorchBackend(model, torch.device("cuda", 0), 4, SHAPE, precision=precision)
+    gpu.setup()
+
+    # when both classify the photographs
+    expected, got = cpu.predict(pixels).clone(), gpu.predict(pixels).cpu()
+
+    # then the GPU ran weights of that dtype (the loaded model kept fp32) and gave
+    # fp32 logits with the CPU's top-1
+    assert {tensor.dtype for tensor in gpu.module.parameters()} == {dtype}
+    assert {tensor.dtype for tensor in model.module.parameters()} == {torch.float32}
+    assert got.dtype == torch.float32
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+    assert torch.allclose(got.softmax(1), expected.softmax(1), atol=0.05)
+
+
 def test_cuda_embeddings_match_the_cpu_in_a_padded_batch(samples_dir: Path) -> None:
     # three photographs: a batch padded to the warmed size 8 on the GPU
     pixels = PillowBackend(PreprocessSpec(), InputLimits()).run(

@@ -21,7 +21,7 @@ from pipeline.cpu_features import native_bf16
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel, load_model
 from pipeline.spec import InputLimits, PreprocessSpec
-from tests.builders import near_tie_mobilenet, random_mobilenet
+from tests.builders import near_tie_mobilenet, random_mobilenet, small_cnn
 
 CPU = torch.device("cpu")
 SHAPE = (3, 224, 224)
@@ -106,17 +106,6 @@ def test_a_corrupt_torchscript_artifact_is_rebuilt(mobilenets, photos, tmp_path)
 
 
 # --- torch.compile -------------------------------------------------------------
-
-
-def small_cnn() -> LoadedModel:
-    """A few conv layers with fixed random weights: quick for inductor to compile."""
-    torch.manual_seed(0)
-    layers = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.BatchNorm2d(16), torch.nn.ReLU6(),
-        torch.nn.Conv2d(16, 32, 3, stride=2), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 100)).eval()
-    return LoadedModel("small_cnn", layers, (123.7, 116.3, 103.5), (58.4, 57.1, 57.4),
-                       [str(i) for i in range(100)], "1" * 32)
 
 
 def test_torch_compile_gives_the_eager_top1_and_keeps_its_kernels(photos, tmp_path,
