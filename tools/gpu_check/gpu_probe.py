@@ -325,8 +325,10 @@ def _project_rate(model: Any, precision: str, batch: int, seconds: float) -> dic
     rate = rate_loop(lambda: (backend.predict(samples), batch)[1], seconds,
                      torch.cuda.synchronize)
     timings = _timed_calls(backend, samples, 15)
+    weights = sorted({str(p.dtype) for p in backend.module.parameters()})
     backend.close()
     return {"images_per_s": round(rate, 1), "setup_s": round(setup_s, 2), **timings,
+            "weights": weights,
             "note": "uint8 host arrays in, logits on the GPU: staging + normalise + model"}
 
 
