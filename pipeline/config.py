@@ -179,6 +179,10 @@ class PreprocessSettings(Section):
     # DALI in the inference process, fed model-sized batches (in_process.py); "auto"
     # is "on" (select.dali_in_process)
     dali_in_process: Literal["auto", "on", "off"] = "auto"
+    # where its batches go: torch tensors on its device, or NumPy on the host (in_process.py)
+    dali_output: Literal["auto", "device", "host"] = "auto"
+    # decode a JPEG's crop window only (dali_roi.py); "auto": on the CPU decoder
+    dali_roi_decode: Literal["auto", "on", "off"] = "auto"
     # nvJPEG hints for DALI's GPU decoder (DecoderHints); the CPU decoder ignores them
     hw_decoder_load: float = Field(0.65, ge=0.0, le=1.0)
     device_memory_padding: int = Field(16 * 1024 * 1024, ge=0)
@@ -233,7 +237,7 @@ class PreprocessSettings(Section):
 
     def decoder_hints(self) -> DecoderHints:
         return DecoderHints(self.hw_decoder_load, self.device_memory_padding,
-                            self.host_memory_padding)
+                            self.host_memory_padding, self.dali_roi_decode)
 
 
 class BatchingSettings(Section):

@@ -351,7 +351,7 @@ class Engine:
             from pipeline.preprocess.in_process import InProcessDali  # imports DALI
 
             pool = InProcessDali(plan, self.settings.batching.max_batch_size,
-                                 pre_cfg.chunk_size, pre_cfg.handoff)
+                                 pre_cfg.chunk_size, pre_cfg.handoff, pre_cfg.dali_output)
         else:
             pool = PreprocessPool(plan, workers, pre_cfg.chunk_size, pre_cfg.handoff)
         pool.launch()

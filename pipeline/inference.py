@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 from pipeline.batching import Batcher
 from pipeline.embeddings import pooled, wants_embedding, wants_predictions
 from pipeline.errors import TransientError
-from pipeline.items import Prepared
+from pipeline.items import Pixels, Prepared
 from pipeline.predictions import (
     Prediction,
     Record,
@@ -137,7 +137,7 @@ class InferenceLoop:
         return (item.predictions or [])[:item.job.topk or self.default_topk]
 
     def _launch(self, ready: list[Prepared]) -> Pending:
-        samples: list[np.ndarray] = []
+        samples: list[Pixels] = []
         views: list[int] = []
         for item in ready:
             assert item.pixels is not None
@@ -176,7 +176,7 @@ class InferenceLoop:
                 self.remember(item, item.predictions)
         self.batches += 1
 
-    def _outputs(self, pixels: list[np.ndarray], features: bool) -> Outputs:
+    def _outputs(self, pixels: list[Pixels], features: bool) -> Outputs:
         """The batch's logits (and features); a batch too big for the device's free
         memory is halved."""
         torch = sys.modules.get("torch")
@@ -196,7 +196,7 @@ class InferenceLoop:
         joined = None if first is None or second is None else _joined(torch, first, second)
         return _joined(torch, logits, more), joined
 
-    def _run(self, pixels: list[np.ndarray], features: bool) -> Outputs:
+    def _run(self, pixels: list[Pixels], features: bool) -> Outputs:
         """Outputs as the backend gives them: tensors stay on the device."""
         if not features:
             return self.backend.predict(pixels), None

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NotRequired, Optional, TypedDict
+from typing import TYPE_CHECKING, Literal, NotRequired, Optional, TypedDict, Union
 
 import numpy as np
 
 from pipeline.errors import InputError
 from pipeline.spec import TTA_VIEWS
+
+if TYPE_CHECKING:
+    import torch
+
+# uint8 CHW (views x C x H x W with TTA): NumPy on the host, or a torch tensor on
+# the model's device (DALI's output there, pipeline/preprocess/dali_torch.py)
+Pixels = Union[np.ndarray, "torch.Tensor"]
+
+
+def on_host(pixels: Pixels) -> np.ndarray:
+    """`pixels` as a NumPy array: a tensor is copied off its device (without one,
+    no copy)."""
+    return pixels if isinstance(pixels, np.ndarray) else pixels.numpy(force=True)
 
 
 @dataclass
@@ -43,7 +56,7 @@ class Prepared:
     """
 
     job: Job
-    pixels: Optional[np.ndarray] = None
+    pixels: Optional[Pixels] = None
     error: Optional[InputError] = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     digest: Optional[str] = None

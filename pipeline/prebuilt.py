@@ -30,6 +30,7 @@ from pipeline.cache import scopes
 from pipeline.config import Settings
 from pipeline.cores import usable_cores
 from pipeline.errors import ModelLoadError, first_line
+from pipeline.items import Pixels, on_host
 from pipeline.ort_providers import (
     OnGpu,
     asks_for_tensorrt,
@@ -263,12 +264,12 @@ class PrebuiltBackend:
         # and a full one would only delay the first record.
         self.warmup_s = warm_up(self.predict, self.runner.sample_shape, (1,))
 
-    def predict(self, samples: Sequence[np.ndarray]) -> np.ndarray:
-        return self.runner.run(samples)
+    def predict(self, samples: Sequence[Pixels]) -> np.ndarray:
+        return self.runner.run([on_host(sample) for sample in samples])
 
-    def predict_features(self, samples: Sequence[np.ndarray]
+    def predict_features(self, samples: Sequence[Pixels]
                          ) -> tuple[np.ndarray, np.ndarray]:
-        return self.runner.run_features(samples)
+        return self.runner.run_features([on_host(sample) for sample in samples])
 
     def close(self) -> None:
         self.runner.close()

@@ -15,6 +15,7 @@ from pipeline.backends.devices import resolve_device
 from pipeline.backends.torch import TorchBackend
 from pipeline.config import Settings
 from pipeline.errors import ModelLoadError
+from pipeline.items import Pixels
 from pipeline.models import LoadedModel
 from pipeline.prebuilt import ModelCard
 from pipeline.variants import Variant
@@ -40,7 +41,7 @@ class InferenceBackend(Protocol):
 
     def setup(self) -> None: ...
 
-    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor | np.ndarray: ...
+    def predict(self, samples: Sequence[Pixels]) -> torch.Tensor | np.ndarray: ...
 
     def close(self) -> None: ...
 
@@ -48,7 +49,7 @@ class InferenceBackend(Protocol):
 class FeaturesBackend(InferenceBackend, Protocol):
     """A backend that also gives each sample's pooled penultimate features."""
 
-    def predict_features(self, samples: Sequence[np.ndarray]
+    def predict_features(self, samples: Sequence[Pixels]
                          ) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]: ...
 
 

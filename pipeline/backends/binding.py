@@ -34,6 +34,7 @@ import torch
 
 from pipeline.backends.devices import on_device
 from pipeline.backends.staging import StagingRing
+from pipeline.items import Pixels
 
 RING_SLOTS = 3  # as TorchBackend's ring: a batch staged ahead of the one in flight, and one more
 # Without this, ONNX Runtime synchronises the device with the host at the end of each run.
@@ -67,7 +68,7 @@ class BoundSession:
             self.run_options.add_run_config_entry(ASYNC_RUN, "1")
         self.last_staging_s = 0.0  # the last batch's copy into the ring (and to the device)
 
-    def run(self, samples: Sequence[np.ndarray], names: Sequence[str]
+    def run(self, samples: Sequence[Pixels], names: Sequence[str]
             ) -> tuple[torch.Tensor, ...]:
         """uint8 CHW samples -> the named outputs on the device, one row per sample."""
         if not samples or len(samples) > self.max_batch_size:
@@ -84,7 +85,7 @@ class BoundSession:
             caller.wait_stream(self.stream)  # the caller's next kernels read finished outputs
         return outputs
 
-    def _run(self, samples: Sequence[np.ndarray], names: Sequence[str]
+    def _run(self, samples: Sequence[Pixels], names: Sequence[str]
              ) -> tuple[torch.Tensor, ...]:
         """Stage, bind and run on the current stream (the session's, on a GPU)."""
         started = time.perf_counter()

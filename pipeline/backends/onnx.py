@@ -46,6 +46,7 @@ from pipeline.backends.calibration import CalibrationSet
 from pipeline.backends.normalised import Normalised, module_device
 from pipeline.cpu_features import needs_reduced_int8_range
 from pipeline.errors import ModelLoadError, first_line, root_cause
+from pipeline.items import Pixels, on_host
 from pipeline.models import LoadedModel
 from pipeline.models.features import FeatureTap, WithFeatures
 from pipeline.ort_providers import CPU_WHEEL, CUDA, GPU_WHEEL, OnGpu
@@ -344,20 +345,20 @@ class OnnxBackend:
         engines.mkdir(parents=True, exist_ok=True)
         return OnGpu(index, self.stream.cuda_stream, engines)
 
-    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor | np.ndarray:
+    def predict(self, samples: Sequence[Pixels]) -> torch.Tensor | np.ndarray:
         """uint8 CHW samples -> float logits, one row per sample: a tensor on the GPU
         where the session is bound there, else NumPy on the host."""
         with self._out_of_memory():
             if self.bound is not None:
                 return self.bound.run(samples, [OUTPUT_NAME])[0]
-            return self.runner.run(samples)
+            return self.runner.run([on_host(sample) for sample in samples])
 
-    def predict_features(self, samples: Sequence[np.ndarray]
+    def predict_features(self, samples: Sequence[Pixels]
                          ) -> tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, np.ndarray]:
         """(logits, pooled features), one row per sample each, where predict() puts them."""
         with self._out_of_memory():
             if self.bound is None:
-                return self.runner.run_features(samples)
+                return self.runner.run_features([on_host(sample) for sample in samples])
             if not self.runner.features:
                 raise RuntimeError("this backend was built without embeddings")
             logits, features = self.bound.run(samples, [OUTPUT_NAME, FEATURES_NAME])

@@ -6,14 +6,20 @@ of it finished. On the CPU the same code runs without pinning or copies. A batch
 padded to more rows than it has samples (a fixed batch size on the device);
 the padding rows are zeros or an earlier batch's pixels, never uninitialised
 memory.
+
+Samples may also arrive as tensors on the ring's device already (DALI's output
+on the model's GPU, pipeline/preprocess/dali_torch.py): those are gathered on
+the device, and only the host samples beside them go through the ring.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+
+from pipeline.items import Pixels
 
 
 class StagingRing:
@@ -31,12 +37,19 @@ class StagingRing:
         self.events = [torch.cuda.Event() if self.on_gpu else None for _ in range(slots)]
         self.next_slot = 0
 
-    def stage(self, samples: Sequence[np.ndarray], rows: int = 0) -> torch.Tensor:
-        """Copy samples into the next free slot; return `rows` rows of it (at least
-        the samples) on the device."""
+    def stage(self, samples: Sequence[Pixels], rows: int = 0) -> torch.Tensor:
+        """The samples as one batch of `rows` rows (at least the samples) on the
+        device: host arrays copied through the next free slot, tensors already
+        there gathered."""
         rows = max(rows, len(samples))
         if not samples or rows > self.buffers[0].shape[0]:
             raise ValueError(f"batch of {rows} does not fit the ring")
+        on_host = [sample for sample in samples if isinstance(sample, np.ndarray)]
+        if len(on_host) == len(samples):
+            return self._through_slot(on_host, rows)
+        return self._gathered(samples, rows)
+
+    def _through_slot(self, samples: Sequence[np.ndarray], rows: int) -> torch.Tensor:
         slot = self.next_slot
         self.next_slot = (slot + 1) % len(self.buffers)
         event = self.events[slot]
@@ -52,3 +65,29 @@ class StagingRing:
         # which is GPU 0 in a thread that never chose one.
         event.record(torch.cuda.current_stream(self.device))
         return on_device
+
+    def _gathered(self, samples: Sequence[Pixels], rows: int) -> torch.Tensor:
+        """A new batch on the device: the samples there copied in on the device,
+        those on the host through a slot, the padding zeroed."""
+        there = {index: sample for index, sample in enumerate(samples)
+                 if isinstance(sample, torch.Tensor)}
+        here = {index: sample for index, sample in enumerate(samples)
+                if isinstance(sample, np.ndarray)}
+        for tensor in there.values():
+            if tensor.device != self.device:
+                raise ValueError(f"a sample on {tensor.device} for a ring on {self.device}")
+        batch = torch.empty((rows, *self.buffers[0].shape[1:]), dtype=torch.uint8,
+                            device=self.device)
+        batch[self._rows(there.keys())] = torch.stack(list(there.values()))
+        if here:
+            batch[self._rows(here.keys())] = self._through_slot(list(here.values()), len(here))
+        batch[len(samples):].zero_()
+        if self.on_gpu:
+            # Made on the producer's stream: the allocator must not hand their memory
+            # out again until this stream's reads of it are done.
+            for tensor in there.values():
+                tensor.record_stream(torch.cuda.current_stream(self.device))
+        return batch
+
+    def _rows(self, indices: Iterable[int]) -> torch.Tensor:
+        return torch.tensor(list(indices), device=self.device)

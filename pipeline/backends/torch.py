@@ -22,13 +22,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from pipeline.backends.devices import on_device
 from pipeline.backends.staging import StagingRing
 from pipeline.cores import usable_cores
 from pipeline.errors import ModelLoadError
+from pipeline.items import Pixels
 from pipeline.models import LoadedModel
 from pipeline.models.features import WithFeatures
 from pipeline.timing import warm_up
@@ -148,13 +148,13 @@ class TorchBackend:
         return torch.compile(module, mode="reduce-overhead" if self.graphs else None)
 
     @torch.inference_mode()
-    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
+    def predict(self, samples: Sequence[Pixels]) -> torch.Tensor:
         """uint8 CHW samples -> float logits on the device, one row per sample."""
         with on_device(self.device):
             return self._forward(samples)[0]
 
     @torch.inference_mode()
-    def predict_features(self, samples: Sequence[np.ndarray]
+    def predict_features(self, samples: Sequence[Pixels]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, pooled penultimate features) on the device, one row per sample each."""
         if self.featured is None:
@@ -163,7 +163,7 @@ class TorchBackend:
             logits, features = self._forward(samples)
         return logits, features
 
-    def _forward(self, samples: Sequence[np.ndarray]) -> tuple[torch.Tensor, ...]:
+    def _forward(self, samples: Sequence[Pixels]) -> tuple[torch.Tensor, ...]:
         """Stage and normalise the batch, run the model on it; each output's rows."""
         started = time.perf_counter()
         batch = self.ring.stage(samples, self._rows(len(samples)))

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions
@@ -27,6 +26,7 @@ from pipeline.backends.normalised import Normalised
 from pipeline.backends.staging import StagingRing
 from pipeline.cores import usable_cores
 from pipeline.errors import ModelLoadError, root_cause
+from pipeline.items import Pixels
 from pipeline.models import LoadedModel
 from pipeline.models.features import FeatureTap, WithFeatures
 from pipeline.timing import warm_up
@@ -111,12 +111,12 @@ class TorchScriptBackend:
             return torch.jit.optimize_for_inference(module)
 
     @torch.inference_mode()
-    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor:
+    def predict(self, samples: Sequence[Pixels]) -> torch.Tensor:
         """uint8 CHW samples -> float logits on the device, one row per sample."""
         return self._outputs(samples)[0]
 
     @torch.inference_mode()
-    def predict_features(self, samples: Sequence[np.ndarray]
+    def predict_features(self, samples: Sequence[Pixels]
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, pooled penultimate features) on the device, one row per sample each."""
         if self.embeddings is None:
@@ -124,7 +124,7 @@ class TorchScriptBackend:
         logits, features = self._outputs(samples)
         return logits, features
 
-    def _outputs(self, samples: Sequence[np.ndarray]) -> tuple[torch.Tensor, ...]:
+    def _outputs(self, samples: Sequence[Pixels]) -> tuple[torch.Tensor, ...]:
         started = time.perf_counter()
         batch = self.ring.stage(samples)
         self.last_staging_s = time.perf_counter() - started

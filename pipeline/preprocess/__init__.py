@@ -23,18 +23,27 @@ DALI_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 
 @dataclass(frozen=True)
 class DecoderHints:
-    """nvJPEG settings of DALI's GPU decoder (`device="mixed"`): the share of
-    JPEG data sent to the hardware decoder, and the padding nvJPEG adds to its
-    device and host buffers so that they are reallocated less often as image
-    sizes vary. DALI's CPU decoder has no use for them. Defaults are DALI's."""
+    """How DALI's decoder runs. nvJPEG's settings, for the GPU decoder
+    (`device="mixed"`) only: the share of JPEG data sent to the hardware
+    decoder, and the padding nvJPEG adds to its device and host buffers so
+    that they are reallocated less often as image sizes vary (defaults are
+    DALI's). And whether a JPEG is decoded in the crop's window only
+    (dali_roi.py): "auto" does so on the CPU, where it was measured faster,
+    and not on the GPU, where it is not measured yet."""
 
     hw_decoder_load: float = 0.65
     device_memory_padding: int = 16 * 1024 * 1024
     host_memory_padding: int = 8 * 1024 * 1024
+    roi_decode: str = "auto"  # "auto", "on" or "off"
 
     def for_decoder(self, decoder_device: str) -> dict[str, Any]:
         """The decoder's keyword arguments: none for the CPU decoder."""
-        return {} if decoder_device == "cpu" else asdict(self)
+        if decoder_device == "cpu":
+            return {}
+        return {key: value for key, value in asdict(self).items() if key != "roi_decode"}
+
+    def decodes_windows(self, decoder_device: str) -> bool:
+        return self.roi_decode == "on" or self.roi_decode == "auto" and decoder_device == "cpu"
 
 
 DALI_DEFAULT_HINTS = DecoderHints()

@@ -6,6 +6,10 @@ is a JPEG whose last pixel (as stored) decodes to mid-grey luma, the mark of
 a file whose data ends before its pixels do: the pillow backend tells such a
 file from a real grey corner (pillow.refuse_incomplete_jpeg).
 
+Where DecoderHints.decodes_windows says so, a JPEG is decoded in the window
+its crop needs only (image_slice; the window from dali_roi.py), which still
+holds that last pixel.
+
 Test-time augmentation views are cut from one decode inside the graph: one
 resize per distinct region (the crop box as a per-sample ROI) and
 crop_mirror_normalize's `mirror` for the mirrored views, stacked in the
@@ -15,7 +19,7 @@ when first used.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, cast
 
@@ -26,12 +30,14 @@ from nvidia.dali.pipeline import Pipeline
 from PIL import Image
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.items import Pixels, on_host
 from pipeline.preprocess import (
     DALI_DEFAULT_HINTS,
     DALI_INTERPOLATIONS,
     DecoderHints,
     Outcome,
 )
+from pipeline.preprocess.dali_roi import Roi, Window, window, within
 from pipeline.preprocess.pillow import (
     ORIENTATION_TAG,
     PillowBackend,
@@ -40,7 +46,8 @@ from pipeline.preprocess.pillow import (
 )
 from pipeline.spec import InputLimits, PreprocessSpec, tta_views
 
-UINT8, FLOAT = types.DALIDataType.UINT8, types.DALIDataType.FLOAT
+UINT8, INT32, FLOAT = (types.DALIDataType.UINT8, types.DALIDataType.INT32,
+                       types.DALIDataType.FLOAT)
 RGB = types.DALIImageType.RGB
 INTERP = {
     "nearest": types.DALIInterpType.INTERP_NN,
@@ -58,8 +65,6 @@ CORNERS = ((0, 0), (0, -1), (-1, 0), (-1, -1))
 # the decoder wrote (bottom right as stored) ends up.
 LAST_PIXEL_CORNER = {1: 3, 2: 2, 3: 0, 4: 1, 5: 3, 6: 2, 7: 0, 8: 1}
 
-Roi = tuple[tuple[float, float], tuple[float, float]]
-
 
 @dataclass(frozen=True)
 class _Job:
@@ -68,8 +73,9 @@ class _Job:
 
     index: int
     data: bytes
-    rois: tuple[Roi, ...]
+    rois: tuple[Roi, ...]  # in the decoded window's coordinates
     last_pixel_corner: int | None  # for JPEGs: an index into CORNERS
+    window: Window | None = None  # what a windowed graph decodes (dali_roi.py)
 
 
 DaliJob = _Job  # what plan_job makes and feed() takes
@@ -82,17 +88,22 @@ def _regions(tta: str) -> tuple[str, ...]:
 
 @pipeline_def(prefetch_queue_depth=1)
 def _graph(spec: PreprocessSpec, decoder_device: str, tta: str = "none",
-           decoder_options: Optional[Mapping[str, Any]] = None
+           decoder_options: Optional[Mapping[str, Any]] = None, windowed: bool = False
            ) -> tuple[DataNode, DataNode]:
     """Encoded bytes + per-sample ROIs (one per region) -> uint8 CHW crop (with a TTA
     mode, the views stacked: V x C x H x W), and the decoded image's four corner
     pixels (4 x RGB, in CORNERS order). `decoder_options`: the GPU decoder's
-    (DecoderHints.for_decoder)."""
+    (DecoderHints.for_decoder). `windowed`: each sample decodes its window only."""
     encoded = fn.external_source(name="encoded", dtype=UINT8, ndim=1)
     # Fancy upsampling makes nvJPEG's chroma match libjpeg-turbo (DALI CPU and pillow).
-    decoded = fn.decoders.image(encoded, device=decoder_device, output_type=RGB,
-                                adjust_orientation=True, jpeg_fancy_upsampling=True,
-                                **(decoder_options or {}))
+    options = dict(device=decoder_device, output_type=RGB, adjust_orientation=True,
+                   jpeg_fancy_upsampling=True, **(decoder_options or {}))
+    if windowed:  # (y, x) anchor and extent in the upright image: integers, absolute
+        anchor = fn.external_source(name="window_anchor", dtype=INT32, ndim=1)
+        extent = fn.external_source(name="window_shape", dtype=INT32, ndim=1)
+        decoded = fn.decoders.image_slice(encoded, anchor, extent, axes=[0, 1], **options)
+    else:
+        decoded = fn.decoders.image(encoded, **options)
     size = spec.crop_size  # (height, width), as DALI orders an HWC image's extents
     cut = {}
     for number, region in enumerate(_regions(tta)):
@@ -117,7 +128,8 @@ def build_graph(spec: PreprocessSpec, device: str, tta: str, batch_size: int,
     feed(), its outputs read by outcomes()."""
     decoder_device, device_id = _parse_device(device)
     pipe = _graph(spec, decoder_device, tta, hints.for_decoder(decoder_device),
-                  batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  hints.decodes_windows(decoder_device), batch_size=batch_size,
+                  num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch_queue_depth)
     pipe.build()
     return cast(Pipeline, pipe)
@@ -126,6 +138,9 @@ def build_graph(spec: PreprocessSpec, device: str, tta: str, batch_size: int,
 def feed(pipe: Pipeline, jobs: Sequence[_Job], tta: str) -> None:
     """Hand one batch of jobs to the pipeline's external sources."""
     pipe.feed_input("encoded", [np.frombuffer(job.data, np.uint8) for job in jobs])
+    if jobs[0].window is not None:  # planned for a windowed graph (plan_job)
+        pipe.feed_input("window_anchor", [_ints(job.window, 0) for job in jobs])
+        pipe.feed_input("window_shape", [_ints(job.window, 1) for job in jobs])
     for number in range(len(_regions(tta))):
         pipe.feed_input(f"roi_start_{number}",
                         [np.array(job.rois[number][0], np.float32) for job in jobs])
@@ -133,21 +148,35 @@ def feed(pipe: Pipeline, jobs: Sequence[_Job], tta: str) -> None:
                         [np.array(job.rois[number][1], np.float32) for job in jobs])
 
 
-def outcomes(jobs: Sequence[_Job], batch: object, corners: object,
-             on_gpu: bool) -> list[Optional[np.ndarray]]:
-    """The uint8 array of each job from a batch's outputs (copied to the host),
-    or None for a JPEG that pillow must look at again (see the module doc)."""
+def outcomes(jobs: Sequence[_Job], batch: object, corners: object, on_gpu: bool,
+             to_torch: Optional[Callable[[object], Any]] = None
+             ) -> list[Optional[Pixels]]:
+    """The pixels of each job from a batch's outputs, or None for a JPEG that
+    pillow must look at again (see the module doc): rows of the one tensor
+    `to_torch` copies the batch into (dali_torch.TorchOutput.copy), else NumPy
+    arrays on the host."""
     if on_gpu:
-        batch, corners = batch.as_cpu(), corners.as_cpu()  # type: ignore[attr-defined]
+        corners = corners.as_cpu()  # type: ignore[attr-defined]
+    if to_torch is not None:
+        rows = to_torch(batch)
+    else:
+        on_host = batch.as_cpu() if on_gpu else batch  # type: ignore[attr-defined]
+        rows = [np.array(on_host[i]) for i in range(len(jobs))]  # type: ignore[index]
     return [None if _may_be_incomplete(job, np.array(corners[i]))  # type: ignore[index]
-            else np.array(batch[i]) for i, job in enumerate(jobs)]  # type: ignore[index]
+            else rows[i] for i, job in enumerate(jobs)]
 
 
 def plan_job(index: int, data: bytes, spec: PreprocessSpec, limits: InputLimits,
-             tta: str = "none") -> _Job | None:
+             tta: str = "none", windowed: bool = False) -> _Job | None:
     """The DALI job for one input, from its header; None means use pillow. An
-    InputError for bytes that are no image, or one over the limits."""
-    return _job(index, open_image(data, limits), data, spec, tta)
+    InputError for bytes that are no image, or one over the limits. `windowed`:
+    for a graph that decodes windows (DecoderHints.decodes_windows)."""
+    return _job(index, open_image(data, limits), data, spec, tta, windowed)
+
+
+def _ints(window: Window | None, part: int) -> np.ndarray:
+    assert window is not None
+    return np.array(window[part], np.int32)
 
 
 def _parse_device(device: str) -> tuple[str, int | None]:
@@ -180,7 +209,7 @@ def _orientation(image: Image.Image, data: bytes) -> int | None:
 
 
 def _job(index: int, image: Image.Image, data: bytes, spec: PreprocessSpec,
-         tta: str = "none") -> _Job | None:
+         tta: str = "none", windowed: bool = False) -> _Job | None:
     """The DALI job for one input; None means use pillow."""
     orientation = _orientation(image, data)
     if orientation is None:
@@ -189,7 +218,13 @@ def _job(index: int, image: Image.Image, data: bytes, spec: PreprocessSpec,
     if rois is None:
         return None
     corner = LAST_PIXEL_CORNER[orientation] if image.format == "JPEG" else None
-    return _Job(index, data, rois, corner)
+    if not windowed:
+        return _Job(index, data, rois, corner)
+    width, height = image.size
+    if orientation in SWAPS_AXES:
+        width, height = height, width
+    decoded = window(width, height, rois, spec, corner)
+    return _Job(index, data, within(rois, decoded), corner, decoded)
 
 
 def _region_rois(image: Image.Image, orientation: int, spec: PreprocessSpec,
@@ -259,7 +294,8 @@ class DaliBackend:
         jobs: list[_Job] = []
         for index, data in enumerate(images):
             try:
-                job = plan_job(index, data, self.spec, self.limits, tta)
+                job = plan_job(index, data, self.spec, self.limits, tta,
+                               self.hints.decodes_windows(self._decoder_device))
             except InputError as exc:
                 outcomes[index] = exc
                 continue
@@ -292,7 +328,7 @@ class DaliBackend:
         pipe = self._pipes[tta]
         feed(pipe, jobs, tta)
         batch, corners = pipe.run()
-        return [self._pillow(job.data, tta) if pixels is None else pixels
+        return [self._pillow(job.data, tta) if pixels is None else on_host(pixels)
                 for job, pixels in zip(jobs, outcomes(jobs, batch, corners,
                                                       self._device_id is not None),
                                        strict=True)]

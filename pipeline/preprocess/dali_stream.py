@@ -22,13 +22,14 @@ from __future__ import annotations
 import io
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Optional, TypeVar
+from typing import Any, Generic, Optional, TypeVar
 
-import numpy as np
 from nvidia.dali.pipeline import Pipeline
 from PIL import Image
 
+from pipeline.items import Pixels
 from pipeline.preprocess import DALI_DEFAULT_HINTS, DecoderHints
 from pipeline.preprocess.dali import (
     DaliJob,
@@ -66,12 +67,16 @@ class DaliStream(Generic[T]):
 
     def __init__(self, spec: PreprocessSpec, device: str, max_batch_size: int,
                  threads: int, hints: DecoderHints = DALI_DEFAULT_HINTS,
-                 depth: int = 2) -> None:
+                 depth: int = 2, to_torch: Optional[Callable[[object], Any]] = None
+                 ) -> None:
         check_reproducible(spec)
+        self.to_torch = to_torch  # where the pixels go: see dali.outcomes
         self.spec, self.device, self.threads, self.hints = spec, device, threads, hints
         self.max_batch_size = max_batch_size
         self.depth = depth
         self.on_gpu = device != "cpu"
+        # whether plan_job must give each job its window (dali_roi.py)
+        self.windowed = hints.decodes_windows("cpu" if device == "cpu" else "mixed")
         self._pipes: dict[str, Pipeline] = {}
         self._in_flight: deque[Batch[T]] = deque()
 
@@ -87,7 +92,7 @@ class DaliStream(Generic[T]):
         """Build (and prime) the pipeline of `tta`."""
         pipe = build_graph(self.spec, self.device, tta, self.batch_size(tta), self.threads,
                            self.depth, self.hints)
-        priming = _priming_job(self.spec, tta)
+        priming = _priming_job(self.spec, tta, self.windowed)
         for _ in range(self.depth):
             feed(pipe, [priming], tta)
         pipe.schedule_run()  # the first one runs `depth` iterations
@@ -104,16 +109,17 @@ class DaliStream(Generic[T]):
         self._schedule(batch)
         self._in_flight.append(batch)
 
-    def collect(self) -> tuple[Batch[T], Optional[list[Optional[np.ndarray]]]]:
+    def collect(self) -> tuple[Batch[T], Optional[list[Optional[Pixels]]]]:
         """The oldest batch in flight and its outcomes (waiting for them): per job
-        its uint8 array, or None for one pillow must see (dali.outcomes); no
+        its uint8 pixels, or None for one pillow must see (dali.outcomes); no
         list at all when DALI failed on the batch."""
         batch = self._in_flight.popleft()
         pipe = self._pipes[batch.tta]
         try:
             pixels, corners = pipe.share_outputs()
             try:
-                return batch, outcomes(batch.jobs, pixels, corners, self.on_gpu)
+                return batch, outcomes(batch.jobs, pixels, corners, self.on_gpu,
+                                       self.to_torch)
             finally:
                 pipe.release_outputs()
         except RuntimeError:
@@ -138,9 +144,9 @@ class DaliStream(Generic[T]):
                 self._schedule(waiting)
 
 
-def _priming_job(spec: PreprocessSpec, tta: str) -> DaliJob:
+def _priming_job(spec: PreprocessSpec, tta: str, windowed: bool) -> DaliJob:
     buffer = io.BytesIO()
     Image.new("RGB", (PRIMING_SIDE, PRIMING_SIDE), (128, 64, 32)).save(buffer, "JPEG")
-    job = plan_job(0, buffer.getvalue(), spec, InputLimits(), tta)
+    job = plan_job(0, buffer.getvalue(), spec, InputLimits(), tta, windowed)
     assert job is not None
     return job

@@ -7,7 +7,9 @@ allowed roots, the size limit, the cache first, so that an item the cache
 answers is never decoded), and decodes the rest with DALI in batches of
 `batching.max_batch_size` views, two in flight (dali_stream.py), so that
 DALI decodes the next batch while the model runs on the current one. Its
-arrays go to the engine's bounded queue without crossing a process.
+pixels go to the engine's bounded queue without crossing a process: on
+the model's GPU as rows of one torch tensor per batch, never through the
+host (preprocess.dali_output, dali_torch.py), else as NumPy arrays.
 
 Files DALI does not decode like Pillow (dali.plan_job says which, from the
 header), a JPEG whose last pixel says it may be incomplete, and any file
@@ -23,14 +25,14 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.items import Job, Prepared
+from pipeline.items import Job, Pixels, Prepared
 from pipeline.preprocess import intake
 from pipeline.preprocess.dali import plan_job
 from pipeline.preprocess.dali_stream import Batch, DaliStream
@@ -56,13 +58,13 @@ class InProcessDali:
     yields one Prepared per job, in completion order (as PreprocessPool)."""
 
     def __init__(self, plan: WorkerPlan, max_batch_size: int, chunk_size: int = 8,
-                 handoff: str = "auto") -> None:
+                 handoff: str = "auto", output: str = "auto") -> None:
         self.plan = plan
         self.chunk_size = chunk_size
         pillow_workers = pillow_share(plan.threads)
         self.stream: DaliStream[Prepared] = DaliStream(
             plan.spec, plan.device, max_batch_size, max(1, plan.threads - pillow_workers),
-            plan.hints, DEPTH)
+            plan.hints, DEPTH, _to_torch(output, plan.device))
         self.pillow = PreprocessPool(replace(plan, backend="pillow", device="cpu", threads=1,
                                              cache=None), pillow_workers, chunk_size, handoff)
         # taken from the source, not yet handed on: the batches in flight, the one
@@ -161,7 +163,8 @@ class InProcessDali:
     def _route(self, item: Prepared, data: bytes) -> Iterator[Prepared]:
         """To DALI's filling batch, to Pillow, or out at once with its error."""
         try:
-            job = plan_job(0, data, self.plan.spec, self.plan.limits, item.tta)
+            job = plan_job(0, data, self.plan.spec, self.plan.limits, item.tta,
+                           self.stream.windowed)
         except InputError as exc:
             item.error = exc
             yield item
@@ -193,12 +196,29 @@ class InProcessDali:
             yield from self._failed(batch)
             return
         decode_ms = (time.perf_counter() - batch.started) * 1000 / len(batch.items)
+        decoded: list[tuple[Prepared, Pixels]] = []
         for item, job, pixels in zip(batch.items, batch.jobs, outcomes, strict=True):
             if pixels is None:  # may be incomplete: Pillow tells (dali.py)
                 self._to_pillow(item, job.data)
-                continue
+            else:
+                decoded.append((item, pixels))
+        self._store_tensors(decoded)
+        for item, pixels in decoded:
             self._decoded(item, pixels, decode_ms)
             yield item
+
+    def _store_tensors(self, decoded: list[tuple[Prepared, Pixels]]) -> None:
+        """Keep a batch's tensors in the cache: from the device in one copy."""
+        kept = [(item, pixels) for item, pixels in decoded if item.digest is not None]
+        if self.cache is None or not kept:
+            return
+        rows = [pixels for _, pixels in kept]
+        on_host = [row for row in rows if isinstance(row, np.ndarray)]
+        if len(on_host) < len(rows):
+            on_host = _stacked_on_host(rows)
+        for (item, _), pixels in zip(kept, on_host, strict=True):
+            assert item.digest is not None
+            self.cache.store_tensor(item.digest, pixels, item.tta)
 
     def _failed(self, batch: Batch[Prepared]) -> Iterator[Prepared]:
         """A batch DALI failed on: each of its jobs again alone; one failing alone
@@ -224,21 +244,38 @@ class InProcessDali:
             if done.error is not None or done.pixels is None:
                 item.error = done.error
             else:
+                self._store_tensors([(item, done.pixels)])
                 self._decoded(item, done.pixels, done.timings_ms.get("decode", 0.0))
             yield item
 
-    def _decoded(self, item: Prepared, pixels: np.ndarray, decode_ms: float) -> None:
+    def _decoded(self, item: Prepared, pixels: Pixels, decode_ms: float) -> None:
         item.pixels = pixels
         item.timings_ms["decode"] = decode_ms
         item.timings_ms["preprocess"] = item.timings_ms.get("cache_lookup", 0.0) + decode_ms
-        if self.cache is not None and item.digest is not None:
-            self.cache.store_tensor(item.digest, pixels, item.tta)
 
     def _count_cache(self) -> None:
         if self.cache is None:
             return
         for tier, delta in self.cache.counters_since_last_call().items():
             self.cache_counters.setdefault(tier, Counter()).update(delta)
+
+
+def _to_torch(output: str, device: str) -> Optional[Callable[[object], Any]]:
+    """Where DALI's batches go (preprocess.dali_output): "device" copies them into
+    torch tensors on DALI's device, the model's (dali_torch.py); "host" into
+    NumPy arrays; "auto" is "device" on a GPU and "host" on the CPU."""
+    if output == "host" or output == "auto" and device == "cpu":
+        return None
+    from pipeline.preprocess.dali_torch import TorchOutput  # imports torch
+
+    return TorchOutput(device).copy
+
+
+def _stacked_on_host(rows: list[Pixels]) -> list[np.ndarray]:
+    """Tensors' rows copied to the host together, in one copy per device."""
+    import torch
+
+    return list(torch.stack([torch.as_tensor(row) for row in rows]).numpy(force=True))
 
 
 class _PillowLane:

@@ -35,3 +35,29 @@ def test_mixed_decoder_matches_cpu() -> None:
             assert np.abs(cpu.astype(np.int16) - gpu).mean() <= 2
         else:
             assert getattr(gpu, "code", None) == cpu.code == "truncated"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_hand_off_keeps_dalis_rows_on_the_gpu_with_the_hosts_answers(
+        score_samples) -> None:
+    # given the samples scored with DALI on the GPU, handing its batches to the
+    # model as tensors there, and as host arrays
+    from pipeline.config import load_settings
+
+    scored = {}
+    for output in ("device", "host"):
+        settings = load_settings(overrides={
+            "model.device": "cuda", "model.backend": "torch", "preprocess.backend": "dali",
+            "preprocess.dali_in_process": "on", "preprocess.dali_output": output,
+            "cache.enabled": False})
+        summary, scored[output] = score_samples(settings)
+        assert summary.scored == len(scored[output]), output
+    # then both give the same top-5, with probabilities within 1e-4
+    assert scored["device"].keys() == scored["host"].keys()
+    for name, reference in scored["host"].items():
+        got = scored["device"][name]["predictions"]
+        expected = reference["predictions"]
+        assert [p["index"] for p in got] == [p["index"] for p in expected], name
+        assert all(abs(a["score"] - b["score"]) <= 1e-4
+                   for a, b in zip(got, expected, strict=True)), name

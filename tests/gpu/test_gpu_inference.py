@@ -174,3 +174,24 @@ def test_cuda_graphs_agree_with_eager_and_each_batch_keeps_its_logits(
     for got, want in ((first.cpu(), expected), (second.cpu(), expected.flip(0))):
         assert torch.equal(got.argmax(1), want.argmax(1))
         assert torch.allclose(got.softmax(1), want.softmax(1), atol=1e-3)
+
+
+def test_rows_on_the_gpu_and_host_arrays_stage_together_in_order() -> None:
+    # given rows already on the GPU (DALI's hand-off) made on another stream, and
+    # host arrays (Pillow's), in one batch padded to eight
+    device = torch.device("cuda", 0)
+    ring = StagingRing(2, 8, SHAPE, device)
+    producer = torch.cuda.Stream(device)
+    with torch.cuda.stream(producer):
+        on_gpu = [torch.full(SHAPE, value, dtype=torch.uint8, device=device)
+                  for value in (1, 3)]
+    producer.synchronize()
+    mixed = [on_gpu[0], np.full(SHAPE, 2, np.uint8), on_gpu[1], np.full(SHAPE, 4, np.uint8)]
+    # when they are staged
+    staged = ring.stage(mixed, rows=8)
+    # then each row is its own sample, on the GPU, and the padding is zeros
+    assert staged.device == device and staged.shape == (8, *SHAPE)
+    rows = staged.cpu()
+    assert [int(rows[i].min()) for i in range(4)] == [1, 2, 3, 4]
+    assert [int(rows[i].max()) for i in range(4)] == [1, 2, 3, 4]
+    assert int(rows[4:].max()) == 0

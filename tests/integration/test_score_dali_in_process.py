@@ -61,3 +61,29 @@ def test_in_process_gives_the_pools_records_with_bad_files_among_them(
             [p["index"] for p in reference["predictions"]], path
         for got, expected in zip(record["predictions"], reference["predictions"], strict=True):
             assert abs(got["score"] - expected["score"]) <= 1e-3, path
+
+
+def test_device_hand_off_gives_the_host_hand_offs_records(
+        run, samples_dir: Path, tmp_path: Path) -> None:
+    # given the sample photos, a CMYK JPEG (which DALI leaves to Pillow) and a
+    # file cut in half, scored by torch in batches that mix DALI's rows and Pillow's
+    photos = tmp_path / "photos"
+    shutil.copytree(samples_dir, photos)
+    whole = (samples_dir / "coffee.jpg").read_bytes()
+    (photos / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    from PIL import Image
+
+    with Image.open(samples_dir / "coffee.jpg") as image:
+        image.convert("CMYK").save(photos / "cmyk.jpg")
+    torch_in_process = {**IN_PROCESS, "IMGPIPE_MODEL__BACKEND": "torch"}
+    # when DALI's batches reach the model as torch tensors, and as NumPy arrays
+    device = score(run, photos, tmp_path / "device.jsonl",
+                   {**torch_in_process, "IMGPIPE_PREPROCESS__DALI_OUTPUT": "device"})
+    host = score(run, photos, tmp_path / "host.jsonl",
+                 {**torch_in_process, "IMGPIPE_PREPROCESS__DALI_OUTPUT": "host"})
+    # then the records are the same, to the last digit
+    assert device.keys() == host.keys() and len(host) == len(list(photos.iterdir()))
+    assert device[str(photos / "cut.jpg")]["error"]["code"] == "truncated"
+    for path, reference in host.items():
+        assert device[path]["status"] == reference["status"], path
+        assert device[path].get("predictions") == reference.get("predictions"), path

@@ -115,3 +115,29 @@ def test_padding_past_the_ring_is_refused():
     ring = StagingRing(slots=2, max_batch_size=4, sample_shape=SHAPE, device=CPU)
     with pytest.raises(ValueError, match="batch of 5"):
         ring.stage(samples(2), rows=5)
+
+
+def test_tensors_on_the_device_and_host_arrays_are_gathered_in_order():
+    # given a batch whose samples 0 and 2 are tensors on the device already (DALI's
+    # rows) and 1 and 3 host arrays (Pillow's), staged padded to six rows
+    ring = StagingRing(slots=2, max_batch_size=8, sample_shape=SHAPE, device=CPU)
+    ring.stage(samples(8, start=50))  # earlier pixels in both slots
+    ring.stage(samples(8, start=60))
+    mixed = [torch.full(SHAPE, 1, dtype=torch.uint8), *samples(1, start=2),
+             torch.full(SHAPE, 3, dtype=torch.uint8), *samples(1, start=4)]
+
+    # when they are staged
+    staged = ring.stage(mixed, rows=6)
+
+    # then each row holds its own sample, in order, and the padding is zeros
+    assert staged.shape == (6, *SHAPE) and staged.dtype == torch.uint8
+    assert [int(staged[i].min()) for i in range(4)] == [1, 2, 3, 4]
+    assert [int(staged[i].max()) for i in range(4)] == [1, 2, 3, 4]
+    assert int(staged[4:].abs().max()) == 0
+
+
+def test_a_tensor_on_another_device_is_refused():
+    ring = StagingRing(slots=2, max_batch_size=4, sample_shape=SHAPE, device=CPU)
+    elsewhere = torch.zeros(SHAPE, dtype=torch.uint8, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        ring.stage([elsewhere])

@@ -13,7 +13,8 @@
 #   4. imgpipe score on generated mixed-size JPEGs with --device cuda (images/s)
 #   5. model-only probe: TorchBackend fp32/fp16/bf16 x batch 32/256, synchronised and
 #      CUDA-event timed; cudnn autotune stalls; eager vs CUDA graph headroom
-#   6. DALI probe and score --backend dali ("DALI missing" where it is not installed)
+#   6. DALI probe and score --backend dali, also with its batches through the host, with
+#      windowed decoding, and from the tensor cache ("DALI missing" where it is not installed)
 #   7. if time is left: the same score on cpu, doctor, transport probe, torch.compile, bench
 # Results: $OUT/summary.txt, $OUT/report.json, $OUT/logs.tar.gz.
 #
@@ -123,7 +124,7 @@ finish() {
         { echo "summary failed; steps:"; cat "$STEPS"; } > "$OUT/summary.txt"
     cp "$WORK/meta.json" "$STEPS" "$LOG/" 2>/dev/null
     tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
-    rm -rf "$WORK/cache" "$WORK/xdg" "$WORK/samples_x"
+    rm -rf "$WORK/cache" "$WORK/xdg" "$WORK/samples_x" "$WORK/tensor_cache"
     echo
     cat "$OUT/summary.txt" 2>/dev/null
     echo
@@ -257,6 +258,20 @@ run_step probe_dali 60 5 "$PY" "$PROBE" dali --images "$DATA_DIR" --limit 256 --
 stop_dmon
 if timeout 60 "$PY" -c 'import nvidia.dali' >/dev/null 2>&1; then
     score synthetic_cuda_dali 75 "$DATA_DIR" --device cuda --backend dali
+    # The same run with DALI's batches copied to the host and back (dali_output).
+    IMGPIPE_PREPROCESS__DALI_OUTPUT=host \
+        score synthetic_cuda_dali_host 75 "$DATA_DIR" --device cuda --backend dali
+    # And with nvJPEG decoding each JPEG's crop window only (dali_roi_decode).
+    IMGPIPE_PREPROCESS__DALI_ROI_DECODE=on \
+        score synthetic_cuda_dali_roi 75 "$DATA_DIR" --device cuda --backend dali
+    # Is the tensor cache worth reading on the GPU path? Results off: a run that
+    # stores every tensor, then one that reads them back instead of decoding.
+    for pass in fill read; do
+        IMGPIPE_CACHE__RESULTS=false run_step "score_synthetic_cuda_dali_tensors_$pass" 75 20 \
+            "${IMGPIPE[@]}" score "$DATA_DIR" --device cuda --backend dali \
+            --cache-dir "$WORK/tensor_cache" \
+            --out "$LOG/score_synthetic_cuda_dali_tensors_$pass.jsonl"
+    done
 else
     note score_synthetic_cuda_dali skipped "DALI missing"
 fi
