@@ -6,11 +6,9 @@ key joined by a double underscore: ``IMGPIPE_BATCHING__MAX_BATCH_SIZE=64``.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
@@ -26,6 +24,15 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.config_layers import (
+    deep_merge,
+    describe,
+    env_layer,
+    nest,
+    read_toml,
+    unknown_in_environment,
+    unknown_in_file,
+)
 from pipeline.embeddings import OutputKind
 from pipeline.errors import ConfigError
 from pipeline.preprocess import DecoderHints
@@ -39,9 +46,6 @@ from pipeline.spec import (
     TtaMode,
 )
 
-ENV_PREFIX = "IMGPIPE_"
-# Short names for the settings every Redis command needs.
-ENV_ALIASES = {"IMGPIPE_REDIS_URL": "redis.url", "IMGPIPE_REDIS_PASSWORD": "redis.password"}
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
 
@@ -482,17 +486,20 @@ def load_settings(config_file: Optional[Path] = None,
     merged: dict[str, Any] = {}
     config_file = config_file or DEFAULT_CONFIG
     environ = os.environ if environ is None else environ
-    file_layer = _read_toml(config_file)
-    unknown = _unknown_in_file(file_layer, config_file) + _unknown_in_environment(environ)
+    file_layer = read_toml(config_file)
+    keys = {name: list(field.annotation.model_fields)  # type: ignore[union-attr]
+            for name, field in Settings.model_fields.items()}
+    unknown = unknown_in_file(keys, file_layer, config_file) + \
+        unknown_in_environment(keys, environ)
     if unknown:
         raise ConfigError("; ".join(unknown))
-    _deep_merge(merged, file_layer)
-    _deep_merge(merged, _env_layer(environ))
-    _deep_merge(merged, _nest(overrides or {}))
+    deep_merge(merged, file_layer)
+    deep_merge(merged, env_layer(environ))
+    deep_merge(merged, nest(overrides or {}))
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from exc
+        raise ConfigError(describe(exc)) from exc
 
 
 def settings_from_flags(flags: Mapping[str, Any]) -> Settings:
@@ -502,115 +509,3 @@ def settings_from_flags(flags: Mapping[str, Any]) -> Settings:
     return load_settings(flags.get("config"), overrides=overrides)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-
-
-def _section_keys(section: str) -> Optional[list[str]]:
-    """The keys of settings section `section`; None when there is no such section."""
-    field = Settings.model_fields.get(section)
-    return None if field is None else list(field.annotation.model_fields)  # type: ignore[union-attr]
-
-
-def _unknown_in_file(table: Mapping[str, Any], path: Path) -> list[str]:
-    """One message per name in a TOML file that is no setting, with the closest ones."""
-    problems = []
-    for name, value in table.items():
-        keys = _section_keys(name)
-        if keys is None and isinstance(value, Mapping):
-            problems.append(f"unknown section `[{name}]` in {path}"
-                            + _did_you_mean(_close(name, Settings.model_fields), "`[{}]`"))
-        elif keys is None:
-            problems.append(f"unknown key `{name}` in {path} (keys go in a section)"
-                            + _did_you_mean(_close_anywhere(name), "`{}`"))
-        elif isinstance(value, Mapping):
-            problems += [f"unknown key `{name}.{key}` in {path}"
-                         + _did_you_mean(_close(key, keys), "`{}`")
-                         for key in value if key not in keys]
-    return problems
-
-
-def _unknown_in_environment(environ: Mapping[str, str]) -> list[str]:
-    """One message per IMGPIPE_SECTION__KEY variable that names no setting."""
-    problems = []
-    for variable in environ:
-        if not variable.startswith(ENV_PREFIX) or "__" not in variable:
-            continue
-        section, _, key = variable[len(ENV_PREFIX):].lower().partition("__")
-        keys = _section_keys(section)
-        if keys is None:
-            spelled = [f"{ENV_PREFIX}{match.upper()}__{key.upper()}"
-                       for match in _close(section, Settings.model_fields)]
-            problems.append(f"unknown setting {variable}: no section `{section}`"
-                            + _did_you_mean(spelled, "{}"))
-        elif key not in keys:
-            spelled = [f"{ENV_PREFIX}{section.upper()}__{match.upper()}"
-                       for match in _close(key, keys)]
-            problems.append(f"unknown setting {variable}: no key `{key}` in section "
-                            f"`[{section}]`" + _did_you_mean(spelled, "{}"))
-    return problems
-
-
-def _close(name: str, known: Iterable[str]) -> list[str]:
-    return difflib.get_close_matches(name, list(known), n=3)
-
-
-def _close_anywhere(key: str) -> list[str]:
-    """`section.key` for the keys of any section that look like `key`."""
-    return [f"{section}.{match}" for section in Settings.model_fields
-            for match in _close(key, _section_keys(section) or [])][:3]
-
-
-def _did_you_mean(matches: list[str], shape: str) -> str:
-    if not matches:
-        return ""
-    return "; did you mean " + " or ".join(shape.format(match) for match in matches) + "?"
-
-
-def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
-    pairs = {k[len(ENV_PREFIX):].lower().replace("__", "."): v
-             for k, v in environ.items() if k.startswith(ENV_PREFIX) and "__" in k}
-    pairs.update({dotted: environ[name] for name, dotted in ENV_ALIASES.items()
-                  if name in environ})
-    return _nest(pairs)
-
-
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """{"model.topk": 3} -> {"model": {"topk": 3}}; None values are skipped."""
-    nested: dict[str, Any] = {}
-    for dotted, value in flat.items():
-        if value is None:
-            continue
-        section, _, key = dotted.partition(".")
-        nested.setdefault(section, {})[key] = value
-    return nested
-
-
-def _deep_merge(into: dict[str, Any], layer: Mapping[str, Any]) -> None:
-    for key, value in layer.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = dict(value) if isinstance(value, Mapping) else value
-
-
-def _describe(exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"])
-        env = ENV_PREFIX + "__".join(str(p) for p in error["loc"]).upper()
-        # URLs may carry credentials: never echo them.
-        # and the whole [redis] section, which a check across its keys is given
-        secret = key.endswith(("url", "password")) or ".shard_urls" in key or key == "redis"
-        value = "<redacted>" if secret else repr(error.get("input"))
-        problems.append(f"{key} = {value}: {error['msg']} "
-                        f"(set it in the config file, {env}, or a flag)")
-    return "invalid configuration: " + "; ".join(problems)
