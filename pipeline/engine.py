@@ -6,8 +6,6 @@ the stages, so a full queue slows the source and memory stays flat.
 
 from __future__ import annotations
 
-import logging
-import os
 import queue
 import threading
 import time
@@ -17,25 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from pipeline import __version__, plans, prebuilt
+from pipeline import __version__, prebuilt
 from pipeline.batching import END, Batcher
 from pipeline.cache import scopes
 from pipeline.cache.lookup import CacheLookup, ResultScope
 from pipeline.config import Settings
 from pipeline.cores import usable_cores
-from pipeline.errors import ImgpipeError, ModelLoadError, first_line
 from pipeline.inference import InferenceLoop
-from pipeline.items import Job, Prepared
+from pipeline.items import Job, Pixels, Prepared
+from pipeline.model_loading import ModelLoader, surely_cpu, with_plan
 from pipeline.notify import Heartbeat
 from pipeline.plans import Plan
-from pipeline.prebuilt import PrebuiltBackend
 from pipeline.predictions import Prediction, Record
 from pipeline.preprocess.pool import PreprocessPool, WorkerPlan
 from pipeline.preprocess.select import dali_in_process, resolve_backend
-from pipeline.profiles import Profile, chosen
+from pipeline.profiles import chosen
 from pipeline.sources import ChunkSource, IterableSource
 from pipeline.spec import TTA_VIEWS
-from pipeline.variants import Variant
 
 if TYPE_CHECKING:
     import numpy as np
@@ -52,9 +48,6 @@ if TYPE_CHECKING:
 
 Sink = Callable[[list[Record]], None]
 Producer = Union[PreprocessPool, "InProcessDali"]  # what turns jobs into Prepared items
-log = logging.getLogger("imgpipe.engine")
-# backend "auto" without an optimize profile, on the CPU: lossless and ~3x eager.
-CPU_DEFAULT = Variant("onnxruntime")
 
 
 @dataclass
@@ -120,10 +113,11 @@ class Engine:
         scope an earlier run remembered (on a host without a GPU) is loaded only
         when an image first needs it: a run the cache answers in full, or an
         empty one, never loads it, nor imports torch."""
-        if self.settings.model.backend == "auto" and self._surely_cpu():
+        if self.settings.model.backend == "auto" and surely_cpu(self.settings):
             self._choice = prebuilt.recall_choice(self.settings)  # read without torch
             if self._choice is not None:
-                self._take_plan(chosen(self.settings.cache.directory(), self._choice.card))
+                self.settings, self.plan = with_plan(
+                    self.settings, chosen(self.settings.cache.directory(), self._choice.card))
         model_cfg = self.settings.model
         # Embeddings load the model at start: whether its head gives them is known then.
         known = self._remembered_scope() if lazy and model_cfg.output == "logits" else None
@@ -162,24 +156,15 @@ class Engine:
         profile's plan may still change the settings, and a torch backend's
         setup is left to _finish_model_setup()."""
         started = time.perf_counter()
-        if not self._load_prebuilt():
-            self._load_with_torch(at_setup)
+        loader = ModelLoader(self.settings, self._choice, self.plan)
+        loaded = loader.load(at_setup)
+        self.settings, self.plan = loader.settings, loader.plan
+        self.device, self.model, self.inference = loaded.device, loaded.model, loaded.inference
+        self.variant, self.variant_note = loaded.variant, loaded.note
+        self._setup_pending = loaded.needs_setup
         self._load_s = time.perf_counter() - started
         if not at_setup:
             self._finish_model_setup()
-
-    def _take_plan(self, profile: Optional[Profile]) -> None:
-        """The batch and thread plan `optimize` measured with its variant, for the
-        settings left at their defaults (pipeline/plans.py). Only before anything
-        is built from the settings: never once a run has started."""
-        if profile is not None and profile.plan is not None:
-            self.settings = settings = plans.applied(self.settings, profile.plan)
-            self.plan = Plan(settings.preprocess.workers, settings.model.threads,
-                             settings.batching.max_batch_size)  # what runs: the user's wins
-
-    def _chosen_note(self) -> str:
-        plan = f"; {self.plan.describe()}" if self.plan is not None else ""
-        return f"chosen by imgpipe optimize{plan}"
 
     def _finish_model_setup(self) -> None:
         if not self.model_loaded:  # lazy: loaded when first needed
@@ -192,122 +177,10 @@ class Engine:
             self.metrics.model_loaded(self._load_s + time.perf_counter() - started)
             self.metrics.set_info(__version__, self.model.name, str(self.device))
 
-    def _load_prebuilt(self) -> bool:
-        """An ONNX export from an earlier run, opened without torch: the variant
-        `optimize` chose while its profile stands, else the CPU default's checked
-        export when no profile does (for embeddings, the default's export with
-        features, checked for them). False where none applies (then the model
-        loads with torch)."""
-        model_cfg = self.settings.model
-        if model_cfg.backend != "auto" or not self._surely_cpu():
-            return False
-        store, key = self.settings.model.artifacts_directory(), self._prebuilt_key()
-        embeddings = model_cfg.output != "logits"
-        checked = prebuilt.recall(store, key) if embeddings else \
-            self._choice or prebuilt.recall(store, key)
-        if not isinstance(checked, prebuilt.Checked) or checked.features != embeddings or (
-                not checked.chosen_by_optimize
-                and chosen(self.settings.cache.directory(), checked.card)):
-            return False
-        backend = PrebuiltBackend(checked, self.settings.batching.max_batch_size,
-                                  self.settings.preprocess.spec().output_shape,
-                                  self.settings.model.threads)
-        try:
-            backend.setup()
-        except ModelLoadError as exc:
-            log.warning("%s: exporting the model again", exc)
-            prebuilt.forget(store, key)
-            prebuilt.forget(store, prebuilt.key_for(self.settings, optimized=True))
-            return False
-        self.device, self.model, self.inference = "cpu", checked.card, backend
-        self.variant = Variant.parse(checked.variant)
-        self.variant_note = self._chosen_note() if checked.chosen_by_optimize else \
-            f"the CPU default, {checked.note()}"
-        return True
-
-    def _load_with_torch(self, at_setup: bool = False) -> None:
-        from pipeline.backends import backend_for, resolve_device
-        from pipeline.models import load_model
-
-        cfg = self.settings.model
-        self.device = resolve_device(cfg.device)
-        self.model = model = load_model(cfg.name, cfg.weights, cfg.labels,
-                                        self.settings.preprocess.spec().crop_size)
-        profile = chosen(self.settings.cache.directory(), model)
-        calibration_images = cfg.calibration_images
-        embeddings = cfg.embeddings_setting()
-        if embeddings is not None:  # a model with no head to tap stops here, in one line
-            from pipeline.models.features import FeatureTap
-
-            FeatureTap(model, embeddings).close()
-        if cfg.backend != "auto":
-            self.variant, self.variant_note = Variant(cfg.backend, cfg.precision), \
-                "set by model.backend"
-        elif profile is not None:
-            if at_setup:
-                self._take_plan(profile)
-            self.variant, self.variant_note = (
-                (profile.variant, self._chosen_note()) if embeddings is None
-                else self._chosen_for_embeddings(profile))
-            calibration_images = profile.calibration_images
-        elif self.device.type == "cpu" and self._load_checked_default(model, embeddings):
-            return
-        else:
-            self.variant = Variant("torch")
-            if self.device.type != "cpu":
-                self.variant_note = "eager: no checked faster variant on a GPU yet"
-        self.inference = backend_for(self.settings, model, self.device, self.variant,
-                                     calibration_images, embeddings=embeddings)
-        self._setup_pending = True
-
-    def _chosen_for_embeddings(self, profile: Profile) -> tuple[Variant, str]:
-        """The variant optimize accepted for embeddings too (its features checked
-        against eager fp32's), and why; eager fp32 when it accepted none."""
-        if profile.embeddings == profile.variant:
-            return profile.variant, self._chosen_note()
-        refused = f"{profile.variant} is refused for embeddings: {profile.embeddings_refused}"
-        if profile.embeddings is not None:
-            return profile.embeddings, f"chosen by imgpipe optimize for embeddings ({refused})"
-        return Variant("torch"), f"eager fp32, for embeddings ({refused})"
-
-    def _load_checked_default(self, model: LoadedModel, embeddings: Optional[str]) -> bool:
-        """ONNX Runtime fp32, exported and checked against eager on first use (for
-        `embeddings`, with its features and their check); False (eager, with the
-        reason recorded and said once) when it fails either."""
-        from pipeline.backends.checked import checked_default
-
-        store, key = self.settings.model.artifacts_directory(), self._prebuilt_key()
-        earlier = prebuilt.recall(store, key)
-        if isinstance(earlier, prebuilt.Refused):
-            self.variant_note = f"eager: the ONNX export was refused ({earlier.refused})"
-            return False
-        try:
-            backend, checked = checked_default(self.settings, model, self.device, embeddings)
-        except (ImgpipeError, RuntimeError, OSError) as exc:
-            why = first_line(exc)
-            log.warning("ONNX Runtime is not used for %s: %s; running eager PyTorch",
-                        model.name, why)
-            prebuilt.refuse(store, key, why)
-            self.variant_note = f"eager: the ONNX export was refused ({why})"
-            return False
-        prebuilt.remember(store, key, checked)
-        self.inference, self.variant = backend, CPU_DEFAULT
-        self.variant_note = f"the CPU default, {checked.note()}"
-        return True
-
-    def _prebuilt_key(self) -> str:
-        return prebuilt.key_for(self.settings, features=self.settings.model.output != "logits")
-
-    def _surely_cpu(self) -> bool:
-        """Whether the model runs on the CPU, known without torch (whose CUDA check
-        is the only sure one) where no GPU can be present."""
-        device = self.settings.model.device
-        return device == "cpu" or (device == "auto" and not _may_have_gpu())
-
     def _remembered_scope(self) -> Optional[scopes.ModelScope]:
         """The model's cache scope from an earlier run, where loading it can wait:
         with the cache on, and surely no GPU to choose (its check needs torch)."""
-        if not self.settings.cache.enabled or not self._surely_cpu():
+        if not self.settings.cache.enabled or not surely_cpu(self.settings):
             return None
         return scopes.recall(self._scopes_directory(), scopes.identity(self.settings.model))
 
@@ -455,16 +328,11 @@ class _LoadedOnDemand:
     def setup(self) -> None:
         self._backend()
 
-    def predict(self, samples: Sequence[np.ndarray]) -> torch.Tensor | np.ndarray:
+    def predict(self, samples: Sequence[Pixels]) -> torch.Tensor | np.ndarray:
         return self._backend().predict(samples)
 
     def close(self) -> None:
         pass  # the engine closes what was loaded
-
-
-def _may_have_gpu() -> bool:
-    """Whether an NVIDIA GPU may be present: CUDA needs its device nodes."""
-    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 
 
 class _Feeder(threading.Thread):
