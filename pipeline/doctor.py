@@ -24,9 +24,9 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from rich.console import Console
@@ -34,34 +34,18 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline import prebuilt
-from pipeline.config import CacheSettings, ModelSettings, RedisSettings, Settings
-from pipeline.errors import ConfigError, ModelLoadError, first_line
+from pipeline.check import FAIL, OK, SKIP, WARN, Check
+from pipeline.config import ModelSettings, Settings
+from pipeline.doctor_redis import cache_redis, jobs_redis
+from pipeline.errors import ModelLoadError, first_line
 from pipeline.ort_providers import CPU_WHEEL, CUDA, GPU_WHEEL, WHEELS, install_commands
 from pipeline.preprocess.select import pillow_implementation
-from pipeline.transport.connection import DENIED, connect, denial_reason, describe_url
 from pipeline.variants import Variant
 
-Status = Literal["ok", "warn", "fail", "skip"]
-OK: Status = "ok"
-WARN: Status = "warn"
-FAIL: Status = "fail"
-SKIP: Status = "skip"
 STYLES = {OK: "green", WARN: "yellow", FAIL: "bold red", SKIP: "dim"}
 
 DEFAULT_MODEL = "efficientnet_lite0"  # as pipeline.models.registry, without importing torch
-REDIS_PROBE_TIMEOUT_S = 2.0
-# `serve` reclaims jobs of dead consumers with XAUTOCLAIM (Redis 6.2).
-SERVE_MIN_REDIS = (6, 2)
 GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class Check:
-    """The outcome of one check: `detail` is one line, never a secret."""
-
-    name: str
-    status: Status
-    detail: str
 
 
 def run(settings: Settings, *, serve: bool = False) -> list[Check]:
@@ -374,7 +358,7 @@ def _cache(settings: Settings, serve: bool) -> list[Check]:
     if not cfg.enabled:
         return [Check("cache dir", SKIP, "cache.enabled = false"),
                 Check("cache redis", SKIP, "cache.enabled = false")]
-    return [_cache_dir(cfg.directory()), _cache_redis(cfg)]
+    return [_cache_dir(cfg.directory()), cache_redis(cfg)]
 
 
 def _cache_dir(directory: Path) -> Check:
@@ -395,131 +379,6 @@ def _cache_dir(directory: Path) -> Check:
     if existing == directory:
         return Check("cache dir", OK, f"{directory} writable, {free}")
     return Check("cache dir", OK, f"{directory} can be created, {free}")
-
-
-def _cache_redis(cfg: CacheSettings) -> Check:
-    server = cfg.redis()
-    if server is None:
-        return Check("cache redis", SKIP, "no shared tier (cache.redis_url unset)")
-    where = _where(server.url)
-    try:
-        info = _redis_info(server)
-    except ConfigError as exc:  # the engine refuses a malformed URL at start
-        return Check("cache redis", FAIL, str(exc))
-    except Exception as exc:  # anything else only costs the shared tier
-        return Check("cache redis", WARN, f"{where}: {_redis_problem(exc)}; the engine "
-                                          "runs without the shared tier")
-    return Check("cache redis", OK, f"{where}: Redis {info.get('redis_version', '?')}")
-
-
-# --- the jobs Redis -------------------------------------------------------------------
-
-
-def _redis(settings: Settings, serve: bool) -> list[Check]:
-    cfg = settings.redis
-    if not cfg.shard_urls:
-        return _redis_server(cfg, serve)
-    # Shards on servers of their own: each is needed, each is checked.
-    return [replace(check, name=f"{check.name} (shard {index})")
-            for index in range(cfg.shards)
-            for check in _redis_server(cfg.for_shard(index), serve)]
-
-
-def _redis_server(cfg: RedisSettings, serve: bool) -> list[Check]:
-    where = _where(cfg.url)
-    try:
-        info = _redis_info(cfg)
-    except Exception as exc:  # ConfigError (URL, password_file) fails too
-        import redis
-
-        outage = isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError))
-        status = WARN if outage and not isinstance(exc, DENIED) and not serve else FAIL
-        needed = " (needed by serve, submit, status and dead)" if status == WARN else ""
-        skipped = Check("redis persistence", SKIP, "Redis not reached")
-        return [Check("redis", status, f"{where}: {_redis_problem(exc)}{needed}"),
-                skipped, replace(skipped, name="redis eviction")]
-    return [_redis_version(where, info, serve), _persistence(info), _eviction(info)]
-
-
-def _where(url: str) -> str:
-    try:
-        return describe_url(url)
-    except (ConfigError, ValueError):
-        return "Redis"
-
-
-def _redis_info(cfg: RedisSettings) -> dict[str, Any]:
-    """PING, then INFO server, persistence and memory ({} where INFO is not permitted)."""
-    import redis
-
-    describe_url(cfg.url)  # ConfigError for what connect() would choke on later
-    client = connect(cfg.model_copy(
-        update={"timeout_s": min(cfg.timeout_s, REDIS_PROBE_TIMEOUT_S)}))
-    try:
-        client.ping()
-        info: dict[str, Any] = {}
-        try:
-            for section in ("server", "persistence", "memory"):
-                info.update(client.info(section))
-        except redis.ResponseError:  # an ACL user without +info: PING was enough
-            pass
-        return info
-    finally:
-        client.close()
-
-
-def _redis_problem(exc: Exception) -> str:
-    """One line on why Redis could not be used (redis-py names host:port, no password)."""
-    import redis
-
-    if isinstance(exc, ConfigError):
-        return str(exc)
-    if isinstance(exc, DENIED):
-        return denial_reason(exc)
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
-        return f"unreachable ({first_line(exc)})"
-    return f"{type(exc).__name__}: {first_line(exc)}"
-
-
-def _redis_version(where: str, info: dict[str, Any], serve: bool) -> Check:
-    version = str(info.get("redis_version", ""))
-    if not version:
-        return Check("redis", OK, f"{where}: reachable (INFO not permitted)")
-    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-    if parts < SERVE_MIN_REDIS:
-        needed = ".".join(map(str, SERVE_MIN_REDIS))
-        return Check("redis", FAIL if serve else WARN,
-                     f"{where}: Redis {version}; serve needs {needed} or later (XAUTOCLAIM)")
-    return Check("redis", OK, f"{where}: Redis {version}")
-
-
-def _persistence(info: dict[str, Any]) -> Check:
-    if "aof_enabled" not in info:
-        return Check("redis persistence", SKIP, "unknown: INFO not permitted")
-    if not int(info["aof_enabled"]):
-        return Check("redis persistence", WARN,
-                     "AOF off: queued jobs and unread results since the last snapshot are "
-                     "lost if Redis restarts (set appendonly yes)")
-    if info.get("aof_last_write_status", "ok") != "ok":
-        return Check("redis persistence", WARN, "AOF on, but its last write failed "
-                                                f"({info['aof_last_write_status']})")
-    return Check("redis persistence", OK, "AOF on")
-
-
-def _eviction(info: dict[str, Any]) -> Check:
-    if "maxmemory_policy" not in info:
-        return Check("redis eviction", SKIP, "unknown: INFO not permitted")
-    policy, limit = str(info["maxmemory_policy"]), int(info.get("maxmemory", 0))
-    if limit == 0:
-        return Check("redis eviction", OK, f"no maxmemory: nothing is evicted ({policy})")
-    where = f"maxmemory-policy {policy}, maxmemory {limit / 1024**2:.0f} MiB"
-    if policy.startswith("allkeys"):
-        return Check("redis eviction", WARN, f"{where}: job and result streams can be "
-                                             "evicted when memory is full; use noeviction")
-    if policy.startswith("volatile"):
-        return Check("redis eviction", OK, f"{where}: only keys with a TTL are evicted "
-                                           "(imgpipe's streams have none)")
-    return Check("redis eviction", OK, f"{where}: writes fail when memory is full")
 
 
 # --- helpers ------------------------------------------------------------------------
@@ -551,5 +410,5 @@ def _scrub(text: str, secrets: list[str]) -> str:
 _PROBES: list[tuple[str, Callable[[Settings, bool], list[Check]]]] = [
     ("python", _python), ("torch", _torch), ("onnxruntime", _onnxruntime), ("dali", _dali),
     ("pillow", _pillow),
-    ("model", _model), ("inference", _inference), ("cache", _cache), ("redis", _redis),
+    ("model", _model), ("inference", _inference), ("cache", _cache), ("redis", jobs_redis),
 ]
