@@ -17,7 +17,6 @@ not what it saves on a GPU.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -77,30 +76,21 @@ def command_rate(directory: Path, output: str, scratch: Path) -> dict[str, Any]:
             "scoring_s": scoring_s}
 
 
-def alternating(measure: Any, repeats: int) -> dict[str, list[dict[str, Any]]]:
-    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-    for repeat in range(repeats):
-        for mode in MODES if repeat % 2 == 0 else MODES[::-1]:
-            runs[mode].append(measure(mode))
-            harness.log(f"{mode}: {runs[mode][-1]}")
-    return runs
-
-
 def run(args: Any) -> dict[str, Any]:
     import tempfile
 
     photos = flat_photos()
     info = harness.run_header(photos, args)
-    info["hand_off"] = alternating(lambda mode: hand_off_rate(photos, mode), args.repeats)
+    info["hand_off"] = harness.alternating(lambda mode: hand_off_rate(photos, mode),
+                                           args.repeats, MODES)
     with tempfile.TemporaryDirectory() as scratch:
         command_rate(photos, "host", Path(scratch))  # builds what a first run builds: not timed
-        info["command"] = alternating(lambda mode: command_rate(photos, mode, Path(scratch)),
-                                      args.repeats)
+        info["command"] = harness.alternating(
+            lambda mode: command_rate(photos, mode, Path(scratch)), args.repeats, MODES)
     return info
 
 
 def report(n: dict[str, Any]) -> str:
-    med = statistics.median
     rows = [("(a) hand-off alone: DALI in process, staged, images/s", "hand_off",
              "images_per_s", True),
             ("(b) whole command, wall s", "command", "wall_s", False),
@@ -111,12 +101,7 @@ def report(n: dict[str, Any]) -> str:
              f"the per-pair ratios.", "",
              "| measure | host | device | device / host (speed-up) |", "|---|---:|---:|---:|"]
     for name, key, field, higher in rows:
-        host, device = n[key]["host"], n[key]["device"]
-        pairs = [(d[field] / h[field]) if higher else (h[field] / d[field])
-                 for h, d in zip(host, device, strict=True)]
-        lines.append(f"| {name} | {med(r[field] for r in host):.2f} | "
-                     f"{med(r[field] for r in device):.2f} | {med(pairs):.3f} "
-                     f"({', '.join(f'{x:.2f}' for x in pairs)}) |")
+        lines.append(harness.paired_row(name, n[key]["host"], n[key]["device"], field, higher))
     return "\n".join(lines)
 
 

@@ -118,25 +118,16 @@ def copy_out_us(shape: tuple[int, ...] = (3, SIDE, SIDE), seconds: float = 1.0) 
     return (time.perf_counter() - started) / calls * 1e6
 
 
-def alternating(measure: Any, repeats: int) -> dict[str, list[dict[str, Any]]]:
-    """`repeats` pairs, each mode first in every other pair."""
-    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-    for repeat in range(repeats):
-        for mode in MODES if repeat % 2 == 0 else MODES[::-1]:
-            runs[mode].append(measure(mode))
-            harness.log(f"{mode}: {runs[mode][-1]}")
-    return runs
-
-
 def run(args: Any) -> dict[str, Any]:
     small, photos = small_jpegs(args.images), flat_photos()
     info = harness.run_header(small, args, photos=datasets.describe(photos),
                               photos_warm_s=datasets.warm_page_cache(photos))
-    info["pool"] = alternating(lambda mode: pool_rate(small, mode), args.repeats)
+    info["pool"] = harness.alternating(lambda mode: pool_rate(small, mode), args.repeats,
+                                       MODES)
     with tempfile.TemporaryDirectory() as scratch:
         command_rate(photos, "pickle", Path(scratch))  # exports the model once: not timed
-        info["command"] = alternating(lambda mode: command_rate(photos, mode, Path(scratch)),
-                                      args.repeats)
+        info["command"] = harness.alternating(
+            lambda mode: command_rate(photos, mode, Path(scratch)), args.repeats, MODES)
     info["copy_out_us"] = copy_out_us()
     return info
 

@@ -14,9 +14,9 @@ whole alternate, each first in every other pair.
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -83,29 +83,20 @@ def command_rate(directory: Path, roi_decode: str, scratch: Path) -> dict[str, A
     return {"wall_s": wall_s, "images_per_s": rate, "scoring_s": scoring_s}
 
 
-def alternating(measure: Any, repeats: int) -> dict[str, list[dict[str, Any]]]:
-    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-    for repeat in range(repeats):
-        for mode in MODES if repeat % 2 == 0 else MODES[::-1]:
-            runs[mode].append(measure(mode))
-            harness.log(f"{mode}: {runs[mode][-1]}")
-    return runs
-
-
 def run(args: Any) -> dict[str, Any]:
     photos, large = flat_photos(), large_photos()
     info = harness.run_header(large, args, photos_warm_s=datasets.warm_page_cache(photos))
-    info["decode_photos"] = alternating(lambda mode: decode_rate(photos, mode), args.repeats)
-    info["decode_large"] = alternating(lambda mode: decode_rate(large, mode), args.repeats)
+    for name, directory in (("decode_photos", photos), ("decode_large", large)):
+        info[name] = harness.alternating(partial(decode_rate, directory), args.repeats,
+                                         MODES)
     with tempfile.TemporaryDirectory() as scratch:
         command_rate(large, "off", Path(scratch))  # builds what a first run builds: not timed
-        info["command_large"] = alternating(
-            lambda mode: command_rate(large, mode, Path(scratch)), args.repeats)
+        info["command_large"] = harness.alternating(
+            lambda mode: command_rate(large, mode, Path(scratch)), args.repeats, MODES)
     return info
 
 
 def report(n: dict[str, Any]) -> str:
-    med = statistics.median
     rows = [("(a) decoding alone, ImageNet photos (~500x375), images/s", "decode_photos",
              "images_per_s", True),
             ("(a) decoding alone, 12-megapixel photos, images/s", "decode_large",
@@ -118,12 +109,7 @@ def report(n: dict[str, Any]) -> str:
              f"pairs; medians, and the median of the per-pair ratios.", "",
              "| measure | whole | window | window / whole (speed-up) |", "|---|---:|---:|---:|"]
     for name, key, field, higher in rows:
-        whole, window = n[key]["off"], n[key]["on"]
-        pairs = [(w[field] / h[field]) if higher else (h[field] / w[field])
-                 for h, w in zip(whole, window, strict=True)]
-        lines.append(f"| {name} | {med(r[field] for r in whole):.2f} | "
-                     f"{med(r[field] for r in window):.2f} | {med(pairs):.3f} "
-                     f"({', '.join(f'{x:.2f}' for x in pairs)}) |")
+        lines.append(harness.paired_row(name, n[key]["off"], n[key]["on"], field, higher))
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +52,29 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------- a run
+
+
+def alternating(measure: Callable[[str], dict[str, Any]], repeats: int,
+                modes: tuple[str, str]) -> dict[str, list[dict[str, Any]]]:
+    """`repeats` pairs of measure(mode), each mode first in every other pair, so that
+    drift on a shared machine hits both."""
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    for repeat in range(repeats):
+        for mode in modes if repeat % 2 == 0 else modes[::-1]:
+            runs[mode].append(measure(mode))
+            log(f"{mode}: {runs[mode][-1]}")
+    return runs
+
+
+def paired_row(name: str, first: list[dict[str, Any]], second: list[dict[str, Any]],
+               key: str, higher: bool) -> str:
+    """A table row: each side's median of `key`, and the median of the per-pair
+    speed-ups of the second over the first (`higher`: a larger value is faster)."""
+    pairs = [(b[key] / a[key]) if higher else (a[key] / b[key])
+             for a, b in zip(first, second, strict=True)]
+    return (f"| {name} | {statistics.median(r[key] for r in first):.2f} | "
+            f"{statistics.median(r[key] for r in second):.2f} | "
+            f"{statistics.median(pairs):.3f} ({', '.join(f'{x:.2f}' for x in pairs)}) |")
 
 
 def parser(doc: Optional[str], quick: str) -> argparse.ArgumentParser:
