@@ -7,9 +7,10 @@ support (libjpeg-turbo's, nvJPEG's): on DALI's CPU decoder that made
 faster (benchmarks/README.md, "Decoding the crop's window").
 
 The window is the regions' boxes widened by the resampling filter's reach
-(its radius times the downscale) and one JPEG block (16 pixels, for chroma
-upsampling at the window's edge), so that the pixels resampled from it are
-a whole decode's (a test compares them on real photographs). It reaches
+(its radius times the downscale), so that the pixels resampled from it are
+a whole decode's, plus one JPEG block (16 pixels) of slack: the tests find
+a whole decode's pixels (within 1/255) without the slack too, on real
+photographs, in every orientation and every JPEG encoding. It reaches
 the corner of the upright image where the last pixel stored in the file
 lands: the pixel whose mid-grey tells a file cut short (dali.py), so that
 a truncated JPEG is still found as one. Other formats are decoded whole,
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 
 from pipeline.spec import PreprocessSpec
 
-BLOCK = 16  # pixels: the largest JPEG block (MCU) side, 4:2:0 chroma
+BLOCK = 16  # pixels of slack: the largest JPEG block (MCU) side, 4:2:0 chroma
 REACH = {"nearest": 1, "bilinear": 1, "bicubic": 2, "lanczos": 3}  # filter radius
 MOST = 0.9  # a window over this share of the image: decode it whole
 

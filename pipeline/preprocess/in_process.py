@@ -272,7 +272,7 @@ def _to_torch(output: str, device: str) -> Optional[Callable[[object], Any]]:
 
 
 def _stacked_on_host(rows: list[Pixels]) -> list[np.ndarray]:
-    """Tensors' rows copied to the host together, in one copy per device."""
+    """Tensors' rows copied to the host together: one copy, not one per row."""
     import torch
 
     return list(torch.stack([torch.as_tensor(row) for row in rows]).numpy(force=True))
