@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.backends.artifacts import ArtifactKey, ArtifactStore, library_versions
+from pipeline.backends.devices import on_device
 from pipeline.backends.normalised import Normalised
 from pipeline.backends.staging import StagingRing
 from pipeline.cores import usable_cores
@@ -94,8 +95,11 @@ class TorchScriptBackend:
     def setup(self) -> None:
         if self.device.type == "cpu":
             torch.set_num_threads(self.threads or usable_cores())
-        self.artifact, self.module = self.store.open(self.artifact_key(), self._trace, self._load)
-        self.ring = StagingRing(3, self.max_batch_size, self.sample_shape, self.device)
+        # Under the model's device, as TorchBackend: its pinned buffers and events too.
+        with on_device(self.device):
+            self.artifact, self.module = self.store.open(self.artifact_key(), self._trace,
+                                                         self._load)
+            self.ring = StagingRing(3, self.max_batch_size, self.sample_shape, self.device)
         self.warmup_s = warm_up(self.predict, self.sample_shape, (1, self.max_batch_size))
 
     def _trace(self, path: Path) -> None:
@@ -125,6 +129,10 @@ class TorchScriptBackend:
         return logits, features
 
     def _outputs(self, samples: Sequence[Pixels]) -> tuple[torch.Tensor, ...]:
+        with on_device(self.device):  # predict() may be called from any thread
+            return self._run(samples)
+
+    def _run(self, samples: Sequence[Pixels]) -> tuple[torch.Tensor, ...]:
         started = time.perf_counter()
         batch = self.ring.stage(samples)
         self.last_staging_s = time.perf_counter() - started

@@ -14,6 +14,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ import pytest
 import torch
 
 from pipeline.backends import TorchBackend, resolve_device
+from pipeline.backends.artifacts import ArtifactStore
+from pipeline.backends.torchscript import TorchScriptBackend
 from pipeline.errors import ModelLoadError
 from pipeline.models import LoadedModel
 from tests.builders import MeanColour
@@ -110,7 +113,8 @@ def cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
 
 
 def _host_memory_for_device_memory(monkeypatch: pytest.MonkeyPatch, fake: FakeCuda) -> None:
-    """Moves to a CUDA device and pinned buffers are noted, then made on the host."""
+    """Moves to a CUDA device, tensors made there and pinned buffers are noted, then
+    made on the host."""
     tensor_to, module_to, zeros = torch.Tensor.to, torch.nn.Module.to, torch.zeros
 
     def on_host(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
@@ -132,6 +136,7 @@ def _host_memory_for_device_memory(monkeypatch: pytest.MonkeyPatch, fake: FakeCu
     def pinned_zeros(*args: Any, pin_memory: bool = False, **kwargs: Any) -> torch.Tensor:
         if pin_memory:
             fake.note("pinned")
+        args, kwargs = on_host(args, kwargs)
         return zeros(*args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "to", to_tensor)
@@ -202,3 +207,27 @@ def test_a_scoring_thread_keeps_its_own_current_device(cuda: FakeCuda) -> None:
 
     # then its current device is GPU 0 again afterwards
     assert seen == [0]
+
+
+def test_a_torchscript_model_on_cuda_1_names_cuda_1_in_every_call_from_any_thread(
+        cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # given the frozen artifact loaded onto cuda:1 (the stand-in maps it to the host)
+    jit_load = torch.jit.load
+
+    def load(path: str, map_location: Any = None) -> Any:
+        cuda.note("to", map_location)
+        return jit_load(path, map_location="cpu")
+    monkeypatch.setattr(torch.jit, "load", load)
+    backend = TorchScriptBackend(colours_model(), resolve_device("cuda:1"), 8, SHAPE,
+                                 store=ArtifactStore(tmp_path))
+    backend.setup()
+
+    # when another thread, whose current device is still 0, scores a batch
+    thread = threading.Thread(target=lambda: backend.predict(samples(3)))
+    thread.start()
+    thread.join()
+
+    # then every call, at setup and in the scoring thread, named cuda:1 or ran under it
+    assert {"to", "pinned", "event.record"} <= {c.what for c in cuda.calls}
+    assert cuda.named_devices() <= {1, None}
+    assert cuda.current_devices() == {1}
