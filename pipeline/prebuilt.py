@@ -204,25 +204,26 @@ class OnnxRunner:
         return runs_on_stream(self.providers, self.session.get_provider_options(),
                               self.gpu.stream)
 
-    def run(self, samples: Sequence[np.ndarray]) -> np.ndarray:
+    def run(self, samples: Sequence[Pixels]) -> np.ndarray:
         """uint8 CHW samples -> float logits, one row per sample."""
         (logits,) = self._run(samples, [self.output_name])
         return logits
 
-    def run_features(self, samples: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def run_features(self, samples: Sequence[Pixels]) -> tuple[np.ndarray, np.ndarray]:
         """uint8 CHW samples -> (logits, pooled features), one row per sample each."""
         if not self.features:
             raise RuntimeError(f"{self.path.name} was opened for logits only")
         logits, features = self._run(samples, [self.output_name, FEATURES_NAME])
         return logits, features
 
-    def _run(self, samples: Sequence[np.ndarray], names: list[str]) -> list[np.ndarray]:
+    def _run(self, samples: Sequence[Pixels], names: list[str]) -> list[np.ndarray]:
         if not samples or len(samples) > self.max_batch_size:
             raise ValueError(f"batch of {len(samples)} does not fit max_batch_size "
                              f"{self.max_batch_size}")
         started = time.perf_counter()
         batch = self.buffer[: len(samples)]
-        np.stack(samples, out=batch)
+        # A tensor on a GPU (DALI's hand-off) is copied to the host first.
+        np.stack([on_host(sample) for sample in samples], out=batch)
         self.last_staging_s = time.perf_counter() - started
         outputs = self.session.run(names, {self.input_name: batch})
         for output in outputs:
@@ -265,11 +266,11 @@ class PrebuiltBackend:
         self.warmup_s = warm_up(self.predict, self.runner.sample_shape, (1,))
 
     def predict(self, samples: Sequence[Pixels]) -> np.ndarray:
-        return self.runner.run([on_host(sample) for sample in samples])
+        return self.runner.run(samples)
 
     def predict_features(self, samples: Sequence[Pixels]
                          ) -> tuple[np.ndarray, np.ndarray]:
-        return self.runner.run_features([on_host(sample) for sample in samples])
+        return self.runner.run_features(samples)
 
     def close(self) -> None:
         self.runner.close()

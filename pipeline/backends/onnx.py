@@ -46,7 +46,7 @@ from pipeline.backends.calibration import CalibrationSet
 from pipeline.backends.normalised import Normalised, module_device
 from pipeline.cpu_features import needs_reduced_int8_range
 from pipeline.errors import ModelLoadError, first_line, root_cause
-from pipeline.items import Pixels, on_host
+from pipeline.items import Pixels
 from pipeline.models import LoadedModel
 from pipeline.models.features import FeatureTap, WithFeatures
 from pipeline.ort_providers import CPU_WHEEL, CUDA, GPU_WHEEL, OnGpu
@@ -351,14 +351,14 @@ class OnnxBackend:
         with self._out_of_memory():
             if self.bound is not None:
                 return self.bound.run(samples, [OUTPUT_NAME])[0]
-            return self.runner.run([on_host(sample) for sample in samples])
+            return self.runner.run(samples)
 
     def predict_features(self, samples: Sequence[Pixels]
                          ) -> tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, np.ndarray]:
         """(logits, pooled features), one row per sample each, where predict() puts them."""
         with self._out_of_memory():
             if self.bound is None:
-                return self.runner.run_features([on_host(sample) for sample in samples])
+                return self.runner.run_features(samples)
             if not self.runner.features:
                 raise RuntimeError("this backend was built without embeddings")
             logits, features = self.bound.run(samples, [OUTPUT_NAME, FEATURES_NAME])
