@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks import datasets, harness
-from benchmarks.bench_handoff import RATE, flat_photos
+from benchmarks.bench_handoff import flat_photos
 
 MODES = ("host", "device")
 BATCH = 32
@@ -65,15 +65,10 @@ def command_rate(directory: Path, output: str, scratch: Path) -> dict[str, Any]:
     """The whole command with DALI and torch: wall s and its own summary."""
     env = {**os.environ, "IMGPIPE_PREPROCESS__DALI_OUTPUT": output}
     out = scratch / f"{output}-{time.monotonic_ns()}.jsonl"
-    wall_s, _, stderr = harness.run_command(
+    timings, _ = harness.score_command(
         [harness.IMGPIPE, "score", str(directory), "--backend", "dali", "--model-backend",
          "torch", "--no-cache", "--out", str(out)], env)
-    match = RATE.search(stderr)
-    if match is None:
-        raise RuntimeError(f"no summary line in:\n{stderr}")
-    _, startup_s, scoring_s, rate = (float(group) for group in match.groups())
-    return {"wall_s": wall_s, "images_per_s": rate, "startup_s": startup_s,
-            "scoring_s": scoring_s}
+    return timings
 
 
 def run(args: Any) -> dict[str, Any]:

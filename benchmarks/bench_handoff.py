@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import tempfile
 import time
@@ -31,8 +30,6 @@ from benchmarks import datasets, harness
 
 MODES = ("pickle", "shared_memory")
 SIDE = 224
-RATE = re.compile(r"in ([0-9.]+) s \(start-up ([0-9.]+) s, scoring ([0-9.]+) s\), "
-                  r"([0-9.]+) images/s")
 
 
 def small_jpegs(count: int) -> Path:
@@ -93,19 +90,14 @@ def command_rate(directory: Path, handoff: str, scratch: Path) -> dict[str, Any]
     """The whole `imgpipe score DIR` with the defaults: wall s and its own summary."""
     run = scratch / f"{handoff}-{time.monotonic_ns()}"
     env = {**os.environ, "IMGPIPE_PREPROCESS__HANDOFF": handoff}
-    wall_s, _, stderr = harness.run_command(
+    timings, stderr = harness.score_command(
         [harness.IMGPIPE, "score", str(directory), "--out", f"{run}.jsonl",
          "--cache-dir", f"{run}-cache"], env)
-    match = RATE.search(stderr)
-    if match is None:
-        raise RuntimeError(f"no summary line in:\n{stderr}")
-    _, startup_s, scoring_s, rate = (float(group) for group in match.groups())
     records = Path(f"{run}.jsonl").read_text().splitlines()[1:]
     if len(records) != len(datasets.list_images(directory)) or \
             any(json.loads(line)["status"] != "ok" for line in records):
         raise RuntimeError(f"{handoff}: not every photo was scored:\n{stderr}")
-    return {"wall_s": wall_s, "images_per_s": rate, "startup_s": startup_s,
-            "scoring_s": scoring_s}
+    return timings
 
 
 def copy_out_us(shape: tuple[int, ...] = (3, SIDE, SIDE), seconds: float = 1.0) -> float:

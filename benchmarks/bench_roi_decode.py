@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import datasets, harness
-from benchmarks.bench_handoff import RATE, flat_photos
+from benchmarks.bench_handoff import flat_photos
 
 MODES = ("off", "on")
 LARGE = (4000, 3000)
@@ -73,14 +73,10 @@ def decode_rate(directory: Path, roi_decode: str) -> dict[str, Any]:
 def command_rate(directory: Path, roi_decode: str, scratch: Path) -> dict[str, Any]:
     env = {**os.environ, "IMGPIPE_PREPROCESS__DALI_ROI_DECODE": roi_decode}
     out = scratch / f"{roi_decode}-{time.monotonic_ns()}.jsonl"
-    wall_s, _, stderr = harness.run_command(
+    timings, _ = harness.score_command(
         [harness.IMGPIPE, "score", str(directory), "--backend", "dali", "--no-cache",
          "--out", str(out)], env)
-    match = RATE.search(stderr)
-    if match is None:
-        raise RuntimeError(f"no summary line in:\n{stderr}")
-    _, startup_s, scoring_s, rate = (float(group) for group in match.groups())
-    return {"wall_s": wall_s, "images_per_s": rate, "scoring_s": scoring_s}
+    return timings
 
 
 def run(args: Any) -> dict[str, Any]:

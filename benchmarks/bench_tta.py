@@ -24,7 +24,6 @@ import argparse
 import csv
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -35,8 +34,6 @@ from typing import Any, Optional
 
 from benchmarks import datasets, harness
 
-RATE = re.compile(r"in ([0-9.]+) s \(start-up ([0-9.]+) s, scoring ([0-9.]+) s\), "
-                  r"([0-9.]+) images/s")
 VIEWS = {"none": 1, "hflip": 2, "five_crop": 5, "ten_crop": 10}
 LITE2 = "efficientnet_lite2"
 LITE2_RECIPE = {"IMGPIPE_PREPROCESS__RESIZE_SHORTER": "292", "IMGPIPE_PREPROCESS__CROP": "260"}
@@ -84,20 +81,17 @@ def run_once(directory: Path, model: str, mode: str, workdir: Path) -> dict[str,
     out = workdir / f"{mode}-{time.monotonic_ns()}.jsonl"
     env = {**os.environ, **(LITE2_RECIPE if model == LITE2 else {})}
     name = str(lite2_torchscript()) if model == LITE2 else model
-    _, _, stderr = harness.run_command(
+    timings, stderr = harness.score_command(
         [sys.executable, "-m", "workers.cli", "score", f"{directory}/*/*.JPEG", "--no-cache",
          "--topk", "5", "--tta", mode, "--model", name, "--out", str(out)], env)
-    match = RATE.search(stderr)
-    if match is None:
-        raise RuntimeError(f"no summary line in:\n{stderr}")
-    _, startup, scoring, rate = (float(group) for group in match.groups())
     records = [json.loads(line) for line in out.read_text().splitlines()[1:]]
     if any(r["status"] != "ok" for r in records):
         raise RuntimeError(f"{mode}: not every photo was scored")
     ranked = {Path(r["path"]).relative_to(directory).as_posix():
               [p["index"] for p in r["predictions"]] for r in records}
-    return {"startup_s": startup, "scoring_s": scoring, "images_per_s": rate,
-            "ranked": ranked, "summary": stderr.strip()}
+    return {"startup_s": timings["startup_s"], "scoring_s": timings["scoring_s"],
+            "images_per_s": timings["images_per_s"], "ranked": ranked,
+            "summary": stderr.strip()}
 
 
 def correct(run: dict[str, Any], labels: dict[str, int]) -> dict[str, bool]:

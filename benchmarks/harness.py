@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -189,6 +190,24 @@ def run_command(command: list[str], env: Optional[dict[str, str]] = None,
         raise RuntimeError(f"{' '.join(command[:4])} exited {done.returncode}:\n"
                            f"{done.stderr[-3000:]}")
     return wall_s, done.stdout, done.stderr
+
+
+# The summary line `imgpipe score` ends with on stderr.
+SCORE_SUMMARY = re.compile(r"in ([0-9.]+) s \(start-up ([0-9.]+) s, scoring ([0-9.]+) s\), "
+                           r"([0-9.]+) images/s")
+
+
+def score_command(command: list[str], env: Optional[dict[str, str]] = None
+                  ) -> tuple[dict[str, float], str]:
+    """A whole `imgpipe score` command: its wall seconds with its own start-up,
+    scoring and images/s from its summary line; and its stderr."""
+    wall_s, _, stderr = run_command(command, env)
+    match = SCORE_SUMMARY.search(stderr)
+    if match is None:
+        raise RuntimeError(f"no summary line in:\n{stderr}")
+    _, startup_s, scoring_s, rate = (float(group) for group in match.groups())
+    return {"wall_s": wall_s, "images_per_s": rate, "startup_s": startup_s,
+            "scoring_s": scoring_s}, stderr
 
 
 def in_fresh_process(command: list[str], env: dict[str, str]) -> dict[str, Any]:
