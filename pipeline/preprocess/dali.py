@@ -126,7 +126,7 @@ def build_graph(spec: PreprocessSpec, device: str, tta: str, batch_size: int,
                 hints: DecoderHints = DALI_DEFAULT_HINTS) -> Pipeline:
     """The built DALI pipeline of `tta` on `device` ("cpu", "cuda[:N]"): fed by
     feed(), its outputs read by outcomes()."""
-    decoder_device, device_id = _parse_device(device)
+    decoder_device, device_id = parse_device(device)
     pipe = _graph(spec, decoder_device, tta, hints.for_decoder(decoder_device),
                   hints.decodes_windows(decoder_device), batch_size=batch_size,
                   num_threads=num_threads, device_id=device_id,
@@ -179,7 +179,7 @@ def _ints(window: Window | None, part: int) -> np.ndarray:
     return np.array(window[part], np.int32)
 
 
-def _parse_device(device: str) -> tuple[str, int | None]:
+def parse_device(device: str) -> tuple[str, int | None]:
     """Map "cpu" to the CPU decoder and "cuda" / "cuda:N" to nvJPEG on GPU N."""
     if device == "cpu":
         return "cpu", None
@@ -275,7 +275,7 @@ class DaliBackend:
         self.hints = hints
         check_reproducible(spec)
         self.device = device
-        self._decoder_device, self._device_id = _parse_device(device)
+        self._decoder_device, self._device_id = parse_device(device)
         self._pipes: dict[str, Pipeline] = {}  # one graph per TTA mode, built when used
         self._fallback = PillowBackend(spec, limits)
         self.fallbacks = 0  # files handled by the pillow backend instead of DALI

@@ -37,6 +37,7 @@ from pipeline.preprocess.dali import (
     check_reproducible,
     feed,
     outcomes,
+    parse_device,
     plan_job,
 )
 from pipeline.spec import TTA_VIEWS, InputLimits, PreprocessSpec
@@ -76,7 +77,7 @@ class DaliStream(Generic[T]):
         self.depth = depth
         self.on_gpu = device != "cpu"
         # whether plan_job must give each job its window (dali_roi.py)
-        self.windowed = hints.decodes_windows("cpu" if device == "cpu" else "mixed")
+        self.windowed = hints.decodes_windows(parse_device(device)[0])
         self._pipes: dict[str, Pipeline] = {}
         self._in_flight: deque[Batch[T]] = deque()
 
