@@ -81,9 +81,14 @@ def test_device_hand_off_gives_the_host_hand_offs_records(
                    {**torch_in_process, "IMGPIPE_PREPROCESS__DALI_OUTPUT": "device"})
     host = score(run, photos, tmp_path / "host.jsonl",
                  {**torch_in_process, "IMGPIPE_PREPROCESS__DALI_OUTPUT": "host"})
-    # then the records are the same, to the last digit
+    # then the records are the same: the same classes, and scores that differ only
+    # in the last digits (dynamic batches differ in size from run to run, and the
+    # model's arithmetic with them)
     assert device.keys() == host.keys() and len(host) == len(list(photos.iterdir()))
     assert device[str(photos / "cut.jpg")]["error"]["code"] == "truncated"
     for path, reference in host.items():
         assert device[path]["status"] == reference["status"], path
-        assert device[path].get("predictions") == reference.get("predictions"), path
+        got, expected = device[path].get("predictions", []), reference.get("predictions", [])
+        assert [p["index"] for p in got] == [p["index"] for p in expected], path
+        for g, e in zip(got, expected, strict=True):
+            assert abs(g["score"] - e["score"]) <= 1e-5, path
