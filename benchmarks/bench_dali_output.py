@@ -94,9 +94,7 @@ def report(n: dict[str, Any]) -> str:
              f"The 100 photos of imagenet-val-100 in one flat directory; "
              f"{len(n['hand_off']['host'])} alternating pairs; medians, and the median of "
              f"the per-pair ratios.", "",
-             "| measure | host | device | device / host (speed-up) |", "|---|---:|---:|---:|"]
-    for name, key, field, higher in rows:
-        lines.append(harness.paired_row(name, n[key]["host"], n[key]["device"], field, higher))
+             *harness.paired_table(("host", "device"), n, ("host", "device"), rows)]
     return "\n".join(lines)
 
 

@@ -103,9 +103,7 @@ def report(n: dict[str, Any]) -> str:
     lines = [harness.measured_on(n, "nvidia-dali-cuda120"), "",
              f"DALI's CPU decoder, batches of 32; {len(n['decode_large']['on'])} alternating "
              f"pairs; medians, and the median of the per-pair ratios.", "",
-             "| measure | whole | window | window / whole (speed-up) |", "|---|---:|---:|---:|"]
-    for name, key, field, higher in rows:
-        lines.append(harness.paired_row(name, n[key]["off"], n[key]["on"], field, higher))
+             *harness.paired_table(("whole", "window"), n, ("off", "on"), rows)]
     return "\n".join(lines)
 
 

@@ -67,6 +67,19 @@ def alternating(measure: Callable[[str], dict[str, Any]], repeats: int,
     return runs
 
 
+def paired_table(columns: tuple[str, str], runs: dict[str, dict[str, list[dict[str, Any]]]],
+                 modes: tuple[str, str], rows: list[tuple[str, str, str, bool]]) -> list[str]:
+    """A table of `paired_row`s, one per (name, measurement, key, higher) in `rows`, each
+    comparing `runs[measurement]`'s two `modes`; `columns` names those two modes."""
+    first, second = columns
+    lines = [f"| measure | {first} | {second} | {second} / {first} (speed-up) |",
+             "|---|---:|---:|---:|"]
+    for name, measurement, key, higher in rows:
+        pairs = runs[measurement]
+        lines.append(paired_row(name, pairs[modes[0]], pairs[modes[1]], key, higher))
+    return lines
+
+
 def paired_row(name: str, first: list[dict[str, Any]], second: list[dict[str, Any]],
                key: str, higher: bool) -> str:
     """A table row: each side's median of `key`, and the median of the per-pair
